@@ -1,0 +1,296 @@
+"""Vectorised splitting of convex polygons by lines, and the per-nonlinearity rounds.
+
+Polygons live in padded tensors: ``verts`` (P, V, 2) counter-clockwise, ``n`` (P,) vertex
+counts, and ``side`` (P, V) int64 labels of the side that starts at each vertex: a cut id
+(>= 0, see :class:`CutLog`) or ``-(1 + k)`` for side ``k`` of the slice domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from geomstore.engine.graph import Nonlinearity
+
+__all__ = ["CutLog", "Polys", "clip_pairs", "split_layer"]
+
+
+@dataclass
+class Polys:
+    """A batch of convex polygons with the index of their parent cell and layer states."""
+
+    verts: Tensor
+    n: Tensor
+    side: Tensor
+    parent: Tensor
+
+    def __len__(self) -> int:
+        return int(self.n.shape[0])
+
+    def take(self, idx: Tensor) -> Polys:
+        width = int(self.n[idx].max().item()) if idx.numel() else 3
+        return Polys(
+            self.verts[idx, :width], self.n[idx], self.side[idx, :width], self.parent[idx]
+        )
+
+
+@dataclass
+class CutLog:
+    """Every line cut made: its unit (global index) and the direction of its chord."""
+
+    units: list[Tensor] = field(default_factory=list)
+    dirs: list[Tensor] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, units: Tensor, a0: Tensor, a1: Tensor) -> Tensor:
+        k = int(units.shape[0])
+        ids = torch.arange(self.count, self.count + k, device=units.device)
+        norm = torch.sqrt(a0 * a0 + a1 * a1)
+        self.units.append(units)
+        self.dirs.append(torch.stack([-a1 / norm, a0 / norm], dim=1))
+        self.count += k
+        return ids
+
+
+def _compact(pts: Tensor, emit: Tensor, lab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = pts.shape[0]
+    cnt = emit.sum(dim=1)
+    width = int(cnt.max().item())
+    pos = torch.cumsum(emit, dim=1) - 1
+    rows = torch.arange(s, device=pts.device)[:, None].expand_as(pos)
+    flat = (rows * width + pos)[emit]
+    out = torch.zeros((s * width, 2), dtype=pts.dtype, device=pts.device)
+    out[flat] = pts[emit]
+    out_lab = torch.full((s * width,), -(1 << 62), dtype=lab.dtype, device=pts.device)
+    out_lab[flat] = lab[emit]
+    out = out.view(s, width, 2)
+    pad = torch.arange(width, device=pts.device)[None, :] >= cnt[:, None]
+    out = torch.where(pad[:, :, None], out[:, :1], out)  # padding repeats vertex 0
+    return out, cnt, out_lab.view(s, width)
+
+
+def pad_polys(verts: Tensor, side: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Widen padded polygons to ``width`` slots; new slots repeat vertex 0."""
+    grow = width - verts.shape[1]
+    if grow <= 0:
+        return verts, side
+    verts = torch.cat([verts, verts[:, :1].expand(-1, grow, -1)], dim=1)
+    side = torch.nn.functional.pad(side, (0, grow), value=-(1 << 62))
+    return verts, side
+
+
+def clip_pairs(
+    verts: Tensor, n: Tensor, side: Tensor, f: Tensor, cut: Tensor
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """Split convex polygons by the zero line of f (snapped values at vertices).
+
+    Returns the positive (f >= 0) and negative (f <= 0) children as (verts, n, side);
+    the new chord side of both is labelled ``cut``. Every polygon must have a vertex
+    with f > 0 and one with f < 0.
+    """
+    s, v = f.shape
+    ar = torch.arange(v, device=f.device)
+    valid = ar[None, :] < n[:, None]
+    nxt = (ar[None, :] + 1) % n[:, None]
+    fn = f.gather(1, nxt)
+    vn = verts.gather(1, nxt[:, :, None].expand(s, v, 2))
+    cross = valid & (((f > 0) & (fn < 0)) | ((f < 0) & (fn > 0)))
+    t = torch.where(cross, f / torch.where(cross, f - fn, torch.ones_like(f)), torch.zeros_like(f))
+    x = verts + t[:, :, None] * (vn - verts)
+    pts = torch.stack([verts, x], dim=2).reshape(s, 2 * v, 2)
+    cutc = cut[:, None].expand(s, v)
+    out = []
+    for g, gn in ((f, fn), (-f, -fn)):
+        emit_v = valid & (g >= 0)
+        lab_v = torch.where((g == 0) & (gn < 0), cutc, side)
+        lab_x = torch.where(g > 0, cutc, side)
+        emit = torch.stack([emit_v, cross], dim=2).reshape(s, 2 * v)
+        lab = torch.stack([lab_v, lab_x], dim=2).reshape(s, 2 * v)
+        out.append(_compact(pts, emit, lab))
+    return out[0], out[1]
+
+
+def _line_coefficients(
+    spec: Nonlinearity, coef: Tensor, cell: Tensor, unit: Tensor, step: Tensor, state: Tensor
+) -> Tensor:
+    """(a0, a1, b) of each polygon's test line; coef is (cells, 3, N_in) = A0, A1, value."""
+    if spec.kind == "maxpool":
+        assert spec.candidates is not None
+        cand = spec.candidates
+        ia = cand[unit, step + 1]
+        ib = cand[unit, state.long()]
+        return coef[cell, :, ia] - coef[cell, :, ib]
+    lines = coef[cell, :, unit].clone()
+    if spec.kind == "hardtanh":
+        lines[:, 2] -= torch.where(step == 0, spec.lo, spec.hi)
+    return lines
+
+
+def _codes(spec: Nonlinearity, step: Tensor) -> Tensor:
+    """The state a unit takes on the positive side of test ``step``."""
+    if spec.kind == "maxpool":
+        return (step + 1).to(torch.uint8)
+    if spec.kind == "hardtanh":
+        return (step + 1).to(torch.uint8)
+    return torch.ones_like(step, dtype=torch.uint8)
+
+
+def _snap(f: Tensor, a0: Tensor, a1: Tensor, tol: float) -> Tensor:
+    tau = tol * torch.sqrt(a0 * a0 + a1 * a1)
+    return torch.where(f.abs() <= tau[:, None], torch.zeros_like(f), f)
+
+
+def _initial_states(
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """States of units constant on each cell, and which units need line tests (crossing)."""
+    # padded slots repeat vertex 0, so extremes over all slots are extremes over vertices
+    fv = torch.baddbmm(coef[:, 2, None, :], verts, coef[:, :2, :])  # (P, V, N_in)
+    a0, a1 = coef[:, 0, None, :], coef[:, 1, None, :]
+    tau = tol * torch.sqrt(a0 * a0 + a1 * a1)
+    vmask = valid[:, :, None]
+    if spec.kind == "maxpool":
+        assert spec.candidates is not None
+        cand = spec.candidates
+        nv = fv.shape[1]
+        fc = fv[:, :, cand]  # (P, V, U, k)
+        best = fc[:, 0].argmax(dim=2)  # winner at vertex 0, (P, U)
+        fb = fc.gather(3, best[:, None, :, None].expand(-1, nv, -1, 1))
+        cand_best = cand[torch.arange(cand.shape[0], device=cand.device)[None, :], best]
+        t0 = tau[:, 0, :]
+        margin = fb - fc - (t0[:, cand] + t0.gather(1, cand_best)[..., None])[:, None]
+        dup = cand[None] == cand_best[..., None]  # (P, U, k): the winner itself or a copy
+        ok = (margin > 0) | dup[:, None] | ~vmask[..., None]
+        constant = ok.all(dim=3).all(dim=1)
+        return torch.where(constant, best, torch.zeros_like(best)).to(torch.uint8), ~constant
+    fmax = fv.amax(dim=1)
+    fmin = fv.amin(dim=1)
+    t1 = tau[:, 0, :]
+    if spec.kind == "hardtanh":
+        lo_pos, lo_neg = fmax - spec.lo > t1, fmin - spec.lo < -t1
+        hi_pos, hi_neg = fmax - spec.hi > t1, fmin - spec.hi < -t1
+        crossing = (lo_pos & lo_neg) | (hi_pos & hi_neg)
+        states = lo_pos.to(torch.uint8) + hi_pos.to(torch.uint8)
+        return torch.where(crossing, torch.zeros_like(states), states), crossing
+    pos = fmax > t1
+    neg = fmin < -t1
+    crossing = pos & neg
+    return (pos & ~crossing).to(torch.uint8), crossing
+
+
+def split_layer(
+    spec: Nonlinearity, coef: Tensor, cells: Polys, tol: float, cuts: CutLog
+) -> tuple[Polys, Tensor]:
+    """Split every cell by the units of one nonlinearity.
+
+    Parameters
+    ----------
+    coef : Tensor (cells, 3, N_in)
+        Affine maps of the nonlinearity's input in (centred) slice coordinates.
+    cells : Polys
+        The cells of the partition by the earlier nonlinearities.
+
+    Returns
+    -------
+    Polys whose ``parent`` indexes ``cells``, and their states (P, units) uint8.
+    """
+    dev = coef.device
+    p, v = cells.verts.shape[:2]
+    valid = torch.arange(v, device=dev)[None, :] < cells.n[:, None]
+    state0, crossing = _initial_states(spec, coef, cells.verts, valid, tol)
+    n_steps = spec.n_steps
+    cell_idx, unit_idx = torch.nonzero(crossing, as_tuple=True)
+    per_cell = torch.bincount(cell_idx, minlength=p) * n_steps
+    if cell_idx.numel() == 0:
+        return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0
+    # test list per cell: (unit, step) in order, padded
+    rounds = int(per_cell.max().item())
+    start = torch.cumsum(per_cell, 0) - per_cell
+    t_cell = cell_idx.repeat_interleave(n_steps)
+    t_unit = unit_idx.repeat_interleave(n_steps)
+    t_step = torch.arange(n_steps, device=dev).repeat(cell_idx.numel())
+    t_rank = torch.arange(t_cell.numel(), device=dev) - start[t_cell]
+    tests_unit = torch.full((p, rounds), -1, dtype=torch.long, device=dev)
+    tests_step = torch.zeros((p, rounds), dtype=torch.long, device=dev)
+    tests_unit[t_cell, t_rank] = t_unit
+    tests_step[t_cell, t_rank] = t_step
+
+    buf = _Buffers(cells, state0)
+    for r in range(rounds):
+        m = buf.count
+        act = torch.nonzero(per_cell[buf.cell[:m]] > r, as_tuple=True)[0]
+        if act.numel() == 0:
+            continue
+        c = buf.cell[act]
+        unit = tests_unit[c, r]
+        step = tests_step[c, r]
+        cur = buf.states[act, unit]
+        lines = _line_coefficients(spec, coef, c, unit, step, cur)
+        a0, a1, b = lines[:, 0], lines[:, 1], lines[:, 2]
+        va = buf.verts[act]
+        f = torch.baddbmm(b[:, None, None], va, lines[:, :2, None])[:, :, 0]
+        f = _snap(f, a0, a1, tol)
+        pos = (f > 0).any(dim=1)
+        neg = (f < 0).any(dim=1)
+        code = _codes(spec, step)
+        whole = pos & ~neg
+        buf.states[act[whole], unit[whole]] = code[whole]
+        spl = torch.nonzero(pos & neg, as_tuple=True)[0]
+        if spl.numel() == 0:
+            continue
+        rows = act[spl]
+        ids = cuts.add(spec.unit_offset + unit[spl], a0[spl], a1[spl])
+        (pv, pn, ps), (nv, nn_, ns) = clip_pairs(va[spl], buf.n[rows], buf.side[rows], f[spl], ids)
+        buf.widen(max(pv.shape[1], nv.shape[1]))
+        w = buf.verts.shape[1]
+        pv, ps = pad_polys(pv, ps, w)
+        nv, ns = pad_polys(nv, ns, w)
+        neg_states = buf.states[rows]
+        buf.verts[rows] = pv
+        buf.n[rows] = pn
+        buf.side[rows] = ps
+        buf.states[rows, unit[spl]] = code[spl]
+        buf.append(nv, nn_, ns, c[spl], neg_states)
+    m = buf.count
+    return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
+
+
+class _Buffers:
+    """Growable storage for the polygons of one split_layer call (amortised appends)."""
+
+    def __init__(self, cells: Polys, state0: Tensor) -> None:
+        p = len(cells)
+        cap = max(16, 4 * p)
+        dev = cells.verts.device
+        w = cells.verts.shape[1]
+        self.verts = torch.zeros((cap, w, 2), dtype=cells.verts.dtype, device=dev)
+        self.side = torch.full((cap, w), -(1 << 62), dtype=torch.long, device=dev)
+        self.n = torch.zeros(cap, dtype=torch.long, device=dev)
+        self.cell = torch.zeros(cap, dtype=torch.long, device=dev)
+        self.states = torch.zeros((cap, state0.shape[1]), dtype=torch.uint8, device=dev)
+        self.verts[:p], self.side[:p], self.n[:p] = cells.verts, cells.side, cells.n
+        self.cell[:p] = torch.arange(p, device=dev)
+        self.states[:p] = state0
+        self.count = p
+
+    def widen(self, width: int) -> None:
+        if width > self.verts.shape[1]:
+            self.verts, self.side = pad_polys(self.verts, self.side, width)
+
+    def append(self, verts: Tensor, n: Tensor, side: Tensor, cell: Tensor, states: Tensor) -> None:
+        k = int(n.shape[0])
+        need = self.count + k
+        if need > self.n.shape[0]:
+            cap = max(need, 2 * self.n.shape[0])
+            grow = cap - self.n.shape[0]
+            self.verts = torch.cat([self.verts, self.verts.new_zeros((grow, *self.verts.shape[1:]))])
+            self.side = torch.cat([self.side, self.side.new_zeros((grow, self.side.shape[1]))])
+            self.n = torch.cat([self.n, self.n.new_zeros(grow)])
+            self.cell = torch.cat([self.cell, self.cell.new_zeros(grow)])
+            self.states = torch.cat([self.states, self.states.new_zeros((grow, self.states.shape[1]))])
+        sl = slice(self.count, need)
+        self.verts[sl], self.n[sl], self.side[sl], self.cell[sl], self.states[sl] = (
+            verts, n, side, cell, states)
+        self.count = need

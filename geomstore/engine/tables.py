@@ -1,0 +1,271 @@
+"""From raw regions to the three Arrow tables: regions, edges and boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from geomstore.engine.split import clip_pairs
+from geomstore.engine.wkb import polygons_wkb, segments_wkb
+
+__all__ = ["boundary_segments", "edge_overlay", "polygon_measures"]
+
+
+def _sides(verts: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ar = np.arange(verts.shape[1])
+    valid = ar[None, :] < n[:, None]
+    nxt = (ar[None, :] + 1) % n[:, None]
+    vn = np.take_along_axis(verts, nxt[..., None].repeat(2, 2), 1)
+    return valid, vn, nxt
+
+
+def polygon_measures(verts: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Areas (P,) and centroids (P, 2) of padded CCW polygons (shoelace, centred per polygon)."""
+    valid, _, nxt = _sides(verts, n)
+    base = verts[:, :1, :]
+    rel = np.where(valid[..., None], verts - base, 0.0)
+    reln = np.take_along_axis(rel, nxt[..., None].repeat(2, 2), 1)
+    cross = (rel[..., 0] * reln[..., 1] - reln[..., 0] * rel[..., 1]) * valid
+    area = 0.5 * cross.sum(1)
+    safe = np.where(area > 0, area, 1.0)
+    cx = ((rel[..., 0] + reln[..., 0]) * cross).sum(1) / (6 * safe)
+    cy = ((rel[..., 1] + reln[..., 1]) * cross).sum(1) / (6 * safe)
+    mean = rel.sum(1) / n[:, None]
+    cen = np.where((area > 0)[:, None], np.stack([cx, cy], 1), mean) + base[:, 0, :]
+    return area, cen
+
+
+def edge_overlay(
+    verts: np.ndarray,
+    n: np.ndarray,
+    side: np.ndarray,
+    cut_units: np.ndarray,
+    cut_dirs: np.ndarray,
+    min_length: float,
+) -> dict[str, np.ndarray]:
+    """Every boundary segment once, with the regions on both sides.
+
+    Both children of a cut carry the cut's chord as a side; later cuts subdivide either
+    copy independently. Overlaying the two subdivisions of each chord gives the maximal
+    segments shared by exactly two regions.
+    """
+    valid, vn, _ = _sides(verts, n)
+    reg = np.broadcast_to(np.arange(len(n))[:, None], valid.shape)[valid]
+    a, b, lab = verts[valid], vn[valid], side[valid]
+    border = lab < 0
+    out_a = [a[border]]
+    out_b = [b[border]]
+    left = [reg[border]]
+    right = [np.full(int(border.sum()), -1)]
+    unit = [np.full(int(border.sum()), -1)]
+    bidx = [-(lab[border] + 1)]
+    m = ~border
+    c, a, b, reg = lab[m], a[m], b[m], reg[m]
+    if c.size:
+        d = cut_dirs[c]
+        nrm = np.stack([-d[:, 1], d[:, 0]], 1)
+        t0 = (a * d).sum(1)
+        t1 = (b * d).sum(1)
+        s = (a * nrm).sum(1)
+        grp = (t1 < t0).astype(np.int64)
+        lo, hi = np.minimum(t0, t1), np.maximum(t0, t1)
+        # elementary intervals between all breakpoints of a chord
+        bc = np.concatenate([c, c])
+        bt = np.concatenate([lo, hi])
+        o = np.lexsort((bt, bc))
+        bc, bt = bc[o], bt[o]
+        same = bc[1:] == bc[:-1]
+        keep = same & (bt[1:] - bt[:-1] > min_length)
+        ic, ilo, ihi = bc[:-1][keep], bt[:-1][keep], bt[1:][keep]
+        mid = 0.5 * (ilo + ihi)
+        owner = []
+        for g in (0, 1):
+            sel = np.nonzero(grp == g)[0]
+            ec = np.concatenate([c[sel], ic])
+            et = np.concatenate([lo[sel], mid])
+            ty = np.concatenate([np.zeros(sel.size, np.int64), np.ones(ic.size, np.int64)])
+            ref = np.concatenate([sel, np.arange(ic.size)])
+            order = np.lexsort((ty, et, ec))
+            pos = np.where(ty[order] == 0, np.arange(order.size), -1)
+            last = np.maximum.accumulate(pos) if pos.size else pos
+            is_q = ty[order] == 1
+            piece = np.full(ic.size, -1)
+            lp = last[is_q]
+            ok = lp >= 0
+            cand = np.where(ok, ref[order][np.where(ok, lp, 0)], -1)
+            good = ok & (c[np.where(cand >= 0, cand, 0)] == ic[ref[order][is_q]])
+            good &= mid[ref[order][is_q]] < hi[np.where(cand >= 0, cand, 0)]
+            piece[ref[order][is_q]] = np.where(good, cand, -1)
+            owner.append(piece)
+        p0, p1 = owner
+        chord_s = np.where(p0 >= 0, s[np.maximum(p0, 0)], s[np.maximum(p1, 0)])
+        dd = cut_dirs[ic]
+        nn_ = np.stack([-dd[:, 1], dd[:, 0]], 1)
+        pa_ = ilo[:, None] * dd + chord_s[:, None] * nn_
+        pb_ = ihi[:, None] * dd + chord_s[:, None] * nn_
+        out_a.append(pa_)
+        out_b.append(pb_)
+        left.append(np.where(p0 >= 0, reg[np.maximum(p0, 0)], -1))
+        right.append(np.where(p1 >= 0, reg[np.maximum(p1, 0)], -1))
+        unit.append(cut_units[ic])
+        bidx.append(np.full(ic.size, -1))
+    return {
+        "a": np.concatenate(out_a),
+        "b": np.concatenate(out_b),
+        "left": np.concatenate(left),
+        "right": np.concatenate(right),
+        "unit": np.concatenate(unit),
+        "border": np.concatenate(bidx),
+    }
+
+
+def _clip_keep_positive(
+    verts: torch.Tensor, n: torch.Tensor, side: torch.Tensor, a: torch.Tensor, label: torch.Tensor,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clip polygons to {a0 x + a1 y + b >= 0}; returns verts, n, side and a keep mask."""
+    f = verts[..., 0] * a[:, 0, None] + verts[..., 1] * a[:, 1, None] + a[:, 2, None]
+    tau = tol * torch.sqrt(a[:, 0] ** 2 + a[:, 1] ** 2)
+    f = torch.where(f.abs() <= tau[:, None], torch.zeros_like(f), f)
+    vmask = torch.arange(verts.shape[1])[None, :] < n[:, None]
+    pos = ((f > 0) & vmask).any(1)
+    neg = ((f < 0) & vmask).any(1)
+    keep = pos | ~neg  # all-zero (degenerate) counts as kept
+    spl = torch.nonzero(pos & neg, as_tuple=True)[0]
+    if spl.numel():
+        (pv, pn, ps), _ = clip_pairs(verts[spl], n[spl], side[spl], f[spl], label[spl])
+        width = max(verts.shape[1], pv.shape[1])
+        verts = torch.nn.functional.pad(verts, (0, 0, 0, width - verts.shape[1]))
+        side = torch.nn.functional.pad(side, (0, width - side.shape[1]), value=-(1 << 62))
+        verts[spl] = torch.nn.functional.pad(pv, (0, 0, 0, width - pv.shape[1]))
+        side[spl] = torch.nn.functional.pad(ps, (0, width - ps.shape[1]), value=-(1 << 62))
+        n = n.clone()
+        n[spl] = pn
+    return verts, n, side, keep
+
+
+def boundary_segments(
+    verts: np.ndarray,
+    n: np.ndarray,
+    amap: np.ndarray,
+    cvec: np.ndarray,
+    *,
+    levels: list[float] | None,
+    output: int,
+    tol: float,
+) -> dict[str, np.ndarray]:
+    """Decision-boundary segments inside every region.
+
+    ``amap`` (P, K, 2) and ``cvec`` (P, K) are the regions' affine maps in the same
+    coordinates as ``verts``. With ``levels`` None and K >= 2, returns where the top two
+    outputs tie (class pair a < b); otherwise the level sets of output ``output``.
+    """
+    vals = np.einsum("pvd,pkd->pvk", verts, amap) + cvec[:, None, :]
+    valid = np.arange(verts.shape[1])[None, :] < n[:, None]
+    k = amap.shape[1]
+    res: dict[str, list[np.ndarray]] = {"a": [], "b": [], "region": [], "ca": [], "cb": [], "lv": []}
+    if levels is not None:
+        for level in levels:
+            g = vals[..., output] - level
+            hit = np.nonzero(((g > 0) & valid).any(1) & ((g < 0) & valid).any(1))[0]
+            if hit.size == 0:
+                continue
+            coef = np.concatenate(
+                [amap[hit, output], (cvec[hit, output] - level)[:, None]], axis=1
+            )
+            _collect(res, verts[hit], n[hit], hit, coef, np.full(hit.size, 1), tol,
+                     pair=(output, output), level=level)
+    else:
+        top = vals.argmax(2)
+        first = top[:, :1]
+        mixed = ((top != first) & valid).any(1)
+        srt = np.sort(vals, axis=2)
+        near_tie = ((srt[..., -1] - srt[..., -2] <= tol * (1 + np.abs(srt[..., -1]))) & valid).any(1)
+        hit = np.nonzero(mixed | near_tie)[0]
+        for i in range(k):
+            if hit.size == 0:
+                break
+            tv = torch.as_tensor(verts[hit])
+            tn = torch.as_tensor(n[hit])
+            ts = torch.full(tv.shape[:2], -1, dtype=torch.long)
+            alive = torch.ones(hit.size, dtype=torch.bool)
+            for j in range(k):
+                if j == i:
+                    continue
+                coef = np.concatenate(
+                    [amap[hit, i] - amap[hit, j], (cvec[hit, i] - cvec[hit, j])[:, None]], 1
+                )
+                tv, tn, ts, keep = _clip_keep_positive(
+                    tv, tn, ts, torch.as_tensor(coef), torch.full((hit.size,), j), tol
+                )
+                alive &= keep
+            sv, sn, ss = tv.numpy(), tn.numpy(), ts.numpy()
+            valid_c = np.arange(sv.shape[1])[None, :] < sn[:, None]
+            nxt = (np.arange(sv.shape[1])[None, :] + 1) % sn[:, None]
+            vn = np.take_along_axis(sv, nxt[..., None].repeat(2, 2), 1)
+            tie = valid_c & (ss > i) & alive.numpy()[:, None]
+            rr, cc = np.nonzero(tie)
+            res["a"].append(sv[rr, cc])
+            res["b"].append(vn[rr, cc])
+            res["region"].append(hit[rr])
+            res["ca"].append(np.full(rr.size, i))
+            res["cb"].append(ss[rr, cc])
+            res["lv"].append(np.full(rr.size, np.nan))
+    out = {key: (np.concatenate(v) if v else np.zeros((0, 2) if key in "ab" else 0))
+           for key, v in res.items()}
+    return out
+
+
+def _collect(
+    res: dict[str, list[np.ndarray]], verts: np.ndarray, n: np.ndarray, hit: np.ndarray,
+    coef: np.ndarray, label: np.ndarray, tol: float, pair: tuple[int, int], level: float,
+) -> None:
+    tv, tn, ts, keep = _clip_keep_positive(
+        torch.as_tensor(verts), torch.as_tensor(n), torch.full(verts.shape[:2], -1),
+        torch.as_tensor(coef), torch.as_tensor(label), tol,
+    )
+    sv, sn, ss = tv.numpy(), tn.numpy(), ts.numpy()
+    valid = np.arange(sv.shape[1])[None, :] < sn[:, None]
+    nxt = (np.arange(sv.shape[1])[None, :] + 1) % sn[:, None]
+    vn = np.take_along_axis(sv, nxt[..., None].repeat(2, 2), 1)
+    rr, cc = np.nonzero(valid & (ss == 1) & keep.numpy()[:, None])
+    res["a"].append(sv[rr, cc])
+    res["b"].append(vn[rr, cc])
+    res["region"].append(hit[rr])
+    res["ca"].append(np.full(rr.size, pair[0]))
+    res["cb"].append(np.full(rr.size, pair[1]))
+    res["lv"].append(np.full(rr.size, level))
+
+
+def table_regions(
+    verts: np.ndarray, n: np.ndarray, area: np.ndarray, cen: np.ndarray, pattern: pa.Array,
+    amap: np.ndarray, cvec: np.ndarray, label: np.ndarray,
+) -> pa.Table:
+    p, k = cvec.shape
+    return pa.table({
+        "region_id": pa.array(np.arange(p, dtype=np.int64)),
+        "geometry": polygons_wkb(verts, n),
+        "area": pa.array(area),
+        "centroid_u0": pa.array(cen[:, 0]),
+        "centroid_u1": pa.array(cen[:, 1]),
+        "n_vertices": pa.array(n.astype(np.int32)),
+        "pattern": pattern,
+        "A": pa.FixedSizeListArray.from_arrays(pa.array(amap.reshape(-1)), 2 * k),
+        "c": pa.FixedSizeListArray.from_arrays(pa.array(cvec.reshape(-1)), k),
+        "label": pa.array(label.astype(np.int32)),
+        "slope_norm": pa.array(np.sqrt((amap**2).sum(axis=(1, 2)))),
+    })
+
+
+def table_segments(a: np.ndarray, b: np.ndarray, cols: dict[str, np.ndarray]) -> pa.Table:
+    data: dict[str, pa.Array] = {"geometry": segments_wkb(a, b)}
+    data["u0_a"], data["u1_a"] = pa.array(a[:, 0]), pa.array(a[:, 1])
+    data["u0_b"], data["u1_b"] = pa.array(b[:, 0]), pa.array(b[:, 1])
+    data["length"] = pa.array(np.linalg.norm(b - a, axis=1))
+    for key, val in cols.items():
+        if val.dtype.kind == "i":
+            data[key] = pa.array(val, mask=val < 0)
+        else:
+            data[key] = pa.array(val)
+    return pa.table(data)
