@@ -1,0 +1,37 @@
+"""geomstore: the exact linear-region geometry of piecewise-linear networks on 2-D slices.
+
+Examples
+--------
+>>> import torch
+>>> import geomstore
+>>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+>>> part = geomstore.partition(net, geomstore.Slice.box((-1, -1), (1, 1)), device="cpu")
+>>> part.verify(net).ok
+True
+"""
+
+from geomstore.engine.partition import ENGINE_VERSION, Partition, partition
+from geomstore.engine.verify import VerifyReport, verify
+from geomstore.errors import (
+    GeomstoreError,
+    InvalidSliceError,
+    ModelShapeError,
+    UnsupportedModelError,
+)
+from geomstore.slice import Slice
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENGINE_VERSION",
+    "GeomstoreError",
+    "InvalidSliceError",
+    "ModelShapeError",
+    "Partition",
+    "Slice",
+    "UnsupportedModelError",
+    "VerifyReport",
+    "__version__",
+    "partition",
+    "verify",
+]

@@ -126,9 +126,7 @@ class Slice:
 
     # constructors ---------------------------------------------------------------------------
     @classmethod
-    def box(
-        cls, lower: Sequence[float], upper: Sequence[float], *, name: str = ""
-    ) -> Slice:
+    def box(cls, lower: Sequence[float], upper: Sequence[float], *, name: str = "") -> Slice:
         """The plane of a 2-input model itself, with a rectangular domain.
 
         Examples
@@ -230,7 +228,7 @@ class Slice:
         gram = self.basis @ self.basis.T
         u = np.linalg.solve(gram, self.basis @ xx.T).T
         resid = xx - u @ self.basis
-        return u, np.linalg.norm(resid, axis=1)
+        return np.asarray(u, dtype=np.float64), np.linalg.norm(resid, axis=1).astype(np.float64)
 
     # identity -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The exact partition engine: model graph, polygon splitting, descent, tables, checks."""

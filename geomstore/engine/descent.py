@@ -44,8 +44,7 @@ class RawRegions:
         width = max(int(v.shape[1]) for v in self.verts)
         pad_v = [torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[1])) for v in self.verts]
         pad_s = [
-            torch.nn.functional.pad(s, (0, width - s.shape[1]), value=-(1 << 62))
-            for s in self.side
+            torch.nn.functional.pad(s, (0, width - s.shape[1]), value=-(1 << 62)) for s in self.side
         ]
         return {
             "verts": torch.cat(pad_v).numpy(),

@@ -18,6 +18,7 @@ the index of the winning element of the window (first maximum).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 from dataclasses import dataclass, field
@@ -66,29 +67,61 @@ _AFFINE_FUNCTIONS: set[Any] = {
 }
 _SCALAR_FUNCTIONS: set[Any] = {operator.mul, operator.truediv, torch.mul}
 _AFFINE_METHODS = {
-    "view", "reshape", "flatten", "size", "contiguous", "permute", "transpose",
-    "squeeze", "unsqueeze", "add", "sub", "neg", "__getitem__",
+    "view",
+    "reshape",
+    "flatten",
+    "size",
+    "contiguous",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "add",
+    "sub",
+    "neg",
+    "__getitem__",
 }
 _SCALAR_METHODS = {"mul", "div"}
 _AFFINE_ATEN = {
-    "aten.linear.default", "aten.addmm.default", "aten.mm.default", "aten.t.default",
-    "aten.permute.default", "aten.view.default", "aten.reshape.default",
-    "aten._unsafe_view.default", "aten.flatten.using_ints", "aten.conv1d.default",
-    "aten.conv2d.default", "aten.convolution.default",
-    "aten._native_batch_norm_legit_no_training.default", "aten.add.Tensor",
-    "aten.sub.Tensor", "aten.cat.default", "aten.avg_pool2d.default",
-    "aten.clone.default", "aten.alias.default", "aten.unsqueeze.default",
-    "aten.squeeze.dim", "aten.squeeze.dims", "aten.expand.default",
-    "aten.contiguous.default", "aten.dropout.default", "aten.neg.default",
+    "aten.linear.default",
+    "aten.addmm.default",
+    "aten.mm.default",
+    "aten.t.default",
+    "aten.permute.default",
+    "aten.view.default",
+    "aten.reshape.default",
+    "aten._unsafe_view.default",
+    "aten.flatten.using_ints",
+    "aten.conv1d.default",
+    "aten.conv2d.default",
+    "aten.convolution.default",
+    "aten._native_batch_norm_legit_no_training.default",
+    "aten.add.Tensor",
+    "aten.sub.Tensor",
+    "aten.cat.default",
+    "aten.avg_pool2d.default",
+    "aten.clone.default",
+    "aten.alias.default",
+    "aten.unsqueeze.default",
+    "aten.squeeze.dim",
+    "aten.squeeze.dims",
+    "aten.expand.default",
+    "aten.contiguous.default",
+    "aten.dropout.default",
+    "aten.neg.default",
 }
 _SCALAR_ATEN = {"aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar"}
 
 _RELU_FUNCS: set[Any] = {F.relu, torch.relu}
 _NONLINEAR_ATEN = {
-    "aten.relu.default": "relu", "aten.relu_.default": "relu",
-    "aten.leaky_relu.default": "leaky", "aten.hardtanh.default": "hardtanh",
-    "aten.abs.default": "abs", "aten.max_pool2d.default": "maxpool",
-    "aten.max_pool2d_with_indices.default": "maxpool", "aten._prelu_kernel.default": "prelu",
+    "aten.relu.default": "relu",
+    "aten.relu_.default": "relu",
+    "aten.leaky_relu.default": "leaky",
+    "aten.hardtanh.default": "hardtanh",
+    "aten.abs.default": "abs",
+    "aten.max_pool2d.default": "maxpool",
+    "aten.max_pool2d_with_indices.default": "maxpool",
+    "aten._prelu_kernel.default": "prelu",
     "aten.prelu.default": "prelu",
 }
 
@@ -147,7 +180,7 @@ class Nonlinearity:
         """The model's own state of every unit, from pre-activation values (B, *in_shape)."""
         flat = pre.reshape(pre.shape[0], -1)
         if self.kind == "hardtanh":
-            return ((flat > self.lo).to(torch.uint8) + (flat > self.hi).to(torch.uint8))
+            return (flat > self.lo).to(torch.uint8) + (flat > self.hi).to(torch.uint8)
         if self.kind == "maxpool":
             assert self.candidates is not None
             vals = flat[:, self.candidates]  # (B, units, k)
@@ -175,11 +208,11 @@ class Nonlinearity:
         """Masked nonlinearity: pre (P, 3, *in_shape), states (P, units) -> (P, 3, *out_shape)."""
         p = pre.shape[0]
         flat = pre.reshape(p, 3, -1)
-        st = states.to(torch.long)[:, None, :]
+        st = states[:, None, :]
         if self.kind == "relu":
-            out = flat * st
+            out = flat * st.to(flat.dtype)
         elif self.kind == "abs":
-            out = flat * (2 * st - 1)
+            out = flat * (2 * st.to(flat.dtype) - 1)
         elif self.kind == "leaky":
             out = torch.where(st == 1, flat, flat * float(self.slope))
         elif self.kind == "prelu":
@@ -199,8 +232,11 @@ class Nonlinearity:
         return out.reshape(p, 3, *self.out_shape)
 
 
-def _const(v: Any) -> bool:
-    return not isinstance(v, torch.fx.Node)
+def _one_variable(node: torch.fx.Node) -> bool:
+    """A product or quotient is affine when at most one factor depends on the input."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), found.append)  # repeats count: h * h
+    return sum(a.op != "get_attr" for a in found) <= 1
 
 
 def _target_name(target: Any) -> str:
@@ -263,7 +299,8 @@ class Program:
                 f"expected a torch.nn.Module or torch.export program, got {type(model).__name__}."
             )
         gm = gm.to(torch.float64)
-        gm.eval()
+        with contextlib.suppress(NotImplementedError):  # export modules refuse eval()
+            gm.eval()
         return gm
 
     def _check_and_collect(self) -> None:
@@ -284,10 +321,16 @@ class Program:
         if node.op in ("placeholder", "output", "get_attr"):
             return None
         if node.op == "call_module":
+            if str(node.target) == "_guards_fn":  # torch.export's shape guards (batch 1)
+                return None
             mod = self.modules[str(node.target)]
             for cls, kind in (
-                (nn.ReLU, "relu"), (nn.LeakyReLU, "leaky"), (nn.PReLU, "prelu"),
-                (nn.Hardtanh, "hardtanh"), (nn.MaxPool1d, "maxpool"), (nn.MaxPool2d, "maxpool"),
+                (nn.ReLU, "relu"),
+                (nn.LeakyReLU, "leaky"),
+                (nn.PReLU, "prelu"),
+                (nn.Hardtanh, "hardtanh"),
+                (nn.MaxPool1d, "maxpool"),
+                (nn.MaxPool2d, "maxpool"),
             ):
                 if isinstance(mod, cls):  # ReLU6 is a Hardtanh subclass
                     return kind
@@ -318,12 +361,9 @@ class Program:
             if t in (F.max_pool1d, F.max_pool2d, torch.max_pool2d, torch.max_pool1d):
                 return "maxpool"
             if t in _AFFINE_FUNCTIONS or name in _AFFINE_ATEN:
-                if t in (operator.add, torch.add) or name == "aten.add.Tensor":
-                    return None
                 return None
-            if t in _SCALAR_FUNCTIONS or name in _SCALAR_ATEN:
-                if sum(isinstance(a, torch.fx.Node) for a in node.args) <= 1:
-                    return None
+            if (t in _SCALAR_FUNCTIONS or name in _SCALAR_ATEN) and _one_variable(node):
+                return None
             raise UnsupportedModelError(
                 f"operation {_target_name(t)!r} (node {node.name!r}) is not affine or "
                 "piecewise linear; geomstore supports ReLU-family activations, max-pooling "
@@ -337,7 +377,7 @@ class Program:
                 return "abs"
             if m in _AFFINE_METHODS:
                 return None
-            if m in _SCALAR_METHODS and sum(isinstance(a, torch.fx.Node) for a in node.args) <= 1:
+            if m in _SCALAR_METHODS and _one_variable(node):
                 return None
             raise UnsupportedModelError(
                 f"tensor method {m!r} (node {node.name!r}) is not affine or piecewise linear."
@@ -347,11 +387,14 @@ class Program:
     def _spec(self, node: torch.fx.Node, kind: str) -> Nonlinearity:
         layer = len(self.nonlinearities)
         spec = Nonlinearity(layer=layer, node=node, name=node.name, kind=kind)
-        args, kw = list(node.args), dict(node.kwargs)
+        args: list[Any] = list(node.args)
+        kw: dict[str, Any] = dict(node.kwargs)
         mod = self.modules.get(str(node.target)) if node.op == "call_module" else None
         if kind == "leaky":
-            spec.slope = float(mod.negative_slope) if isinstance(mod, nn.LeakyReLU) else float(
-                args[1] if len(args) > 1 else kw.get("negative_slope", 0.01)
+            spec.slope = (
+                float(mod.negative_slope)
+                if isinstance(mod, nn.LeakyReLU)
+                else float(args[1] if len(args) > 1 else kw.get("negative_slope", 0.01))
             )
         elif kind == "prelu":
             if isinstance(mod, nn.PReLU):
@@ -382,15 +425,20 @@ class Program:
         node: torch.fx.Node, mod: nn.Module | None, args: list[Any], kw: dict[str, Any]
     ) -> dict[str, Any]:
         if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)):
-            p = {
-                "kernel_size": mod.kernel_size, "stride": mod.stride, "padding": mod.padding,
-                "dilation": mod.dilation, "ceil_mode": mod.ceil_mode,
+            p: dict[str, Any] = {
+                "kernel_size": mod.kernel_size,
+                "stride": mod.stride,
+                "padding": mod.padding,
+                "dilation": mod.dilation,
+                "ceil_mode": mod.ceil_mode,
                 "dims": 1 if isinstance(mod, nn.MaxPool1d) else 2,
                 "return_indices": mod.return_indices,
             }
         else:
             names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
-            p = {k: (args[i + 1] if len(args) > i + 1 else kw.get(k)) for i, k in enumerate(names)}
+            p = {
+                k: (args[i + 1] if len(args) > i + 1 else kw.get(k)) for i, k in enumerate(names)
+            }
             p["dims"] = 1 if "1d" in _target_name(node.target) else 2
             p["return_indices"] = kw.get("return_indices", False)
             if p["stride"] in (None, []):
@@ -426,6 +474,8 @@ class Program:
                 obj = getattr(obj, part)
             return obj
         if node.op == "call_module":
+            if str(node.target) == "_guards_fn":
+                return None
             return self.modules[str(node.target)](*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)  # type: ignore[operator]
@@ -435,7 +485,9 @@ class Program:
 
     def run_nonlinear_plain(self, spec: Nonlinearity, x: Tensor) -> Any:
         """Evaluate a nonlinearity node as the model itself does (for probes and checks)."""
-        return self.run_node(spec.node, {spec.node.args[0]: x, **self._const_env(spec.node)})
+        env: dict[torch.fx.Node, Any] = {spec.node.all_input_nodes[0]: x}
+        env.update(self._const_env(spec.node))
+        return self.run_node(spec.node, env)
 
     def _const_env(self, node: torch.fx.Node) -> dict[torch.fx.Node, Any]:
         env: dict[torch.fx.Node, Any] = {}
@@ -494,7 +546,9 @@ class Program:
                     raise UnsupportedModelError(f"max-pool {spec.name!r}: unexpected layout.")
             else:
                 spec.out_shape = spec.in_shape
-            if spec.kind == "prelu" and isinstance(spec.slope, Tensor) and spec.slope.numel() > 1:
+            per_channel = isinstance(spec.slope, Tensor) and spec.slope.numel() > 1
+            if spec.kind == "prelu" and per_channel:
+                assert isinstance(spec.slope, Tensor)
                 if len(spec.in_shape) < 1 or spec.in_shape[0] != spec.slope.numel():
                     raise UnsupportedModelError(f"PReLU {spec.name!r}: channel count mismatch.")
             spec.unit_offset = offset
@@ -516,13 +570,16 @@ class Program:
 
         c, h, w = shape[-3], shape[-2], shape[-1]
         lead = 1
-        for s in shape[:-3]:
-            lead *= s
+        for dim in shape[:-3]:
+            lead *= dim
         idx = torch.arange(1, lead * c * h * w + 1, dtype=torch.float64).reshape(lead * c, 1, h, w)
-        k, s, pad, dil = pair(p["kernel_size"]), pair(p["stride"]), pair(p["padding"]), pair(
-            p["dilation"]
+        k, st, pad, dil = (
+            pair(p["kernel_size"]),
+            pair(p["stride"]),
+            pair(p["padding"]),
+            pair(p["dilation"]),
         )
-        cols = F.unfold(idx, k, dilation=dil, padding=pad, stride=s)  # (lc, kk, L)
+        cols = F.unfold(idx, k, dilation=dil, padding=pad, stride=st)  # (lc, kk, L)
         cand = cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).round().long() - 1
         first = cand.max(dim=1, keepdim=True).values  # any real index of the window
         valid = cand >= 0

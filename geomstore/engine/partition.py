@@ -125,8 +125,8 @@ class Partition:
     def __repr__(self) -> str:
         return (
             f"Partition(regions={self.n_regions}, edges={self.edges.num_rows}, "
-            f"boundary={self.boundary.num_rows}, slice={self.slice.name or self.slice.content_hash[:8]},"
-            f" seconds={self.seconds:.3f})"
+            f"boundary={self.boundary.num_rows}, "
+            f"slice={self.slice.name or self.slice.content_hash[:8]}, seconds={self.seconds:.3f})"
         )
 
 
@@ -139,7 +139,7 @@ def partition(
     threshold: float = 0.0,
     levels: Sequence[float] | None = None,
     output: int = 0,
-    chunk_elements: int = 1 << 24,
+    chunk_elements: int = 1 << 22,
     progress: Callable[[int], None] | None = None,
 ) -> Partition:
     """Compute every linear region of ``model`` on ``slice``, exactly, in float64.
@@ -210,7 +210,9 @@ def partition(
     regions = table_regions(verts, n, area, cen, patterns, amap, cvec, label)
 
     scale_tol = tol * slice.diameter
-    cut_units = torch.cat(descent.cuts.units).cpu().numpy() if descent.cuts.count else np.zeros(0, int)
+    cut_units = (
+        torch.cat(descent.cuts.units).cpu().numpy() if descent.cuts.count else np.zeros(0, int)
+    )
     cut_dirs = (
         torch.cat(descent.cuts.dirs).cpu().numpy() if descent.cuts.count else np.zeros((0, 2))
     )
@@ -249,8 +251,14 @@ def partition(
         "n_outputs": k,
         "input_shape": list(slice.input_shape),
         "layers": [
-            {"layer": s.layer, "name": s.name, "kind": s.kind, "units": s.n_units,
-             "unit_offset": s.unit_offset, "bits": s.bits}
+            {
+                "layer": s.layer,
+                "name": s.name,
+                "kind": s.kind,
+                "units": s.n_units,
+                "unit_offset": s.unit_offset,
+                "bits": s.bits,
+            }
             for s in specs
         ],
         "n_units": program.n_units,
@@ -265,6 +273,13 @@ def partition(
         "boundary_kind": "levels" if levels is not None else ("threshold" if k == 1 else "top2"),
     }
     return Partition(
-        regions=regions, edges=edges, boundary=boundary, slice=slice, model_summary=summary,
-        settings=settings, seconds=seconds, states=raw["states"], program=program,
+        regions=regions,
+        edges=edges,
+        boundary=boundary,
+        slice=slice,
+        model_summary=summary,
+        settings=settings,
+        seconds=seconds,
+        states=raw["states"],
+        program=program,
     )

@@ -31,9 +31,7 @@ class Polys:
 
     def take(self, idx: Tensor) -> Polys:
         width = int(self.n[idx].max().item()) if idx.numel() else 3
-        return Polys(
-            self.verts[idx, :width], self.n[idx], self.side[idx, :width], self.parent[idx]
-        )
+        return Polys(self.verts[idx, :width], self.n[idx], self.side[idx, :width], self.parent[idx])
 
 
 @dataclass
@@ -217,15 +215,24 @@ def split_layer(
     tests_unit[t_cell, t_rank] = t_unit
     tests_step[t_cell, t_rank] = t_step
 
-    buf = _Buffers(cells, state0)
-    for r in range(rounds):
+    buf = _Buffers(cells, state0, tests_unit, tests_step, per_cell)
+    refilter = spec.n_steps == 1 and spec.kind != "maxpool"
+    r = 0
+    next_refilter = 8
+    while r < rounds:
+        if refilter and r == next_refilter and rounds - r >= 8:
+            rounds = buf.refilter(spec, coef, r, tol)
+            r, next_refilter = 0, 2 * next_refilter
+            continue
         m = buf.count
-        act = torch.nonzero(per_cell[buf.cell[:m]] > r, as_tuple=True)[0]
+        act = torch.nonzero(buf.tcount[:m] > r, as_tuple=True)[0]
         if act.numel() == 0:
+            r += 1
             continue
         c = buf.cell[act]
-        unit = tests_unit[c, r]
-        step = tests_step[c, r]
+        unit = buf.tunit[act, r]
+        step = buf.tstep[act, r]
+        r += 1
         cur = buf.states[act, unit]
         lines = _line_coefficients(spec, coef, c, unit, step, cur)
         a0, a1, b = lines[:, 0], lines[:, 1], lines[:, 2]
@@ -252,45 +259,91 @@ def split_layer(
         buf.n[rows] = pn
         buf.side[rows] = ps
         buf.states[rows, unit[spl]] = code[spl]
-        buf.append(nv, nn_, ns, c[spl], neg_states)
+        buf.append(rows, nv, nn_, ns, neg_states)
     m = buf.count
     return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
 
 
 class _Buffers:
-    """Growable storage for the polygons of one split_layer call (amortised appends)."""
+    """Growable storage for one split_layer call: polygons, states and their test lists."""
 
-    def __init__(self, cells: Polys, state0: Tensor) -> None:
+    def __init__(
+        self, cells: Polys, state0: Tensor, tunit: Tensor, tstep: Tensor, tcount: Tensor
+    ) -> None:
         p = len(cells)
         cap = max(16, 4 * p)
         dev = cells.verts.device
-        w = cells.verts.shape[1]
-        self.verts = torch.zeros((cap, w, 2), dtype=cells.verts.dtype, device=dev)
-        self.side = torch.full((cap, w), -(1 << 62), dtype=torch.long, device=dev)
-        self.n = torch.zeros(cap, dtype=torch.long, device=dev)
-        self.cell = torch.zeros(cap, dtype=torch.long, device=dev)
-        self.states = torch.zeros((cap, state0.shape[1]), dtype=torch.uint8, device=dev)
-        self.verts[:p], self.side[:p], self.n[:p] = cells.verts, cells.side, cells.n
-        self.cell[:p] = torch.arange(p, device=dev)
-        self.states[:p] = state0
+        self.verts = _alloc(cells.verts, cap)
+        self.side = _alloc(cells.side, cap)
+        self.n = _alloc(cells.n, cap)
+        self.cell = _alloc(torch.arange(p, device=dev), cap)
+        self.states = _alloc(state0, cap)
+        self.tunit = _alloc(tunit, cap)
+        self.tstep = _alloc(tstep, cap)
+        self.tcount = _alloc(tcount, cap)
         self.count = p
+
+    _FIELDS = ("verts", "side", "n", "cell", "states", "tunit", "tstep", "tcount")
 
     def widen(self, width: int) -> None:
         if width > self.verts.shape[1]:
             self.verts, self.side = pad_polys(self.verts, self.side, width)
 
-    def append(self, verts: Tensor, n: Tensor, side: Tensor, cell: Tensor, states: Tensor) -> None:
+    def append(self, src: Tensor, verts: Tensor, n: Tensor, side: Tensor, states: Tensor) -> None:
+        """Add children that copy the cell and test list of rows ``src``."""
         k = int(n.shape[0])
         need = self.count + k
         if need > self.n.shape[0]:
             cap = max(need, 2 * self.n.shape[0])
-            grow = cap - self.n.shape[0]
-            self.verts = torch.cat([self.verts, self.verts.new_zeros((grow, *self.verts.shape[1:]))])
-            self.side = torch.cat([self.side, self.side.new_zeros((grow, self.side.shape[1]))])
-            self.n = torch.cat([self.n, self.n.new_zeros(grow)])
-            self.cell = torch.cat([self.cell, self.cell.new_zeros(grow)])
-            self.states = torch.cat([self.states, self.states.new_zeros((grow, self.states.shape[1]))])
+            for name in self._FIELDS:
+                setattr(self, name, _alloc(getattr(self, name), cap))
         sl = slice(self.count, need)
-        self.verts[sl], self.n[sl], self.side[sl], self.cell[sl], self.states[sl] = (
-            verts, n, side, cell, states)
+        self.cell[sl] = self.cell[src]
+        self.tunit[sl] = self.tunit[src]
+        self.tstep[sl] = self.tstep[src]
+        self.tcount[sl] = self.tcount[src]
+        self.verts[sl], self.n[sl], self.side[sl], self.states[sl] = verts, n, side, states
         self.count = need
+
+    def refilter(self, spec: Nonlinearity, coef: Tensor, r: int, tol: float) -> int:
+        """Drop remaining tests whose line misses the polygon; settle those units' states.
+
+        Returns the new number of rounds (lists restart at position 0).
+        """
+        m = self.count
+        rem = self.tunit.shape[1] - r
+        if rem <= 0:
+            self.tcount[:m] = 0
+            return 0
+        units = self.tunit[:m, r:]
+        has = torch.arange(rem, device=units.device)[None, :] < (self.tcount[:m, None] - r)
+        safe = torch.where(has, units, torch.zeros_like(units))
+        cells = self.cell[:m, None].expand_as(safe)
+        lines = coef[cells, :, safe]  # (m, rem, 3)
+        if spec.kind == "hardtanh":
+            raise AssertionError("refilter is for single-step units")
+        f = torch.baddbmm(lines[:, None, :, 2], self.verts[:m], lines[:, :, :2].transpose(1, 2))
+        tau = tol * torch.sqrt(lines[:, :, 0] ** 2 + lines[:, :, 1] ** 2)
+        pos = f.amax(dim=1) > tau
+        neg = f.amin(dim=1) < -tau
+        cross = has & pos & neg
+        settle = has & pos & ~neg
+        rows, cols = torch.nonzero(settle, as_tuple=True)
+        self.states[rows, units[rows, cols]] = 1
+        cnt = cross.sum(dim=1)
+        width = int(cnt.max().item()) if m else 0
+        order = torch.argsort((~cross).to(torch.int8), dim=1, stable=True)[:, :width]
+        self.tunit = torch.zeros(
+            (self.n.shape[0], max(width, 1)), dtype=torch.long, device=units.device
+        )
+        self.tstep = torch.zeros_like(self.tunit)
+        self.tunit[:m, :width] = units.gather(1, order)
+        self.tcount[:m] = cnt
+        return width
+
+
+def _alloc(t: Tensor, cap: int) -> Tensor:
+    """A tensor of ``cap`` rows holding ``t`` in its first rows (the rest uninitialised)."""
+    out = t.new_empty((cap, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out

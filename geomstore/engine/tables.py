@@ -121,7 +121,11 @@ def edge_overlay(
 
 
 def _clip_keep_positive(
-    verts: torch.Tensor, n: torch.Tensor, side: torch.Tensor, a: torch.Tensor, label: torch.Tensor,
+    verts: torch.Tensor,
+    n: torch.Tensor,
+    side: torch.Tensor,
+    a: torch.Tensor,
+    label: torch.Tensor,
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clip polygons to {a0 x + a1 y + b >= 0}; returns verts, n, side and a keep mask."""
@@ -164,24 +168,40 @@ def boundary_segments(
     vals = np.einsum("pvd,pkd->pvk", verts, amap) + cvec[:, None, :]
     valid = np.arange(verts.shape[1])[None, :] < n[:, None]
     k = amap.shape[1]
-    res: dict[str, list[np.ndarray]] = {"a": [], "b": [], "region": [], "ca": [], "cb": [], "lv": []}
+    res: dict[str, list[np.ndarray]] = {
+        "a": [],
+        "b": [],
+        "region": [],
+        "ca": [],
+        "cb": [],
+        "lv": [],
+    }
     if levels is not None:
         for level in levels:
             g = vals[..., output] - level
             hit = np.nonzero(((g > 0) & valid).any(1) & ((g < 0) & valid).any(1))[0]
             if hit.size == 0:
                 continue
-            coef = np.concatenate(
-                [amap[hit, output], (cvec[hit, output] - level)[:, None]], axis=1
+            coef = np.concatenate([amap[hit, output], (cvec[hit, output] - level)[:, None]], axis=1)
+            _collect(
+                res,
+                verts[hit],
+                n[hit],
+                hit,
+                coef,
+                np.full(hit.size, 1),
+                tol,
+                pair=(output, output),
+                level=level,
             )
-            _collect(res, verts[hit], n[hit], hit, coef, np.full(hit.size, 1), tol,
-                     pair=(output, output), level=level)
     else:
         top = vals.argmax(2)
         first = top[:, :1]
         mixed = ((top != first) & valid).any(1)
         srt = np.sort(vals, axis=2)
-        near_tie = ((srt[..., -1] - srt[..., -2] <= tol * (1 + np.abs(srt[..., -1]))) & valid).any(1)
+        near_tie = ((srt[..., -1] - srt[..., -2] <= tol * (1 + np.abs(srt[..., -1]))) & valid).any(
+            1
+        )
         hit = np.nonzero(mixed | near_tie)[0]
         for i in range(k):
             if hit.size == 0:
@@ -212,18 +232,31 @@ def boundary_segments(
             res["ca"].append(np.full(rr.size, i))
             res["cb"].append(ss[rr, cc])
             res["lv"].append(np.full(rr.size, np.nan))
-    out = {key: (np.concatenate(v) if v else np.zeros((0, 2) if key in "ab" else 0))
-           for key, v in res.items()}
+    out = {
+        key: (np.concatenate(v) if v else np.zeros((0, 2) if key in "ab" else 0))
+        for key, v in res.items()
+    }
     return out
 
 
 def _collect(
-    res: dict[str, list[np.ndarray]], verts: np.ndarray, n: np.ndarray, hit: np.ndarray,
-    coef: np.ndarray, label: np.ndarray, tol: float, pair: tuple[int, int], level: float,
+    res: dict[str, list[np.ndarray]],
+    verts: np.ndarray,
+    n: np.ndarray,
+    hit: np.ndarray,
+    coef: np.ndarray,
+    label: np.ndarray,
+    tol: float,
+    pair: tuple[int, int],
+    level: float,
 ) -> None:
     tv, tn, ts, keep = _clip_keep_positive(
-        torch.as_tensor(verts), torch.as_tensor(n), torch.full(verts.shape[:2], -1),
-        torch.as_tensor(coef), torch.as_tensor(label), tol,
+        torch.as_tensor(verts),
+        torch.as_tensor(n),
+        torch.full(verts.shape[:2], -1),
+        torch.as_tensor(coef),
+        torch.as_tensor(label),
+        tol,
     )
     sv, sn, ss = tv.numpy(), tn.numpy(), ts.numpy()
     valid = np.arange(sv.shape[1])[None, :] < sn[:, None]
@@ -239,23 +272,31 @@ def _collect(
 
 
 def table_regions(
-    verts: np.ndarray, n: np.ndarray, area: np.ndarray, cen: np.ndarray, pattern: pa.Array,
-    amap: np.ndarray, cvec: np.ndarray, label: np.ndarray,
+    verts: np.ndarray,
+    n: np.ndarray,
+    area: np.ndarray,
+    cen: np.ndarray,
+    pattern: pa.Array,
+    amap: np.ndarray,
+    cvec: np.ndarray,
+    label: np.ndarray,
 ) -> pa.Table:
     p, k = cvec.shape
-    return pa.table({
-        "region_id": pa.array(np.arange(p, dtype=np.int64)),
-        "geometry": polygons_wkb(verts, n),
-        "area": pa.array(area),
-        "centroid_u0": pa.array(cen[:, 0]),
-        "centroid_u1": pa.array(cen[:, 1]),
-        "n_vertices": pa.array(n.astype(np.int32)),
-        "pattern": pattern,
-        "A": pa.FixedSizeListArray.from_arrays(pa.array(amap.reshape(-1)), 2 * k),
-        "c": pa.FixedSizeListArray.from_arrays(pa.array(cvec.reshape(-1)), k),
-        "label": pa.array(label.astype(np.int32)),
-        "slope_norm": pa.array(np.sqrt((amap**2).sum(axis=(1, 2)))),
-    })
+    return pa.table(
+        {
+            "region_id": pa.array(np.arange(p, dtype=np.int64)),
+            "geometry": polygons_wkb(verts, n),
+            "area": pa.array(area),
+            "centroid_u0": pa.array(cen[:, 0]),
+            "centroid_u1": pa.array(cen[:, 1]),
+            "n_vertices": pa.array(n.astype(np.int32)),
+            "pattern": pattern,
+            "A": pa.FixedSizeListArray.from_arrays(pa.array(amap.reshape(-1)), 2 * k),
+            "c": pa.FixedSizeListArray.from_arrays(pa.array(cvec.reshape(-1)), k),
+            "label": pa.array(label.astype(np.int32)),
+            "slope_norm": pa.array(np.sqrt((amap**2).sum(axis=(1, 2)))),
+        }
+    )
 
 
 def table_segments(a: np.ndarray, b: np.ndarray, cols: dict[str, np.ndarray]) -> pa.Table:
@@ -267,5 +308,5 @@ def table_segments(a: np.ndarray, b: np.ndarray, cols: dict[str, np.ndarray]) ->
         if val.dtype.kind == "i":
             data[key] = pa.array(val, mask=val < 0)
         else:
-            data[key] = pa.array(val)
+            data[key] = pa.array(val, mask=np.isnan(val))  # "not applicable" is null
     return pa.table(data)

@@ -36,12 +36,14 @@ class VerifyReport:
     def raise_if_failed(self) -> None:
         bad = [c for c in self.checks if not c.passed]
         if bad:
-            raise GeomstoreError("partition failed verification: " + "; ".join(
-                f"{c.name}: {c.detail}" for c in bad))
+            raise GeomstoreError(
+                "partition failed verification: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
+            )
 
     def __str__(self) -> str:
-        return "\n".join(f"[{'ok' if c.passed else 'FAIL'}] {c.name}: {c.detail}"
-                         for c in self.checks)
+        return "\n".join(
+            f"[{'ok' if c.passed else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks
+        )
 
 
 def _model_states(program: Any, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,8 +61,14 @@ def _model_states(program: Any, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray
     return out.cpu().numpy(), states, margins
 
 
-def verify(partition: Any, model: Any = None, *, grid: int = 96, brute_force: bool = True,
-           amb: float = 1e-8) -> VerifyReport:
+def verify(
+    partition: Any,
+    model: Any = None,
+    *,
+    grid: int = 96,
+    brute_force: bool = True,
+    amb: float = 1e-8,
+) -> VerifyReport:
     """Check a partition: tiling, affine maps, activation patterns, boundary, region count.
 
     Parameters
@@ -107,27 +115,41 @@ def verify(partition: Any, model: Any = None, *, grid: int = 96, brute_force: bo
     strict = np.bincount(pin, minlength=len(gu))
     area_ok = abs(total - sl.area) <= 1e-9 * sl.area
     nonneg = bool((area > 0).all())
-    report.checks.append(Check(
-        "tiling",
-        area_ok and nonneg and bool((cover >= 1).all()) and bool((strict <= 1).all()),
-        f"area sum {total:.15g} vs domain {sl.area:.15g}; {int((cover == 0).sum())} grid points "
-        f"uncovered, {int((strict > 1).sum())} inside two regions, {int((area <= 0).sum())} "
-        "regions without area",
-    ))
+    report.checks.append(
+        Check(
+            "tiling",
+            area_ok and nonneg and bool((cover >= 1).all()) and bool((strict <= 1).all()),
+            f"area sum {total:.15g} vs domain {sl.area:.15g}; "
+            f"{int((cover == 0).sum())} grid points "
+            f"uncovered, {int((strict > 1).sum())} inside two regions, {int((area <= 0).sum())} "
+            "regions without area",
+        )
+    )
     # 2. affine maps and patterns at centroids
     amap, cvec = partition.affine_maps()
-    cen = np.stack([np.asarray(partition.regions.column("centroid_u0")),
-                    np.asarray(partition.regions.column("centroid_u1"))], 1)
+    cen = np.stack(
+        [
+            np.asarray(partition.regions.column("centroid_u0")),
+            np.asarray(partition.regions.column("centroid_u1")),
+        ],
+        1,
+    )
     x = torch.as_tensor(sl.lift(cen, shaped=True), device=dev)
     out, states, margins = _model_states(program, x)
     pred = np.einsum("pkd,pd->pk", amap, cen) + cvec
     scale = 1.0 + np.abs(out).max() + np.abs(amap).max() * sl.diameter
     err = float(np.abs(out - pred).max()) if len(out) else 0.0
-    report.checks.append(Check("affine maps", err <= 1e-9 * scale,
-                               f"max |model - A u - c| at centroids {err:.3g}"))
+    report.checks.append(
+        Check("affine maps", err <= 1e-9 * scale, f"max |model - A u - c| at centroids {err:.3g}")
+    )
     mism = (states != partition.states) & (margins > amb)
-    report.checks.append(Check("patterns at centroids", not bool(mism.any()),
-                               f"{int(mism.any(1).sum())} of {len(cen)} regions disagree"))
+    report.checks.append(
+        Check(
+            "patterns at centroids",
+            not bool(mism.any()),
+            f"{int(mism.any(1).sum())} of {len(cen)} regions disagree",
+        )
+    )
     # 3. dense grid
     first = np.full(len(gu), -1)
     first[pin] = reg
@@ -135,13 +157,20 @@ def verify(partition: Any, model: Any = None, *, grid: int = 96, brute_force: bo
     xg = torch.as_tensor(sl.lift(gu[has], shaped=True), device=dev)
     _, gst, gmg = _model_states(program, xg)
     gm = (gst != partition.states[first[has]]) & (gmg > amb)
-    report.checks.append(Check("patterns on grid", not bool(gm.any()),
-                               f"{int(gm.any(1).sum())} of {int(has.sum())} grid points disagree"))
+    report.checks.append(
+        Check(
+            "patterns on grid",
+            not bool(gm.any()),
+            f"{int(gm.any(1).sum())} of {int(has.sum())} grid points disagree",
+        )
+    )
     # 4. decision boundary
     bd = partition.boundary
     if bd.num_rows:
-        mid = 0.5 * (np.stack([np.asarray(bd.column("u0_a")), np.asarray(bd.column("u1_a"))], 1)
-                     + np.stack([np.asarray(bd.column("u0_b")), np.asarray(bd.column("u1_b"))], 1))
+        mid = 0.5 * (
+            np.stack([np.asarray(bd.column("u0_a")), np.asarray(bd.column("u1_a"))], 1)
+            + np.stack([np.asarray(bd.column("u0_b")), np.asarray(bd.column("u1_b"))], 1)
+        )
         xb = torch.as_tensor(sl.lift(mid, shaped=True), device=dev)
         with torch.no_grad():
             ob = program.forward_with_pre(xb)[0].cpu().numpy()
@@ -159,12 +188,21 @@ def verify(partition: Any, model: Any = None, *, grid: int = 96, brute_force: bo
                 worst = np.abs(va - vb)
         else:
             worst = np.abs(ob[np.arange(len(ob)), ca] - lvl)
-        report.checks.append(Check("decision boundary", float(worst.max()) <= btol,
-                                   f"worst tie violation {float(worst.max()):.3g} on "
-                                   f"{bd.num_rows} segments"))
+        report.checks.append(
+            Check(
+                "decision boundary",
+                float(worst.max()) <= btol,
+                f"worst tie violation {float(worst.max()):.3g} on {bd.num_rows} segments",
+            )
+        )
     # 5. independent count
     if brute_force and model is not None and is_plain_relu_mlp(model) and sl.dim == 2:
         ref = reference_regions(model, sl)
-        report.checks.append(Check("brute-force count", len(ref) == partition.n_regions,
-                                   f"{partition.n_regions} regions, reference {len(ref)}"))
+        report.checks.append(
+            Check(
+                "brute-force count",
+                len(ref) == partition.n_regions,
+                f"{partition.n_regions} regions, reference {len(ref)}",
+            )
+        )
     return report

@@ -41,10 +41,14 @@ def polygons_wkb(verts: np.ndarray, n: np.ndarray) -> pa.BinaryArray:
         np.arange(int(npts.sum())) - np.repeat(np.cumsum(npts) - npts, npts)
     )
     buf[(point_start[:, None] + np.arange(16)[None, :]).reshape(-1)] = coords.reshape(-1)
-    return pa.Array.from_buffers(
-        pa.binary(), p, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(buf)]
-    ) if offsets[-1] < 2**31 else pa.Array.from_buffers(
-        pa.large_binary(), p, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
+    return (
+        pa.Array.from_buffers(
+            pa.binary(), p, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(buf)]
+        )
+        if offsets[-1] < 2**31
+        else pa.Array.from_buffers(
+            pa.large_binary(), p, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
+        )
     )
 
 

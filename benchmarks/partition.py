@@ -1,0 +1,103 @@
+"""Partition speed: prints one JSON object per network (regions, seconds, regions/s, memory).
+
+Usage: python benchmarks/partition.py [--device auto|cpu|cuda] [--repeat 3] [--quick]
+
+Networks: seeded, PyTorch-default-initialised ReLU MLPs on [-1, 1]^2 and a small CNN
+(conv, batch norm, max-pooling) on the plane through three 8x8 images. Seconds are the
+best of ``--repeat`` runs and include affine maps, edges and the decision boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from geomstore import Slice, partition
+
+MLPS = [(100, 100), (64, 64, 64, 64), (256, 256), (256, 256, 256)]
+
+
+def mlp(widths: tuple[int, ...], seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = 2
+    for w in widths:
+        layers += [nn.Linear(d, w), nn.ReLU()]
+        d = w
+    layers.append(nn.Linear(d, 1))
+    return nn.Sequential(*layers).eval()
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)
+        h = nn.functional.max_pool2d(torch.relu(self.conv2(h)), 2)
+        return self.fc(h.flatten(1))
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(name: str, model: nn.Module, sl: Slice, device: str, repeat: int) -> dict[str, object]:
+    best = float("inf")
+    part = None
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        part = partition(model, sl, device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    assert part is not None
+    return {
+        "network": name,
+        "device": part.settings["device"],
+        "regions": part.n_regions,
+        "edges": part.edges.num_rows,
+        "boundary_segments": part.boundary.num_rows,
+        "seconds": round(best, 4),
+        "regions_per_second": round(part.n_regions / best),
+        "peak_rss_mib": round(_peak_mib(), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smallest networks only, one run")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    box = Slice.box((-1, -1), (1, 1))
+    nets = MLPS[:1] if args.quick else MLPS
+    repeat = 1 if args.quick else args.repeat
+    for widths in nets:
+        name = "2-" + "-".join(map(str, widths)) + "-1"
+        print(json.dumps(run(name, mlp(widths), box, args.device, repeat)), flush=True)
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.rand((1, 8, 8), generator=g, dtype=torch.float64).numpy() for _ in range(3)]
+    plane = Slice.through(*imgs, margin=0.1)
+    print(json.dumps(run("cnn-8x8", CNN().eval(), plane, args.device, repeat)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

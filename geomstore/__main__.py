@@ -1,0 +1,3 @@
+from geomstore.cli import main
+
+main()

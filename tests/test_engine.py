@@ -1,0 +1,340 @@
+"""The partition must be exact: each test here fails on a wrong partition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+import torch
+from torch import nn
+
+from geomstore import (
+    GeomstoreError,
+    ModelShapeError,
+    Slice,
+    UnsupportedModelError,
+    partition,
+)
+from geomstore.engine.reference import reference_regions
+from tests.nets import BOX, Residual, SmallCNN, digits_slice, mlp
+
+NETWORKS = {
+    "relu-1-out": lambda: mlp((12, 10), 1),
+    "relu-3-class": lambda: mlp((16, 16), 3, seed=1),
+    "relu-deep": lambda: mlp((8, 8, 8, 8), 2, seed=2),
+    "leaky": lambda: mlp((12, 12), 3, act=nn.LeakyReLU, negative_slope=0.2),
+    "prelu": lambda: mlp((10, 10), 2, act=nn.PReLU, seed=3),
+    "relu6": lambda: mlp((10, 10), 2, act=nn.ReLU6, seed=4),
+    "hardtanh": lambda: mlp((10, 10), 3, act=nn.Hardtanh, seed=5, min_val=-0.3, max_val=0.4),
+    "residual-concat": lambda: Residual(),
+}
+
+
+def _check(part: object, model: nn.Module) -> None:
+    report = part.verify(model)  # type: ignore[attr-defined]
+    assert report.ok, str(report)
+    names = {c.name for c in report.checks}
+    assert {"tiling", "affine maps", "patterns at centroids", "patterns on grid"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_partition_is_exact(name: str) -> None:
+    model = NETWORKS[name]()
+    part = partition(model, BOX, device="cpu")
+    assert part.n_regions > 20
+    _check(part, model)
+
+
+def test_prelu_per_channel_and_functional_ops() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(7)
+            self.a = nn.Linear(2, 6)
+            self.p = nn.PReLU(6, init=0.3)
+            self.b = nn.Linear(6, 6)
+            self.c = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.p(self.a(x))
+            h = nn.functional.hardtanh(self.b(h) * 2.0, -0.5, 0.5)
+            return self.c(h.relu() - 0.1)
+
+    model = Net().eval()
+    with torch.no_grad():
+        model.p.weight.copy_(torch.linspace(-0.5, 0.5, 6))
+    part = partition(model, BOX, device="cpu")
+    _check(part, model)
+
+
+def test_cnn_with_batchnorm_maxpool_on_image_plane() -> None:
+    model = SmallCNN().eval()
+    sl = digits_slice()
+    part = partition(model, sl, device="cpu")
+    assert part.n_regions > 50
+    kinds = [layer["kind"] for layer in part.model_summary["layers"]]
+    assert kinds == ["relu", "maxpool", "abs"]
+    _check(part, model)
+
+
+def test_torch_export_program() -> None:
+    model = mlp((10, 10), 3, seed=8)
+    ep = torch.export.export(model, (torch.zeros(1, 2),))
+    a = partition(ep, BOX, device="cpu")
+    b = partition(model, BOX, device="cpu")
+    assert a.n_regions == b.n_regions
+    assert a.regions.column("area").equals(b.regions.column("area"))
+    _check(a, model)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("widths", [(6,), (5, 5), (4, 4, 4), (8, 6)])
+def test_region_count_matches_brute_force(widths: tuple[int, ...], seed: int) -> None:
+    model = mlp(widths, 2, seed=seed)
+    part = partition(model, BOX, device="cpu")
+    ref = reference_regions(model, BOX)
+    assert part.n_regions == len(ref)
+    ours = sorted(bytes(s) for s in part.states)
+    theirs = sorted(bytes(np.array(p, np.uint8)) for _, p in ref)
+    assert ours == theirs
+    np.testing.assert_allclose(
+        np.sort(np.asarray(part.regions.column("area"))),
+        np.sort([poly.area for poly, _ in ref]),
+        rtol=1e-7,
+        atol=1e-12,
+    )
+
+
+def _net_with(weights: list[tuple[list[list[float]], list[float]]]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (w, b) in enumerate(weights):
+        lin = nn.Linear(len(w[0]), len(w))
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(w))
+            lin.bias.copy_(torch.tensor(b))
+        layers.append(lin)
+        if i < len(weights) - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def test_degenerate_neurons() -> None:
+    # rows: through the corner (1, 1); three lines through (0.25, 0.25); dead; duplicated;
+    # duplicated up to scale; constant on the slice; on the domain's border; parallel pair
+    w1 = [
+        [1.0, 1.0],
+        [1.0, -1.0],
+        [1.0, 0.0],
+        [0.0, 1.0],
+        [0.0, 0.0],
+        [1.0, 2.0],
+        [1.0, 2.0],
+        [2.0, 4.0],
+        [0.0, 0.0],
+        [1.0, 0.0],
+        [0.5, -0.25],
+        [0.5, -0.25],
+    ]
+    b1 = [-2.0, 0.0, -0.25, -0.25, -5.0, 0.1, 0.1, 0.2, 0.7, -1.0, 0.1, -0.2]
+    rng = np.random.default_rng(0)
+    w2 = rng.normal(size=(6, 12)).tolist()
+    w2[0] = [0.0] * 12  # second-layer neuron constant (its bias only)
+    b2 = [0.3, 0.1, -0.2, 0.0, 0.05, -0.1]
+    w3 = rng.normal(size=(3, 6)).tolist()
+    model = _net_with([(w1, b1), (w2, b2), (w3, [0.0, 0.1, -0.1])])
+    part = partition(model, BOX, device="cpu")
+    _check(part, model)
+    ref = reference_regions(model, BOX)
+    assert part.n_regions == len(ref)
+
+
+def test_lines_through_one_point_and_vertex() -> None:
+    angles = np.linspace(0, np.pi, 9)[:-1]
+    w1 = np.stack([np.cos(angles), np.sin(angles)], 1).tolist()
+    model = _net_with([(w1, [0.0] * 8), ([[1.0] * 8], [-0.5])])
+    part = partition(model, BOX, device="cpu")
+    assert part.n_regions == 16  # 8 lines through the centre: 16 sectors
+    _check(part, model)
+    cen = np.stack(
+        [
+            np.asarray(part.regions.column("centroid_u0")),
+            np.asarray(part.regions.column("centroid_u1")),
+        ],
+        1,
+    )
+    assert np.all(np.linalg.norm(cen, axis=1) > 0.1)
+
+
+def test_thin_regions_are_kept() -> None:
+    w1 = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    b1 = [0.0, -1e-7, 0.0]
+    model = _net_with([(w1, b1), ([[1.0, -1.0, 1.0]], [0.0])])
+    part = partition(model, BOX, device="cpu")
+    area = np.sort(np.asarray(part.regions.column("area")))
+    assert part.n_regions == 6
+    np.testing.assert_allclose(area[:2], 1e-7, rtol=1e-6)
+    _check(part, model)
+
+
+def test_edges_separate_regions_that_differ_in_their_neuron() -> None:
+    model = mlp((10, 10), 3, seed=9)
+    part = partition(model, BOX, device="cpu")
+    e = part.edges.to_pydict()
+    inner = [i for i, r in enumerate(e["region_right"]) if r is not None]
+    assert inner, "no interior edges"
+    offsets = [layer["unit_offset"] for layer in part.model_summary["layers"]]
+    for i in inner:
+        a, b = part.states[e["region_left"][i]], part.states[e["region_right"][i]]
+        unit = offsets[e["layer"][i]] + e["neuron"][i]
+        assert e["unit"][i] == unit
+        assert a[unit] != b[unit]
+    # every side of every region is covered once by edges: perimeters add up
+    polys = part.polygons()
+    perimeter = float(shapely.length(polys).sum())
+    length = np.asarray(part.edges.column("length"))
+    border = np.array([r is None for r in e["region_right"]])
+    np.testing.assert_allclose(
+        2 * length[~border].sum() + length[border].sum(), perimeter, rtol=1e-9
+    )
+    np.testing.assert_allclose(length[border].sum(), 8.0, rtol=1e-12)
+    # shared segments lie on both regions' boundaries
+    for i in inner[:50]:
+        seg = shapely.LineString([(e["u0_a"][i], e["u1_a"][i]), (e["u0_b"][i], e["u1_b"][i])])
+        for r in (e["region_left"][i], e["region_right"][i]):
+            assert polys[r].boundary.distance(seg.interpolate(0.5, normalized=True)) < 1e-9
+
+
+def test_single_output_threshold_and_level_sets() -> None:
+    model = mlp((12, 12), 1, seed=10)
+    out = model(torch.zeros(1, 2)).item()
+    part = partition(model, BOX, device="cpu", threshold=out)
+    assert part.boundary.num_rows > 0
+    _check(part, model)
+    levels = [out - 0.05, out, out + 0.05]
+    lv = partition(model, BOX, device="cpu", levels=levels)
+    got = set(np.asarray(lv.boundary.column("level")).tolist())
+    assert got <= set(levels) and len(got) >= 2
+    _check(lv, model)
+
+
+def test_boundary_is_top_two_tie_only() -> None:
+    model = mlp((16, 16), 5, seed=11)
+    part = partition(model, BOX, device="cpu")
+    assert part.boundary.num_rows > 5
+    _check(part, model)
+    # the boundary separates regions of different predicted labels: its length is positive
+    # and each segment's classes differ
+    ca = np.asarray(part.boundary.column("class_a"))
+    cb = np.asarray(part.boundary.column("class_b"))
+    assert np.all(ca < cb)
+
+
+def test_same_input_same_tables_byte_for_byte() -> None:
+    model = mlp((20, 20), 3, seed=12)
+    a = partition(model, BOX, device="cpu")
+    b = partition(model, BOX, device="cpu")
+    for name in ("regions", "edges", "boundary"):
+        assert getattr(a, name).equals(getattr(b, name))
+
+
+def test_small_chunks_give_the_same_partition() -> None:
+    model = mlp((12, 12, 12), 2, seed=13)
+    a = partition(model, BOX, device="cpu")
+    b = partition(model, BOX, device="cpu", chunk_elements=2000)
+    assert a.n_regions == b.n_regions
+    np.testing.assert_allclose(
+        np.sort(np.asarray(a.regions.column("area"))),
+        np.sort(np.asarray(b.regions.column("area"))),
+        rtol=1e-9,
+    )
+    assert sorted(bytes(s) for s in a.states) == sorted(bytes(s) for s in b.states)
+
+
+def test_verify_fails_on_a_corrupted_partition() -> None:
+    model = mlp((8, 8), 2, seed=14)
+    part = partition(model, BOX, device="cpu")
+    part.states[3, 0] ^= 1  # a wrong activation pattern
+    report = part.verify(model)
+    assert not report.ok
+    failed = {c.name for c in report.checks if not c.passed}
+    assert "patterns at centroids" in failed
+
+
+def test_affine_maps_match_forward_at_random_points() -> None:
+    model = mlp((16, 16), 3, seed=15)
+    part = partition(model, BOX, device="cpu")
+    a, c = part.affine_maps()
+    rng = np.random.default_rng(0)
+    u = rng.uniform(-1, 1, (2000, 2))
+    tree = shapely.STRtree(part.polygons())
+    idx, reg = tree.query(shapely.points(u), predicate="within")
+    pred = np.einsum("pkd,pd->pk", a[reg], u[idx]) + c[reg]
+    with torch.no_grad():
+        out = model.double()(torch.tensor(u[idx])).numpy()
+    np.testing.assert_allclose(pred, out, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (nn.GELU(), "GELU"),
+        (nn.Sigmoid(), "Sigmoid"),
+        (nn.Softmax(dim=1), "Softmax"),
+    ],
+)
+def test_nonlinear_layers_are_refused_by_name(module: nn.Module, message: str) -> None:
+    model = nn.Sequential(nn.Linear(2, 4), module, nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=message):
+        partition(model, BOX, device="cpu")
+
+
+def test_batchnorm_in_training_mode_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"training mode; call model.eval\(\)"):
+        partition(model, BOX, device="cpu")
+
+
+def test_product_of_activations_is_refused() -> None:
+    class Square(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return h * h
+
+    with pytest.raises(UnsupportedModelError, match="not affine"):
+        partition(Square(), BOX, device="cpu")
+
+
+def test_shape_mismatch_names_the_shapes() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(ModelShapeError, match=r"shape \(2,\)"):
+        partition(model, BOX, device="cpu")
+
+
+def test_bad_arguments() -> None:
+    model = mlp((4,), 1)
+    with pytest.raises(GeomstoreError, match="'auto', 'cpu'"):
+        partition(model, BOX, device="tpu")
+    with pytest.raises(GeomstoreError, match="tol"):
+        partition(model, BOX, device="cpu", tol=0.5)
+    with pytest.raises(GeomstoreError, match=r"geomstore\.Slice"):
+        partition(model, "box", device="cpu")  # type: ignore[arg-type]
+
+
+def test_affine_model_has_one_region() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    part = partition(model, Slice.box((0, 0), (2, 1)), device="cpu")
+    assert part.n_regions == 1
+    _check(part, model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    model = mlp((32, 32), 3, seed=16)
+    a = partition(model, BOX, device="cpu")
+    b = partition(model, BOX, device="cuda")
+    assert a.n_regions == b.n_regions
+    _check(b, model)
