@@ -436,9 +436,7 @@ class Program:
             }
         else:
             names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
-            p = {
-                k: (args[i + 1] if len(args) > i + 1 else kw.get(k)) for i, k in enumerate(names)
-            }
+            p = {k: (args[i + 1] if len(args) > i + 1 else kw.get(k)) for i, k in enumerate(names)}
             p["dims"] = 1 if "1d" in _target_name(node.target) else 2
             p["return_indices"] = kw.get("return_indices", False)
             if p["stride"] in (None, []):
