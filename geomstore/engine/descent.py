@@ -114,7 +114,7 @@ class Descent:
             spec = self.program.nonlinearities[layer]
             n_in = int(np.prod(spec.in_shape))
             k = 1 if spec.candidates is None else int(spec.candidates.shape[1])
-            per += 3 * n_in + width * max(n_in, spec.n_units * k) * 3
+            per += 3 * n_in + width * max(n_in, spec.n_units * k)
         if layer > 0:
             spec = self.program.nonlinearities[layer - 1]
             per += 6 * int(np.prod(spec.in_shape))

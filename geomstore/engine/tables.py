@@ -70,34 +70,33 @@ def edge_overlay(
         s = (a * nrm).sum(1)
         grp = (t1 < t0).astype(np.int64)
         lo, hi = np.minimum(t0, t1), np.maximum(t0, t1)
-        # elementary intervals between all breakpoints of a chord
-        bc = np.concatenate([c, c])
-        bt = np.concatenate([lo, hi])
-        o = np.lexsort((bt, bc))
-        bc, bt = bc[o], bt[o]
-        same = bc[1:] == bc[:-1]
-        keep = same & (bt[1:] - bt[:-1] > min_length)
-        ic, ilo, ihi = bc[:-1][keep], bt[:-1][keep], bt[1:][keep]
-        mid = 0.5 * (ilo + ihi)
+        # One sort of all pieces by (chord, start). Each start opens an elementary
+        # interval that runs to the next start on the same chord (or the chord's end);
+        # the piece of each side covering it is the last of that side started so far.
+        o = np.lexsort((grp, lo, c))
+        sc, slo, sgrp = c[o], lo[o], grp[o]
+        k = o.size
+        pos = np.arange(k)
+        new_chord = np.ones(k, dtype=bool)
+        new_chord[1:] = sc[1:] != sc[:-1]
+        chord_start = np.maximum.accumulate(np.where(new_chord, pos, 0))
         owner = []
         for g in (0, 1):
-            sel = np.nonzero(grp == g)[0]
-            ec = np.concatenate([c[sel], ic])
-            et = np.concatenate([lo[sel], mid])
-            ty = np.concatenate([np.zeros(sel.size, np.int64), np.ones(ic.size, np.int64)])
-            ref = np.concatenate([sel, np.arange(ic.size)])
-            order = np.lexsort((ty, et, ec))
-            pos = np.where(ty[order] == 0, np.arange(order.size), -1)
-            last = np.maximum.accumulate(pos) if pos.size else pos
-            is_q = ty[order] == 1
-            piece = np.full(ic.size, -1)
-            lp = last[is_q]
-            ok = lp >= 0
-            cand = np.where(ok, ref[order][np.where(ok, lp, 0)], -1)
-            good = ok & (c[np.where(cand >= 0, cand, 0)] == ic[ref[order][is_q]])
-            good &= mid[ref[order][is_q]] < hi[np.where(cand >= 0, cand, 0)]
-            piece[ref[order][is_q]] = np.where(good, cand, -1)
-            owner.append(piece)
+            last = np.maximum.accumulate(np.where(sgrp == g, pos, -1))
+            ok = last >= chord_start
+            owner.append(np.where(ok, o[np.maximum(last, 0)], -1))
+        nxt_lo = np.empty(k)
+        nxt_lo[:-1] = slo[1:]
+        end = np.ones(k, dtype=bool)
+        end[:-1] = new_chord[1:]
+        # the chord's end: the largest end point of its pieces
+        chord_id = np.cumsum(new_chord) - 1
+        chord_hi = np.full(int(chord_id[-1]) + 1 if k else 0, -np.inf)
+        np.maximum.at(chord_hi, chord_id, hi[o])
+        nxt_lo[end] = chord_hi[chord_id[end]]
+        keep = nxt_lo - slo > min_length
+        ic, ilo, ihi = sc[keep], slo[keep], nxt_lo[keep]
+        owner = [w[keep] for w in owner]
         p0, p1 = owner
         chord_s = np.where(p0 >= 0, s[np.maximum(p0, 0)], s[np.maximum(p1, 0)])
         dd = cut_dirs[ic]
