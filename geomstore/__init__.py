@@ -19,6 +19,8 @@ from geomstore.errors import (
     UnsupportedModelError,
 )
 from geomstore.slice import Slice
+from geomstore.store import QueryResult, Store
+from geomstore.store import open_store as open
 
 __version__ = "0.1.0"
 
@@ -28,10 +30,13 @@ __all__ = [
     "InvalidSliceError",
     "ModelShapeError",
     "Partition",
+    "QueryResult",
     "Slice",
+    "Store",
     "UnsupportedModelError",
     "VerifyReport",
     "__version__",
+    "open",
     "partition",
     "verify",
 ]

@@ -5,7 +5,11 @@ from __future__ import annotations
 __all__ = [
     "GeomstoreError",
     "InvalidSliceError",
+    "MissingExtensionError",
     "ModelShapeError",
+    "ReadOnlyQueryError",
+    "SchemaVersionError",
+    "StoreError",
     "UnsupportedModelError",
 ]
 
@@ -24,3 +28,19 @@ class UnsupportedModelError(GeomstoreError, TypeError):
 
 class ModelShapeError(GeomstoreError, ValueError):
     """The slice's input dimension does not match what the model accepts."""
+
+
+class StoreError(GeomstoreError):
+    """The store cannot be opened, read or written as asked."""
+
+
+class MissingExtensionError(StoreError):
+    """A DuckDB extension geomstore needs is not installed."""
+
+
+class SchemaVersionError(StoreError):
+    """The store's schema is newer than this geomstore, or older and opened read-only."""
+
+
+class ReadOnlyQueryError(StoreError):
+    """A query on the read-only SQL path tried to write, read files or load extensions."""

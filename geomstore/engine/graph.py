@@ -616,5 +616,15 @@ class Program:
                     env[node] = self.run_node(node, env)
         return env
 
+    def weights_sha256(self) -> str:
+        """SHA-256 of the parameters and buffers (float64, sorted by name)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.gm.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def output_node(self) -> torch.fx.Node:
         return self.nodes[-1]

@@ -262,6 +262,7 @@ def partition(
             for s in specs
         ],
         "n_units": program.n_units,
+        "weights_sha256": program.weights_sha256(),
     }
     settings = {
         "engine_version": ENGINE_VERSION,

@@ -1,0 +1,46 @@
+"""DuckDB connections with the extensions geomstore needs, loaded from their PyPI packages.
+
+This is the one place that knows about extensions: a missing one raises
+:class:`MissingExtensionError` naming the package to install.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from geomstore.errors import MissingExtensionError
+
+__all__ = ["EXTENSIONS", "connect"]
+
+# extension name -> PyPI package that ships it (pinned in pyproject.toml)
+EXTENSIONS = {
+    "spatial": "duckdb-extension-spatial==1.5.5",
+    "ducklake": "duckdb-extension-ducklake==1.5.5",
+    "sqlite_scanner": "duckdb-extension-sqlite-scanner==1.5.5",
+}
+
+
+def _load(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    try:
+        con.execute(f"LOAD {name}")
+        return
+    except duckdb.Error:
+        pass
+    try:
+        import duckdb_extensions
+
+        duckdb_extensions.import_extension(name, con=con)
+        con.execute(f"LOAD {name}")
+    except Exception as exc:
+        raise MissingExtensionError(
+            f"the DuckDB extension {name!r} is not available ({exc}); "
+            f"install it with: pip install {EXTENSIONS[name]} duckdb-extensions==1.5.5"
+        ) from None
+
+
+def connect(database: str = ":memory:", *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with spatial, ducklake and sqlite loaded."""
+    con = duckdb.connect(database, read_only=read_only)
+    for name in EXTENSIONS:
+        _load(con, name)
+    return con

@@ -1,0 +1,452 @@
+"""The geometry store: partitions of many models, slices and checkpoints as spatial rows.
+
+The default store is a directory holding a DuckLake catalog (``catalog.sqlite``) and its
+Parquet data files (``data/``): one process writes while others read, and every write is
+one DuckLake transaction, so a partition is visible whole or not at all. A single
+``.duckdb`` file also works, for one process at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import pyarrow as pa
+
+from geomstore.engine.partition import Partition
+from geomstore.errors import ReadOnlyQueryError, SchemaVersionError, StoreError
+from geomstore.store.connection import connect
+from geomstore.store.schema import apply_migrations, current_version, migrations
+
+__all__ = ["QueryResult", "Store", "open_store"]
+
+T = TypeVar("T")
+CATALOG = "catalog.sqlite"
+ALIAS = "gs"
+
+
+@dataclass
+class QueryResult:
+    """Rows of a read-only query, capped: ``truncated`` says whether rows were left out."""
+
+    table: pa.Table
+    truncated: bool
+
+
+def _hash(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:20]
+
+
+def _retry(fn: Callable[[], T], *, attempts: int = 30) -> T:
+    """Run fn, retrying while the catalog is busy (another writer holds it)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except duckdb.Error as exc:
+            msg = str(exc).lower()
+            busy = "locked" in msg or "busy" in msg or "conflict" in msg
+            if not busy or i == attempts - 1:
+                if busy:
+                    raise StoreError(
+                        f"the store stayed busy after {attempts} tries ({exc}); another "
+                        "process is writing: try again later."
+                    ) from None
+                raise
+            time.sleep(min(2.0, 0.05 * (1.5**i)) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class Store:
+    """A geomstore store; use :func:`geomstore.open` to get one.
+
+    Examples
+    --------
+    >>> import tempfile, torch, geomstore
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> part = geomstore.partition(net, geomstore.Slice.box((-1, -1), (1, 1)), device="cpu")
+    >>> with geomstore.open(tempfile.mkdtemp()) as store:
+    ...     pid = store.add(part, model="toy", checkpoint="init", step=0)
+    ...     store.sql("SELECT count(*) AS n FROM regions").table.column("n")[0].as_py() > 0
+    True
+    """
+
+    def __init__(self, target: str, *, read_only: bool = False) -> None:
+        self.target = target
+        self.read_only = read_only
+        self.kind, self._attach = self._describe(target)
+        self.con = self._open(read_only=read_only)
+        self._ro: duckdb.DuckDBPyConnection | None = None
+        try:
+            have = current_version(self.con)
+            latest = migrations()[-1].version
+            if have > latest:
+                raise SchemaVersionError(
+                    f"the store at {target} has schema version {have}, newer than this "
+                    f"geomstore knows ({latest}); upgrade geomstore."
+                )
+            if have < latest:
+                if read_only:
+                    raise SchemaVersionError(
+                        f"the store at {target} has schema version {have} and needs {latest}; "
+                        f"open it for writing once (geomstore.open({target!r})) to upgrade it."
+                    )
+                _retry(lambda: apply_migrations(self.con))
+        except Exception:
+            self.con.close()
+            raise
+
+    # opening ---------------------------------------------------------------------------------
+    @staticmethod
+    def _describe(target: str) -> tuple[str, str]:
+        if target.startswith(("postgres:", "postgresql://")):
+            dsn = target.split(":", 1)[1] if target.startswith("postgres:") else target
+            return "ducklake-postgres", f"ducklake:postgres:{dsn}"
+        path = Path(target)
+        if path.suffix == ".duckdb":
+            if path.exists() and not path.is_file():
+                raise StoreError(f"{target} is not a file; give a .duckdb file or a directory.")
+            return "duckdb", str(path)
+        if path.exists() and not path.is_dir():
+            raise StoreError(
+                f"{target} is a file but not a .duckdb file; give a store directory "
+                "(created if missing) or a path ending in .duckdb."
+            )
+        if path.is_dir() and not (path / CATALOG).exists() and any(path.iterdir()):
+            raise StoreError(
+                f"{target} is a non-empty directory without a geomstore catalog ({CATALOG}); "
+                "give an empty or new directory."
+            )
+        return "ducklake", f"ducklake:sqlite:{path / CATALOG}"
+
+    def _open(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+        con = connect()
+        try:
+            if self.kind == "ducklake":
+                root = Path(self.target)
+                if read_only and not (root / CATALOG).exists():
+                    raise StoreError(f"no store at {self.target}; create it with geomstore.open.")
+                if not read_only:
+                    (root / "data").mkdir(parents=True, exist_ok=True)
+                    _wal_catalog(root / CATALOG)
+                opts = f"DATA_PATH '{root / 'data'}/'" + (", READ_ONLY" if read_only else "")
+                _retry(lambda: con.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})"))
+            else:
+                ro = " (READ_ONLY)" if read_only else ""
+                con.execute(f"ATTACH '{self._attach}' AS {ALIAS}{ro}")
+            con.execute(f"USE {ALIAS}")
+        except duckdb.Error as exc:
+            con.close()
+            raise StoreError(f"cannot open the store at {self.target}: {exc}") from None
+        except Exception:
+            con.close()
+            raise
+        return con
+
+    def close(self) -> None:
+        """Close the store's connections."""
+        if self._ro is not None:
+            self._ro.close()
+            self._ro = None
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        """The applied schema version."""
+        return current_version(self.con)
+
+    # writing ---------------------------------------------------------------------------------
+    def add(
+        self,
+        partition: Partition,
+        *,
+        model: str,
+        checkpoint: str,
+        step: int | None = None,
+        source: str | None = None,
+        metrics: dict[str, float] | None = None,
+        verified: bool | None = None,
+        replace: bool = False,
+    ) -> str:
+        """Write one partition (and its model, checkpoint, slice) in one transaction.
+
+        Returns the partition id. Writing the same checkpoint x slice x settings again is a
+        no-op unless ``replace=True``.
+        """
+        if self.read_only:
+            raise StoreError("this store is open read-only; open it without read_only to write.")
+        summary = partition.model_summary
+        model_id = _hash(
+            "model", model, summary["layers"], summary["input_shape"], summary["n_outputs"]
+        )
+        weights = summary.get("weights_sha256", "")
+        checkpoint_id = _hash("checkpoint", model_id, checkpoint, weights)
+        sl = partition.slice
+        slice_id = sl.content_hash[:20]
+        settings = {k: v for k, v in partition.settings.items() if k != "device"}
+        partition_id = _hash("partition", checkpoint_id, slice_id, settings)
+
+        def write() -> str:
+            con = self.con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                exists = con.execute(
+                    "SELECT count(*) FROM partitions WHERE partition_id = ?", [partition_id]
+                ).fetchone()
+                if exists and exists[0] and not replace:
+                    con.execute("ROLLBACK")
+                    return partition_id
+                if exists and exists[0]:
+                    for table in ("partitions", "regions", "edges", "boundary"):
+                        con.execute(f"DELETE FROM {table} WHERE partition_id = ?", [partition_id])
+                self._insert_catalog(
+                    model_id,
+                    model,
+                    summary,
+                    checkpoint_id,
+                    checkpoint,
+                    step,
+                    source,
+                    weights,
+                    metrics,
+                    slice_id,
+                    sl,
+                )
+                self._insert_geometry(partition_id, partition)
+                con.execute(
+                    "INSERT INTO partitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    "now()::TIMESTAMP)",
+                    [
+                        partition_id,
+                        checkpoint_id,
+                        slice_id,
+                        settings["engine_version"],
+                        json.dumps(settings, sort_keys=True),
+                        partition.n_regions,
+                        partition.edges.num_rows,
+                        partition.boundary.num_rows,
+                        partition.settings["device"],
+                        partition.seconds,
+                        verified,
+                    ],
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+            return partition_id
+
+        return _retry(write)
+
+    def _insert_catalog(
+        self,
+        model_id: str,
+        model: str,
+        summary: dict[str, Any],
+        checkpoint_id: str,
+        checkpoint: str,
+        step: int | None,
+        source: str | None,
+        weights: str,
+        metrics: dict[str, float] | None,
+        slice_id: str,
+        sl: Any,
+    ) -> None:
+        con = self.con
+        if not con.execute("SELECT count(*) FROM models WHERE model_id = ?", [model_id]).fetchone()[
+            0
+        ]:  # type: ignore[index]
+            con.execute(
+                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                [
+                    model_id,
+                    model,
+                    json.dumps(summary, sort_keys=True),
+                    json.dumps(summary["input_shape"]),
+                    summary["n_outputs"],
+                    summary["n_units"],
+                    json.dumps([layer["units"] for layer in summary["layers"]]),
+                ],
+            )
+        if not con.execute(
+            "SELECT count(*) FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id]
+        ).fetchone()[0]:  # type: ignore[index]
+            con.execute(
+                "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                [
+                    checkpoint_id,
+                    model_id,
+                    checkpoint,
+                    step,
+                    source,
+                    weights,
+                    json.dumps(metrics or {}, sort_keys=True),
+                ],
+            )
+        if not con.execute("SELECT count(*) FROM slices WHERE slice_id = ?", [slice_id]).fetchone()[
+            0
+        ]:  # type: ignore[index]
+            con.execute(
+                "INSERT INTO slices VALUES (?, ?, ?, ?, ?, ?, ST_GeomFromText(?), "
+                "now()::TIMESTAMP)",
+                [
+                    slice_id,
+                    sl.name,
+                    sl.dim,
+                    json.dumps(list(sl.input_shape)),
+                    sl.origin.tolist(),
+                    sl.basis.reshape(-1).tolist(),
+                    _wkt_polygon(sl.domain),
+                ],
+            )
+
+    def _insert_geometry(self, partition_id: str, part: Partition) -> None:
+        con = self.con
+        con.register("_gs_regions", part.regions)
+        con.register("_gs_edges", part.edges)
+        con.register("_gs_boundary", part.boundary)
+        try:
+            con.execute(
+                "INSERT INTO regions SELECT ?, region_id, ST_GeomFromWKB(geometry), area, "
+                "centroid_u0, centroid_u1, n_vertices, pattern::BLOB, A::DOUBLE[], c::DOUBLE[], "
+                "label, slope_norm FROM _gs_regions",
+                [partition_id],
+            )
+            con.execute(
+                "INSERT INTO edges SELECT ?, edge_id, ST_GeomFromWKB(geometry), u0_a, u1_a, "
+                "u0_b, u1_b, length, region_left, region_right, layer, neuron, unit, "
+                "border_side FROM _gs_edges",
+                [partition_id],
+            )
+            con.execute(
+                "INSERT INTO boundary SELECT ?, ST_GeomFromWKB(geometry), u0_a, u1_a, u0_b, "
+                "u1_b, length, region_id, class_a, class_b, level FROM _gs_boundary",
+                [partition_id],
+            )
+        finally:
+            for name in ("_gs_regions", "_gs_edges", "_gs_boundary"):
+                con.unregister(name)
+
+    # reading ---------------------------------------------------------------------------------
+    def _reader(self) -> duckdb.DuckDBPyConnection:
+        if self._ro is None:
+            if self.kind == "duckdb":
+                # one process owns a .duckdb file: read through a cursor of the writer
+                con = self.con.cursor()
+                con.execute(f"USE {ALIAS}")
+            else:
+                con = self._open(read_only=True)
+            if self.kind == "ducklake":
+                root = Path(self.target).resolve()
+                con.execute(f"SET allowed_directories=['{root}/']")
+                con.execute("SET enable_external_access=false")
+            self._ro = con
+        return self._ro
+
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] | dict[str, Any] | None = None,
+        *,
+        limit: int = 100_000,
+    ) -> QueryResult:
+        """Run one read-only SQL statement; at most ``limit`` rows come back.
+
+        Writes, file reads and extension loading are refused on this path.
+        """
+        try:
+            stmts = duckdb.extract_statements(query)
+        except duckdb.Error as exc:
+            raise ReadOnlyQueryError(f"cannot parse the query: {exc}") from None
+        if len(stmts) != 1:
+            raise ReadOnlyQueryError(f"give exactly one statement, got {len(stmts)}.")
+        if stmts[0].type != duckdb.StatementType.SELECT:
+            raise ReadOnlyQueryError(
+                f"only SELECT queries run here, got {stmts[0].type.name}; "
+                "write through the Python API (store.add)."
+            )
+        con = self._reader()  # each query reads the latest committed snapshot
+        wrapped = f"SELECT * FROM ({stmts[0].query}) AS q LIMIT {int(limit) + 1}"
+        try:
+            table = con.execute(wrapped, params).to_arrow_table()
+        except duckdb.PermissionException as exc:
+            raise ReadOnlyQueryError(f"refused on the read-only path: {exc}") from None
+        truncated = table.num_rows > limit
+        return QueryResult(table.slice(0, limit) if truncated else table, truncated)
+
+    def export(self, directory: str | Path) -> list[Path]:
+        """Write every table as a (Geo)Parquet file into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for table in (
+            "models",
+            "checkpoints",
+            "slices",
+            "partitions",
+            "regions",
+            "edges",
+            "boundary",
+            "datasets",
+            "points",
+        ):
+            path = out / f"{table}.parquet"
+            self.con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
+            files.append(path)
+        return files
+
+
+def _wal_catalog(path: Path) -> None:
+    """Put the SQLite catalog in WAL mode (persistent): readers then never block the writer."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(path, timeout=30)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"cannot open the store's catalog {path}: {exc}") from None
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
+    with contextlib.suppress(duckdb.TransactionException):
+        con.execute("ROLLBACK")
+
+
+def _wkt_polygon(domain: Any) -> str:
+    pts = [*domain.tolist(), domain[0].tolist()]
+    return "POLYGON((" + ", ".join(f"{x!r} {y!r}" for x, y in pts) + "))"
+
+
+def open_store(target: str | Path, *, read_only: bool = False) -> Store:
+    """Open or create a store: a directory (DuckLake + SQLite catalog) or a ``.duckdb`` file.
+
+    Parameters
+    ----------
+    target : str or Path
+        A directory (created if missing), a path ending in ``.duckdb`` (one process at a
+        time), or ``postgres:dbname=... host=...`` for a DuckLake catalog in PostgreSQL.
+    read_only : bool
+        Open for reading only (never upgrades the schema).
+    """
+    return Store(str(target), read_only=read_only)

@@ -1,0 +1,1 @@
+"""Schema migrations of the geomstore store, applied in order (see geomstore.store.schema)."""

@@ -1,0 +1,256 @@
+"""The store with real DuckDB/DuckLake and real processes; no mocks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import geomstore
+from geomstore.errors import ReadOnlyQueryError, SchemaVersionError, StoreError
+from geomstore.store.connection import connect
+from geomstore.store.schema import apply_migrations, current_version, migrations
+from tests.nets import BOX, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def part() -> geomstore.Partition:
+    return geomstore.partition(mlp((24, 24), 3, seed=1), BOX, device="cpu")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[geomstore.Store]:
+    with geomstore.open(tmp_path / "store") as s:
+        yield s
+
+
+@pytest.fixture
+def file_store(tmp_path: Path) -> Iterator[geomstore.Store]:
+    with geomstore.open(tmp_path / "one.duckdb") as s:
+        yield s
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.store_worker", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("kind", ["store", "file_store"])
+def test_partition_roundtrip(
+    kind: str, part: geomstore.Partition, request: pytest.FixtureRequest
+) -> None:
+    s = request.getfixturevalue(kind)
+    pid = s.add(part, model="net", checkpoint="init", step=0, metrics={"acc": 0.5})
+    row = s.sql("SELECT count(*) AS n, sum(ST_Area(geometry)) AS a FROM regions").table
+    assert row.column("n")[0].as_py() == part.n_regions
+    assert abs(row.column("a")[0].as_py() - 4.0) < 1e-9
+    got = s.sql(
+        "SELECT n_regions, n_edges, n_boundary FROM partitions WHERE partition_id = ?", [pid]
+    ).table.to_pylist()
+    assert got == [
+        {
+            "n_regions": part.n_regions,
+            "n_edges": part.edges.num_rows,
+            "n_boundary": part.boundary.num_rows,
+        }
+    ]
+    # the same geometry comes back: areas and patterns per region
+    back = s.sql("SELECT region_id, area, pattern, A FROM regions ORDER BY region_id").table
+    assert back.column("area").to_pylist() == part.regions.column("area").to_pylist()
+    assert back.column("pattern").to_pylist() == part.regions.column("pattern").to_pylist()
+    assert back.column("A").to_pylist() == part.regions.column("A").to_pylist()
+    # spatial functions work on the stored geometry
+    hit = (
+        s.sql(
+            "SELECT count(*) AS n FROM edges WHERE ST_Intersects(geometry, "
+            "ST_Buffer(ST_Point(0, 0), 0.1))"
+        )
+        .table.column("n")[0]
+        .as_py()
+    )
+    assert hit > 0
+
+
+def test_add_twice_does_not_duplicate_and_replace_rewrites(
+    store: geomstore.Store, part: geomstore.Partition
+) -> None:
+    a = store.add(part, model="net", checkpoint="init")
+    b = store.add(part, model="net", checkpoint="init")
+    assert a == b
+    c = store.add(part, model="net", checkpoint="init", replace=True)
+    assert c == a
+    n = store.sql("SELECT count(*) AS n FROM regions").table.column("n")[0].as_py()
+    assert n == part.n_regions
+    assert store.sql("SELECT count(*) AS n FROM checkpoints").table.column("n")[0].as_py() == 1
+    other = store.add(part, model="net", checkpoint="later", step=10)
+    assert other != a
+    assert store.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py() == 2
+
+
+def test_sql_is_read_only_and_capped(store: geomstore.Store, part: geomstore.Partition) -> None:
+    store.add(part, model="net", checkpoint="init")
+    res = store.sql("SELECT region_id FROM regions", limit=5)
+    assert res.table.num_rows == 5 and res.truncated
+    assert not store.sql("SELECT 1 AS one").truncated
+    with pytest.raises(ReadOnlyQueryError, match="only SELECT"):
+        store.sql("DELETE FROM regions")
+    with pytest.raises(ReadOnlyQueryError, match="exactly one statement"):
+        store.sql("SELECT 1; SELECT 2")
+    with pytest.raises(ReadOnlyQueryError, match="read-only path"):
+        store.sql("SELECT * FROM read_csv('/etc/hostname')")
+    assert store.sql("SELECT count(*) AS n FROM regions").table.column("n")[0].as_py() > 0
+
+
+def test_migrations_upgrade_an_old_store_and_keep_its_rows(
+    tmp_path: Path, part: geomstore.Partition
+) -> None:
+    path = tmp_path / "old"
+    (path / "data").mkdir(parents=True)
+    con = connect()
+    con.execute(f"ATTACH 'ducklake:sqlite:{path}/catalog.sqlite' AS gs (DATA_PATH '{path}/data/')")
+    con.execute("USE gs")
+    assert apply_migrations(con, upto=1) == [1]
+    assert apply_migrations(con, upto=1) == []  # idempotent
+    assert current_version(con) == 1
+    con.close()
+    # a store at schema 1 cannot be opened read-only (it must be upgraded first) ...
+    with pytest.raises(SchemaVersionError, match="needs 2"):
+        geomstore.open(path, read_only=True)
+    # ... fill it through the version-1 tables, then upgrade by opening it
+    con = connect()
+    con.execute(f"ATTACH 'ducklake:sqlite:{path}/catalog.sqlite' AS gs (DATA_PATH '{path}/data/')")
+    con.execute("USE gs")
+    con.register("r", part.regions)
+    con.execute(
+        "INSERT INTO regions SELECT 'p1', region_id, ST_GeomFromWKB(geometry), area, "
+        "centroid_u0, centroid_u1, n_vertices, pattern::BLOB, A::DOUBLE[], c::DOUBLE[], "
+        "label, slope_norm FROM r"
+    )
+    con.close()
+    with geomstore.open(path) as s:
+        assert s.schema_version == migrations()[-1].version == 2
+        rows = s.sql("SELECT count(*) AS n, sum(area) AS a FROM regions").table.to_pylist()[0]
+        assert rows["n"] == part.n_regions and abs(rows["a"] - 4.0) < 1e-9
+        assert s.sql("SELECT count(*) AS n FROM points").table.column("n")[0].as_py() == 0
+        ledger = s.sql("SELECT version FROM schema_migrations ORDER BY version").table
+        assert ledger.column("version").to_pylist() == [1, 2]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new"
+    geomstore.open(path).close()
+    con = connect()
+    con.execute(f"ATTACH 'ducklake:sqlite:{path}/catalog.sqlite' AS gs (DATA_PATH '{path}/data/')")
+    con.execute("INSERT INTO gs.schema_migrations VALUES (99, 'future', now()::TIMESTAMP)")
+    con.close()
+    with pytest.raises(SchemaVersionError, match="newer than this geomstore"):
+        geomstore.open(path)
+
+
+def test_foreign_and_wrong_targets_are_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="without a geomstore catalog"):
+        geomstore.open(foreign)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    text = tmp_path / "file.txt"
+    text.write_text("x")
+    with pytest.raises(StoreError, match=r"not a \.duckdb file"):
+        geomstore.open(text)
+    with pytest.raises(StoreError, match="no store at"):
+        geomstore.open(tmp_path / "missing", read_only=True)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "catalog.sqlite").write_bytes(b"not a sqlite file at all" * 10)
+    with pytest.raises(StoreError, match="cannot open the store"):
+        geomstore.open(corrupt)
+
+
+def test_writer_and_two_readers_never_see_a_partial_partition(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared")
+    geomstore.open(path).close()
+    writer = _spawn("write", path, "0", "6", "48")
+    readers = [_spawn("read", path, "12") for _ in range(2)]
+    _, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    seen = []
+    for r in readers:
+        rout, rerr = r.communicate(timeout=300)
+        assert r.returncode == 0, rerr
+        seen.append(int(rout.strip().splitlines()[-1]))
+    assert max(seen) >= 1, "the readers never saw a partition while the writer wrote"
+    with geomstore.open(path, read_only=True) as s:
+        n = s.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py()
+        assert n == 6
+
+
+def test_killed_writer_leaves_a_consistent_store(tmp_path: Path) -> None:
+    path = str(tmp_path / "killed")
+    with geomstore.open(path) as s:
+        s.add(geomstore.partition(mlp((8, 8), 2), BOX, device="cpu"), model="n", checkpoint="a")
+    writer = _spawn("write", path, "100", "50", "200")
+    time.sleep(6.0)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    with geomstore.open(path) as s:
+        rows = s.sql(
+            "SELECT p.n_regions, (SELECT count(*) FROM regions r "
+            "WHERE r.partition_id = p.partition_id) AS nr FROM partitions p"
+        ).table.to_pylist()
+        assert rows and all(r["n_regions"] == r["nr"] for r in rows)
+        orphans = (
+            s.sql(
+                "SELECT count(*) AS n FROM regions WHERE partition_id NOT IN "
+                "(SELECT partition_id FROM partitions)"
+            )
+            .table.column("n")[0]
+            .as_py()
+        )
+        assert orphans == 0
+        s.add(
+            geomstore.partition(mlp((8, 8), 2, seed=5), BOX, device="cpu"),
+            model="n",
+            checkpoint="b",
+        )
+
+
+def test_two_writers_at_once_both_land(tmp_path: Path) -> None:
+    path = str(tmp_path / "two")
+    geomstore.open(path).close()
+    a = _spawn("write", path, "0", "3", "32")
+    b = _spawn("write", path, "10", "3", "32")
+    for w in (a, b):
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err
+    with geomstore.open(path, read_only=True) as s:
+        assert s.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py() == 6
+
+
+def test_export_writes_geoparquet(
+    store: geomstore.Store, part: geomstore.Partition, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    store.add(part, model="net", checkpoint="init")
+    files = store.export(tmp_path / "out")
+    regions = next(f for f in files if f.name == "regions.parquet")
+    meta = pq.read_schema(regions).metadata or {}
+    assert b"geo" in meta
+    assert pq.read_table(regions).num_rows == part.n_regions
