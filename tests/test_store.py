@@ -254,3 +254,52 @@ def test_export_writes_geoparquet(
     meta = pq.read_schema(regions).metadata or {}
     assert b"geo" in meta
     assert pq.read_table(regions).num_rows == part.n_regions
+
+
+def test_sqlalchemy_engine_reads_the_store(
+    store: geomstore.Store, part: geomstore.Partition
+) -> None:
+    import sqlalchemy
+
+    store.add(part, model="net", checkpoint="init")
+    eng = store.engine()
+    with eng.connect() as c:
+        n = c.execute(sqlalchemy.text("SELECT count(*) FROM regions")).scalar()
+        area = c.execute(sqlalchemy.text("SELECT sum(ST_Area(geometry)) FROM regions")).scalar()
+    eng.dispose()
+    assert n == part.n_regions
+    assert abs(area - 4.0) < 1e-9
+
+
+def test_points_are_projected_and_stored(store: geomstore.Store) -> None:
+    import numpy as np
+
+    sl = geomstore.Slice.through([0, 0, 0], [1, 0, 0], [0, 1, 0], name="xy")
+    x = np.array([[0.5, 0.25, 2.0], [0.1, 0.9, -1.0]])
+    did = store.add_points("toy", sl, x, labels=[0, 1], split="test")
+    rows = store.sql(
+        "SELECT u0, u1, distance, label, split, ST_X(geometry) AS gx FROM points "
+        "WHERE dataset_id = ? ORDER BY point_id",
+        [did],
+    ).table.to_pylist()
+    assert [r["label"] for r in rows] == [0, 1] and rows[0]["split"] == "test"
+    assert abs(rows[0]["u0"] - 0.5) < 1e-12 and abs(rows[0]["distance"] - 2.0) < 1e-12
+    assert abs(rows[1]["u1"] - 0.9) < 1e-12 and abs(rows[1]["gx"] - 0.1) < 1e-12
+    store.add_points("toy", sl, x, labels=[0, 1], split="test")  # rewrite, not duplicate
+    assert store.sql("SELECT count(*) AS n FROM points").table.column("n")[0].as_py() == 2
+
+
+def test_export_to_one_duckdb_file(
+    store: geomstore.Store, part: geomstore.Partition, tmp_path: Path
+) -> None:
+    import duckdb
+
+    store.add(part, model="net", checkpoint="init")
+    (path,) = store.export(tmp_path / "copy.duckdb")
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM regions").fetchone() == (part.n_regions,)
+    finally:
+        con.close()
+    with pytest.raises(StoreError, match="exists"):
+        store.export(path)

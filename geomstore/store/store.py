@@ -29,6 +29,18 @@ from geomstore.store.schema import apply_migrations, current_version, migrations
 __all__ = ["QueryResult", "Store", "open_store"]
 
 T = TypeVar("T")
+_TABLES = (
+    "models",
+    "checkpoints",
+    "slices",
+    "partitions",
+    "regions",
+    "edges",
+    "boundary",
+    "datasets",
+    "points",
+    "schema_migrations",
+)
 CATALOG = "catalog.sqlite"
 ALIAS = "gs"
 
@@ -391,9 +403,116 @@ class Store:
         truncated = table.num_rows > limit
         return QueryResult(table.slice(0, limit) if truncated else table, truncated)
 
-    def export(self, directory: str | Path) -> list[Path]:
-        """Write every table as a (Geo)Parquet file into ``directory``."""
-        out = Path(directory)
+    def engine(self) -> Any:
+        """A SQLAlchemy engine (duckdb-engine) reading this store, for pandas and SQLAlchemy.
+
+        Each pooled connection loads the extensions and attaches the store read-only.
+
+        Examples
+        --------
+        >>> import sqlalchemy, tempfile, geomstore
+        >>> with geomstore.open(tempfile.mkdtemp()) as store:
+        ...     eng = store.engine()
+        ...     with eng.connect() as c:
+        ...         c.execute(sqlalchemy.text("SELECT count(*) FROM regions")).scalar()
+        0
+        """
+        import sqlalchemy
+        from sqlalchemy import event
+
+        from geomstore.store.connection import EXTENSIONS, _load
+
+        if self.kind == "duckdb":
+            raise StoreError(
+                "a .duckdb store belongs to one process at a time; use a directory store "
+                "for a SQLAlchemy engine beside the writer."
+            )
+        eng = sqlalchemy.create_engine("duckdb:///:memory:")
+        root = Path(self.target)
+
+        @event.listens_for(eng, "connect")
+        def _attach(dbapi_conn: Any, _record: Any) -> None:
+            raw = getattr(dbapi_conn, "_ConnectionWrapper__c", dbapi_conn)
+            for name in EXTENSIONS:
+                _load(raw, name)
+            opts = f"DATA_PATH '{root / 'data'}/', READ_ONLY"
+            raw.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})")
+            raw.execute(f"USE {ALIAS}")
+
+        return eng
+
+    def add_points(
+        self,
+        name: str,
+        slice_: Any,
+        x: Any,
+        *,
+        labels: Sequence[int] | None = None,
+        split: str = "train",
+    ) -> str:
+        """Store a data set projected onto a slice: u, distance to the plane, label, split.
+
+        ``x`` holds inputs of the slice's input shape (n, *input_shape). Returns the id.
+        """
+        import numpy as np
+
+        if self.read_only:
+            raise StoreError("this store is open read-only; open it without read_only to write.")
+        u, dist = slice_.project(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
+        lab = np.asarray(labels if labels is not None else np.full(len(u), -1), dtype=np.int64)
+        if lab.shape != (len(u),):
+            raise StoreError(f"labels must have one entry per point ({len(u)}), got {lab.shape}.")
+        slice_id = slice_.content_hash[:20]
+        dataset_id = _hash("dataset", name, slice_id, split)
+        table = pa.table(
+            {
+                "point_id": np.arange(len(u), dtype=np.int64),
+                "u0": u[:, 0],
+                "u1": u[:, 1],
+                "distance": dist,
+                "label": lab,
+            }
+        )
+
+        def write() -> str:
+            con = self.con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                for t in ("datasets", "points"):
+                    con.execute(f"DELETE FROM {t} WHERE dataset_id = ?", [dataset_id])
+                con.execute(
+                    "INSERT INTO datasets VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
+                    [dataset_id, name, slice_id, len(u)],
+                )
+                con.register("_gs_points", table)
+                con.execute(
+                    "INSERT INTO points SELECT ?, point_id, u0, u1, ST_Point(u0, u1), distance, "
+                    "label, ? FROM _gs_points",
+                    [dataset_id, split],
+                )
+                con.unregister("_gs_points")
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+            return dataset_id
+
+        return _retry(write)
+
+    def export(self, target: str | Path) -> list[Path]:
+        """Write every table as GeoParquet into a directory, or all into one ``.duckdb`` file."""
+        if str(target).endswith(".duckdb"):
+            path = Path(target)
+            if path.exists():
+                raise StoreError(f"{path} exists; export into a new file.")
+            self.con.execute(f"ATTACH '{path}' AS gs_export")
+            try:
+                for table in _TABLES:
+                    self.con.execute(f"CREATE TABLE gs_export.{table} AS SELECT * FROM {table}")
+            finally:
+                self.con.execute("DETACH gs_export")
+            return [path]
+        out = Path(target)
         out.mkdir(parents=True, exist_ok=True)
         files = []
         for table in (
