@@ -139,7 +139,7 @@ def partition(
     threshold: float = 0.0,
     levels: Sequence[float] | None = None,
     output: int = 0,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 24,
     progress: Callable[[int], None] | None = None,
 ) -> Partition:
     """Compute every linear region of ``model`` on ``slice``, exactly, in float64.

@@ -144,6 +144,8 @@ def _initial_states(
     spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
 ) -> tuple[Tensor, Tensor]:
     """States of units constant on each cell, and which units need line tests (crossing)."""
+    if spec.kind != "maxpool":
+        return _initial_states_lines(spec, coef, verts, valid, tol)
     # padded slots repeat vertex 0, so extremes over all slots are extremes over vertices
     fv = torch.baddbmm(coef[:, 2, None, :], verts, coef[:, :2, :])  # (P, V, N_in)
     a0, a1 = coef[:, 0, None, :], coef[:, 1, None, :]
@@ -176,6 +178,46 @@ def _initial_states(
     neg = fmin < -t1
     crossing = pos & neg
     return (pos & ~crossing).to(torch.uint8), crossing
+
+
+def _initial_states_lines(
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """Line units (ReLU-like, hard-tanh): a circle pretest, then exact tests on candidates.
+
+    A unit whose line misses the polygon's bounding circle (by more than the tolerance)
+    is constant on the cell, with the sign it has at the centre; only the other
+    (cell, unit) pairs are evaluated at the vertices.
+    """
+    nv = valid.sum(dim=1, keepdim=True)
+    centre = (verts * valid[..., None]).sum(dim=1) / nv  # (P, 2)
+    radius = ((verts - centre[:, None, :]).norm(dim=2) * valid).amax(dim=1)  # (P,)
+    a0, a1, b = coef[:, 0], coef[:, 1], coef[:, 2]  # (P, N)
+    norm = torch.sqrt(a0 * a0 + a1 * a1)
+    fc = a0 * centre[:, 0, None] + a1 * centre[:, 1, None] + b
+    reach = norm * (radius[:, None] + 2 * tol)
+    thresholds = [spec.lo, spec.hi] if spec.kind == "hardtanh" else [0.0]
+    states = torch.zeros(fc.shape, dtype=torch.uint8, device=fc.device)
+    crossing = torch.zeros(fc.shape, dtype=torch.bool, device=fc.device)
+    for thr in thresholds:
+        g = fc - thr
+        cand = g.abs() <= reach
+        rows, cols = torch.nonzero(cand, as_tuple=True)
+        f = (
+            verts[rows, :, 0] * a0[rows, cols, None]
+            + verts[rows, :, 1] * a1[rows, cols, None]
+            + (b[rows, cols] - thr)[:, None]
+        )
+        tau = tol * norm[rows, cols]
+        pos = f.amax(dim=1) > tau  # padded slots repeat vertex 0
+        neg = f.amin(dim=1) < -tau
+        above = g > 0
+        above[rows, cols] = pos
+        cross = torch.zeros_like(cand)
+        cross[rows, cols] = pos & neg
+        states += (above & ~cross).to(torch.uint8)
+        crossing |= cross
+    return torch.where(crossing, torch.zeros_like(states), states), crossing
 
 
 def split_layer(
@@ -317,27 +359,27 @@ class _Buffers:
             return 0
         units = self.tunit[:m, r:]
         has = torch.arange(rem, device=units.device)[None, :] < (self.tcount[:m, None] - r)
-        safe = torch.where(has, units, torch.zeros_like(units))
-        cells = self.cell[:m, None].expand_as(safe)
-        lines = coef[cells, :, safe]  # (m, rem, 3)
-        if spec.kind == "hardtanh":
-            raise AssertionError("refilter is for single-step units")
-        f = torch.baddbmm(lines[:, None, :, 2], self.verts[:m], lines[:, :, :2].transpose(1, 2))
-        tau = tol * torch.sqrt(lines[:, :, 0] ** 2 + lines[:, :, 1] ** 2)
+        # evaluate only the real (polygon, test) pairs, not the padded rectangle
+        rows, cols = torch.nonzero(has, as_tuple=True)
+        pu = units[rows, cols]
+        lines = coef[self.cell[rows], :, pu]  # (pairs, 3)
+        f = torch.baddbmm(lines[:, 2, None, None], self.verts[rows], lines[:, :2, None])[..., 0]
+        tau = tol * torch.sqrt(lines[:, 0] ** 2 + lines[:, 1] ** 2)
         pos = f.amax(dim=1) > tau
         neg = f.amin(dim=1) < -tau
-        cross = has & pos & neg
-        settle = has & pos & ~neg
-        rows, cols = torch.nonzero(settle, as_tuple=True)
-        self.states[rows, units[rows, cols]] = 1
-        cnt = cross.sum(dim=1)
+        settle = pos & ~neg
+        self.states[rows[settle], pu[settle]] = 1
+        cross = pos & neg
+        cnt = torch.bincount(rows[cross], minlength=m)
         width = int(cnt.max().item()) if m else 0
-        order = torch.argsort((~cross).to(torch.int8), dim=1, stable=True)[:, :width]
+        cr, cu = rows[cross], pu[cross]
+        start = torch.cumsum(cnt, 0) - cnt
+        rank = torch.arange(cr.numel(), device=cr.device) - start[cr]
         self.tunit = torch.zeros(
             (self.n.shape[0], max(width, 1)), dtype=torch.long, device=units.device
         )
         self.tstep = torch.zeros_like(self.tunit)
-        self.tunit[:m, :width] = units.gather(1, order)
+        self.tunit[cr, rank] = cu
         self.tcount[:m] = cnt
         return width
 
