@@ -338,3 +338,26 @@ def test_cuda_matches_cpu() -> None:
     b = partition(model, BOX, device="cuda")
     assert a.n_regions == b.n_regions
     _check(b, model)
+
+
+def test_conv1d_pools_dropout_identity() -> None:
+    torch.manual_seed(17)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1),
+        nn.Identity(),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Dropout(0.5),
+        nn.Conv1d(3, 4, 3, padding=1),
+        nn.AvgPool1d(2),
+        nn.LeakyReLU(0.05),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+    rng = np.random.default_rng(3)
+    sl = Slice.through(*(rng.random((2, 8)) for _ in range(3)), margin=0.3)
+    part = partition(model, sl, device="cpu")
+    kinds = [layer["kind"] for layer in part.model_summary["layers"]]
+    assert kinds == ["relu", "maxpool", "leaky"]
+    assert part.n_regions > 10
+    _check(part, model)

@@ -561,10 +561,11 @@ class Program:
         if p["dims"] == 1:
             shape = (shape[0], 1, shape[1]) if len(shape) == 2 else (1, 1, shape[0])
 
-        def pair(v: Any) -> tuple[int, int]:
+        def pair(v: Any, neutral: int) -> tuple[int, int]:
+            """(height, width); a 1-D pool has a neutral height (kernel 1, padding 0)."""
             if isinstance(v, (tuple, list)):
-                return (1, int(v[0])) if p["dims"] == 1 else (int(v[0]), int(v[1]))
-            return (1, int(v)) if p["dims"] == 1 else (int(v), int(v))
+                return (neutral, int(v[0])) if p["dims"] == 1 else (int(v[0]), int(v[1]))
+            return (neutral, int(v)) if p["dims"] == 1 else (int(v), int(v))
 
         c, h, w = shape[-3], shape[-2], shape[-1]
         lead = 1
@@ -572,10 +573,10 @@ class Program:
             lead *= dim
         idx = torch.arange(1, lead * c * h * w + 1, dtype=torch.float64).reshape(lead * c, 1, h, w)
         k, st, pad, dil = (
-            pair(p["kernel_size"]),
-            pair(p["stride"]),
-            pair(p["padding"]),
-            pair(p["dilation"]),
+            pair(p["kernel_size"], 1),
+            pair(p["stride"], 1),
+            pair(p["padding"], 0),
+            pair(p["dilation"], 1),
         )
         cols = F.unfold(idx, k, dilation=dil, padding=pad, stride=st)  # (lc, kk, L)
         cand = cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).round().long() - 1
