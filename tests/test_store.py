@@ -129,7 +129,7 @@ def test_migrations_upgrade_an_old_store_and_keep_its_rows(
     assert current_version(con) == 1
     con.close()
     # a store at schema 1 cannot be opened read-only (it must be upgraded first) ...
-    with pytest.raises(SchemaVersionError, match="needs 2"):
+    with pytest.raises(SchemaVersionError, match=r"needs \d"):
         geomstore.open(path, read_only=True)
     # ... fill it through the version-1 tables, then upgrade by opening it
     con = connect()
@@ -143,12 +143,12 @@ def test_migrations_upgrade_an_old_store_and_keep_its_rows(
     )
     con.close()
     with geomstore.open(path) as s:
-        assert s.schema_version == migrations()[-1].version == 2
+        assert s.schema_version == migrations()[-1].version
         rows = s.sql("SELECT count(*) AS n, sum(area) AS a FROM regions").table.to_pylist()[0]
         assert rows["n"] == part.n_regions and abs(rows["a"] - 4.0) < 1e-9
         assert s.sql("SELECT count(*) AS n FROM points").table.column("n")[0].as_py() == 0
         ledger = s.sql("SELECT version FROM schema_migrations ORDER BY version").table
-        assert ledger.column("version").to_pylist() == [1, 2]
+        assert ledger.column("version").to_pylist() == [m.version for m in migrations()]
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

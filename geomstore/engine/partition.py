@@ -236,6 +236,15 @@ def partition(
     edges = edges.add_column(0, "edge_id", pa.array(np.arange(edges.num_rows, dtype=np.int64)))
 
     bd = boundary_segments(verts_c, n, amap, c_centre, levels=lv, output=output, tol=scale_tol)
+    reg, ca, cb = bd["region"].astype(np.int64), bd["ca"].astype(np.int64), bd["cb"]
+    if levels is None and k > 1:
+        grad = amap[reg, cb.astype(np.int64)] - amap[reg, ca]  # towards class_b
+    else:
+        grad = amap[reg, ca]  # towards larger output
+    seg = bd["b"] - bd["a"]
+    normal = np.stack([-seg[:, 1], seg[:, 0]], 1) if len(seg) else np.zeros((0, 2))
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-300)
+    normal = np.where(((normal * grad).sum(1) < 0)[:, None], -normal, normal)
     boundary = table_segments(
         bd["a"] + centre,
         bd["b"] + centre,
@@ -244,6 +253,8 @@ def partition(
             "class_a": bd["ca"].astype(np.int64),
             "class_b": bd["cb"].astype(np.int64),
             "level": bd["lv"].astype(np.float64),
+            "normal_u0": normal[:, 0].astype(np.float64),
+            "normal_u1": normal[:, 1].astype(np.float64),
         },
     )
     seconds = time.perf_counter() - t0

@@ -349,7 +349,8 @@ class Store:
             )
             con.execute(
                 "INSERT INTO boundary SELECT ?, ST_GeomFromWKB(geometry), u0_a, u1_a, u0_b, "
-                "u1_b, length, region_id, class_a, class_b, level FROM _gs_boundary",
+                "u1_b, length, region_id, class_a, class_b, level, normal_u0, normal_u1 "
+                "FROM _gs_boundary",
                 [partition_id],
             )
         finally:

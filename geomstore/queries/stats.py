@@ -1,0 +1,102 @@
+"""Choosing partitions by model, slice and checkpoints; partition statistics per checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from geomstore.errors import StoreError
+from geomstore.store.store import Store
+
+__all__ = ["partition_stats", "resolve_partitions"]
+
+
+def resolve_partitions(
+    store: Store,
+    *,
+    model: str,
+    slice: str | None = None,
+    checkpoints: Sequence[str] | None = None,
+) -> pa.Table:
+    """Partitions of ``model`` (by name) on one slice (name or id), ordered by step.
+
+    Columns: partition_id, checkpoint, step, slice_id, metrics.
+    """
+    sql = (
+        "SELECT p.partition_id, c.name AS checkpoint, c.step, p.slice_id, c.metrics "
+        "FROM partitions p JOIN checkpoints c USING (checkpoint_id) "
+        "JOIN models m USING (model_id) JOIN slices s ON s.slice_id = p.slice_id "
+        "WHERE m.name = ?"
+    )
+    params: list[object] = [model]
+    if slice is not None:
+        sql += " AND (s.name = ? OR s.slice_id = ?)"
+        params += [slice, slice]
+    if checkpoints is not None:
+        sql += " AND list_contains(?, c.name)"
+        params.append(list(checkpoints))
+    sql += " ORDER BY c.step NULLS LAST, c.name"
+    table = store.sql(sql, params).table
+    if table.num_rows == 0:
+        known = store.sql("SELECT DISTINCT name FROM models ORDER BY name").table
+        raise StoreError(
+            f"no partitions of model {model!r}"
+            + (f" on slice {slice!r}" if slice else "")
+            + f"; models in this store: {known.column('name').to_pylist()}."
+        )
+    if slice is None and len(set(table.column("slice_id").to_pylist())) > 1:
+        raise StoreError(f"model {model!r} has partitions on several slices; pass slice=NAME.")
+    return table
+
+
+def partition_stats(
+    store: Store,
+    *,
+    model: str,
+    slice: str | None = None,
+    checkpoints: Sequence[str] | None = None,
+) -> pa.Table:
+    """SplineCam's partition statistics for every checkpoint, in DuckDB.
+
+    Columns: checkpoint, step, n_regions, area_mean, area_std, area_q10/q50/q90,
+    vertices_mean, slope_norm_mean/std/max, boundary_length, n_boundary_segments,
+    edge_length (interior), metrics.
+
+    Examples
+    --------
+    >>> # partition_stats(store, model="moons-mlp", slice="moons-plane")
+    """
+    parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
+    ids = parts.column("partition_id").to_pylist()
+    sql = """
+        WITH r AS (
+            SELECT partition_id, count(*) AS n_regions, avg(area) AS area_mean,
+                   stddev_pop(area) AS area_std,
+                   quantile_cont(area, 0.1) AS area_q10, quantile_cont(area, 0.5) AS area_q50,
+                   quantile_cont(area, 0.9) AS area_q90, avg(n_vertices) AS vertices_mean,
+                   avg(slope_norm) AS slope_norm_mean, stddev_pop(slope_norm) AS slope_norm_std,
+                   max(slope_norm) AS slope_norm_max
+            FROM regions WHERE list_contains(?, partition_id) GROUP BY partition_id),
+        b AS (
+            SELECT partition_id, coalesce(sum(length), 0) AS boundary_length,
+                   count(*) AS n_boundary_segments
+            FROM boundary WHERE list_contains(?, partition_id) GROUP BY partition_id),
+        e AS (
+            SELECT partition_id, sum(length) AS edge_length
+            FROM edges WHERE region_right IS NOT NULL AND list_contains(?, partition_id)
+            GROUP BY partition_id)
+        SELECT r.*, coalesce(b.boundary_length, 0) AS boundary_length,
+               coalesce(b.n_boundary_segments, 0) AS n_boundary_segments, e.edge_length
+        FROM r LEFT JOIN b USING (partition_id) LEFT JOIN e USING (partition_id)
+    """
+    stats = store.sql(sql, [ids, ids, ids]).table
+    by_id = {row["partition_id"]: row for row in stats.to_pylist()}
+    rows = []
+    for p in parts.to_pylist():
+        s = dict(by_id[p["partition_id"]])
+        s.pop("partition_id")
+        rows.append(
+            {"checkpoint": p["checkpoint"], "step": p["step"], **s, "metrics": p["metrics"]}
+        )
+    return pa.Table.from_pylist(rows)

@@ -1,0 +1,190 @@
+"""Queries against independent computations (shapely on the partition, the model itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import torch
+
+import geomstore
+from geomstore.errors import GeomstoreError, StoreError
+from geomstore.queries import local_complexity, partition_stats, sample_boundary
+from tests.nets import BOX, mlp
+
+SEEDS = (10, 6)  # both have a decision boundary inside the box
+
+
+@pytest.fixture(scope="module")
+def nets() -> list[torch.nn.Module]:
+    return [mlp((16, 16), 3, seed=s) for s in SEEDS]
+
+
+@pytest.fixture(scope="module")
+def parts(nets: list[torch.nn.Module]) -> list[geomstore.Partition]:
+    return [geomstore.partition(n, BOX, device="cpu") for n in nets]
+
+
+@pytest.fixture
+def store(tmp_path: Path, parts: list[geomstore.Partition]) -> Iterator[geomstore.Store]:
+    with geomstore.open(tmp_path / "s") as s:
+        for step, p in zip((0, 100), parts, strict=True):
+            s.add(p, model="net", checkpoint=f"step{step}", step=step, metrics={"acc": step / 100})
+        yield s
+
+
+def _reference_lc(part: geomstore.Partition, u: np.ndarray, r: float, shape: str) -> list[dict]:
+    e = part.edges.to_pydict()
+    segs = shapely.linestrings(
+        np.stack([np.stack([e["u0_a"], e["u1_a"]], 1), np.stack([e["u0_b"], e["u1_b"]], 1)], 1)
+    )
+    polys = part.polygons()
+    out = []
+    for p in u:
+        if shape == "disk":
+            hood = shapely.Point(p).buffer(r, quad_segs=512)
+        else:
+            hood = shapely.Polygon(
+                [(p[0] + r, p[1]), (p[0], p[1] + r), (p[0] - r, p[1]), (p[0], p[1] - r)]
+            )
+        inter = shapely.intersection(segs, hood)
+        lens = shapely.length(inter)
+        meets = lens > 0
+        neurons = {
+            (e["layer"][i], e["neuron"][i])
+            for i in np.nonzero(meets)[0]
+            if e["layer"][i] is not None
+        }
+        n_regions = int((shapely.intersects(polys, hood)).sum())
+        out.append(
+            {
+                "n_neurons": len(neurons),
+                "n_regions": n_regions,
+                "density": float(lens.sum() / hood.area),
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("shape", ["disk", "diamond"])
+def test_local_complexity_matches_shapely(
+    store: geomstore.Store, parts: list[geomstore.Partition], shape: str
+) -> None:
+    rng = np.random.default_rng(0)
+    u = rng.uniform(-0.9, 0.9, (25, 2))
+    r = 0.15
+    lc = local_complexity(store, model="net", points=u, radius=r, shape=shape)
+    assert lc.num_rows == 2 * len(u)
+    assert lc.column("step").to_pylist() == [0] * len(u) + [100] * len(u)
+    rows = lc.to_pylist()
+    for k, part in enumerate(parts):
+        ref = _reference_lc(part, u, r, shape)
+        got = rows[k * len(u) : (k + 1) * len(u)]
+        assert [g["n_neurons"] for g in got] == [x["n_neurons"] for x in ref]
+        assert [g["n_regions"] for g in got] == [x["n_regions"] for x in ref]
+        assert all(sum(g["neurons_per_layer"]) == g["n_neurons"] for g in got)
+        rtol = 1e-4 if shape == "disk" else 1e-9  # the shapely disk is a polygon
+        np.testing.assert_allclose(
+            [g["boundary_density"] for g in got], [x["density"] for x in ref], rtol=rtol, atol=1e-9
+        )
+    assert max(g["n_neurons"] for g in rows) > 0
+
+
+def test_local_complexity_on_a_stored_dataset(store: geomstore.Store) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (12, 2))
+    store.add_points("probe", BOX, x[:8], labels=[0] * 8, split="train")
+    store.add_points("probe", BOX, x[8:], labels=[1] * 4, split="test")
+    lc = local_complexity(store, model="net", points="probe", radius=0.2, checkpoints=["step100"])
+    assert lc.num_rows == 12
+    assert sorted(set(lc.column("split").to_pylist())) == ["test", "train"]
+    direct = local_complexity(
+        store,
+        model="net",
+        checkpoints=["step100"],
+        radius=0.2,
+        points=np.concatenate([x[8:], x[:8]]),
+    )  # same order: split
+    assert lc.column("n_neurons").to_pylist() == direct.column("n_neurons").to_pylist()
+
+
+def test_local_complexity_errors(store: geomstore.Store) -> None:
+    with pytest.raises(GeomstoreError, match="'disk', 'diamond'"):
+        local_complexity(store, model="net", points=np.zeros((1, 2)), radius=0.1, shape="ball")
+    with pytest.raises(StoreError, match=r"models in this store: \['net'\]"):
+        local_complexity(store, model="other", points=np.zeros((1, 2)), radius=0.1)
+    with pytest.raises(GeomstoreError, match=r"shape \(n, 2\)"):
+        local_complexity(store, model="net", points=np.zeros((2, 3)), radius=0.1)
+    with pytest.raises(GeomstoreError, match="no stored points"):
+        local_complexity(store, model="net", points="nothing", radius=0.1)
+
+
+def test_partition_stats_match_the_tables(
+    store: geomstore.Store, parts: list[geomstore.Partition]
+) -> None:
+    st = partition_stats(store, model="net").to_pylist()
+    assert [s["step"] for s in st] == [0, 100]
+    for s, part in zip(st, parts, strict=True):
+        area = np.asarray(part.regions.column("area"))
+        slope = np.asarray(part.regions.column("slope_norm"))
+        assert s["n_regions"] == part.n_regions
+        np.testing.assert_allclose(s["area_mean"], area.mean(), rtol=1e-12)
+        np.testing.assert_allclose(s["area_std"], area.std(), rtol=1e-9)
+        np.testing.assert_allclose(s["area_q50"], np.quantile(area, 0.5), rtol=1e-9)
+        np.testing.assert_allclose(s["slope_norm_max"], slope.max(), rtol=1e-12)
+        np.testing.assert_allclose(
+            s["boundary_length"], np.asarray(part.boundary.column("length")).sum(), rtol=1e-12
+        )
+        assert s["n_boundary_segments"] == part.boundary.num_rows
+        assert '"acc"' in s["metrics"]
+
+
+def test_boundary_samples_lie_on_the_boundary(
+    nets: list[torch.nn.Module], parts: list[geomstore.Partition]
+) -> None:
+    net, part = nets[0], parts[0]
+    smp = sample_boundary(part.boundary, part.slice, 400, seed=7)
+    again = sample_boundary(part.boundary, part.slice, 400, seed=7)
+    assert smp.equals(again)
+    x = torch.tensor(np.asarray(smp.column("x").to_pylist()))
+    with torch.no_grad():
+        out = net.double()(x).numpy()
+    ca, cb = np.asarray(smp.column("class_a")), np.asarray(smp.column("class_b"))
+    r = np.arange(len(out))
+    np.testing.assert_allclose(out[r, ca], out[r, cb], atol=1e-9)
+    top2 = np.sort(out, 1)[:, -2:]
+    np.testing.assert_allclose(np.sort(np.stack([out[r, ca], out[r, cb]], 1), 1), top2, atol=1e-9)
+    for delta, expect in ((1e-3, cb), (-1e-3, ca)):
+        pushed = sample_boundary(part.boundary, part.slice, 400, seed=7, offset=delta)
+        xp = torch.tensor(np.asarray(pushed.column("x").to_pylist()))
+        with torch.no_grad():
+            pred = net(xp).argmax(1).numpy()
+        assert (pred == expect).mean() > 0.97  # a few land past a kink of the boundary
+
+
+def test_boundary_sampling_options(parts: list[geomstore.Partition]) -> None:
+    part = parts[0]
+    pairs = set(
+        zip(
+            part.boundary.column("class_a").to_pylist(),
+            part.boundary.column("class_b").to_pylist(),
+            strict=True,
+        )
+    )
+    pair = sorted(pairs)[0]
+    smp = sample_boundary(part.boundary, part.slice, 50, pair=pair)
+    assert set(
+        zip(smp.column("class_a").to_pylist(), smp.column("class_b").to_pylist(), strict=True)
+    ) == {pair}
+    u0 = part.boundary.column("u0_a")[0].as_py()
+    u1 = part.boundary.column("u1_a")[0].as_py()
+    near = sample_boundary(part.boundary, part.slice, 50, near=np.array([[u0, u1]]), within=0.1)
+    d = np.hypot(np.asarray(near.column("u0")) - u0, np.asarray(near.column("u1")) - u1)
+    assert d.max() <= 0.1 + 1e-12
+    with pytest.raises(GeomstoreError, match="within="):
+        sample_boundary(part.boundary, part.slice, 5, near=np.zeros((1, 2)))
+    with pytest.raises(GeomstoreError, match="no decision boundary"):
+        sample_boundary(part.boundary, part.slice, 5, near=np.array([[50.0, 50.0]]), within=0.1)
