@@ -188,3 +188,40 @@ def test_boundary_sampling_options(parts: list[geomstore.Partition]) -> None:
         sample_boundary(part.boundary, part.slice, 5, near=np.zeros((1, 2)))
     with pytest.raises(GeomstoreError, match="no decision boundary"):
         sample_boundary(part.boundary, part.slice, 5, near=np.array([[50.0, 50.0]]), within=0.1)
+
+
+def test_turning_points_of_a_descent_ascent_descent_curve() -> None:
+    from geomstore.queries import turning_points
+
+    assert turning_points([9, 7, 4, 5, 8, 6, 2]) == {
+        "first_descent_end": 2,
+        "peak": 4,
+        "second_descent_start": 4,
+    }
+    assert turning_points([1, 2, 3]) == {
+        "first_descent_end": None,
+        "peak": 2,
+        "second_descent_start": None,
+    }
+    assert turning_points([3, 2]) == {
+        "first_descent_end": None,
+        "peak": None,
+        "second_descent_start": None,
+    }
+
+
+def test_lc_trajectory_aggregates_local_complexity(store: geomstore.Store) -> None:
+    from geomstore.queries import lc_trajectory
+
+    u = np.random.default_rng(2).uniform(-1, 1, (40, 2))
+    table, turns = lc_trajectory(store, model="net", points=u, radius=0.2)
+    lc = local_complexity(store, model="net", points=u, radius=0.2)
+    rows = table.to_pylist()
+    assert [r["step"] for r in rows] == [0, 100]
+    for r in rows:
+        vals = [x["n_neurons"] for x in lc.to_pylist() if x["step"] == r["step"]]
+        assert r["n_points"] == 40
+        np.testing.assert_allclose(r["lc_mean"], np.mean(vals))
+        np.testing.assert_allclose(r["lc_q50"], np.quantile(vals, 0.5))
+        assert '"acc"' in r["metrics"]
+    assert set(turns) == {"all"}

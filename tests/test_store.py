@@ -303,3 +303,21 @@ def test_export_to_one_duckdb_file(
         con.close()
     with pytest.raises(StoreError, match="exists"):
         store.export(path)
+
+
+def test_postgres_catalog_with_a_real_server(tmp_path: Path, part: geomstore.Partition) -> None:
+    from tests.pgserver import postgres_server
+
+    data = tmp_path / "pgdata-files"
+    with postgres_server(tmp_path / "pg") as dsn:
+        target = f"postgres:{dsn}"
+        with pytest.raises(StoreError, match="needs data_path="):
+            geomstore.open(target)
+        with geomstore.open(target, data_path=data) as s:
+            pid = s.add(part, model="net", checkpoint="init", step=0)
+            n = s.sql("SELECT count(*) AS n FROM regions WHERE partition_id = ?", [pid]).table
+            assert n.column("n")[0].as_py() == part.n_regions
+        with geomstore.open(target, data_path=data, read_only=True) as s:
+            a = s.sql("SELECT sum(ST_Area(geometry)) AS a FROM regions").table
+            assert abs(a.column("a")[0].as_py() - 4.0) < 1e-9
+            assert s.schema_version == migrations()[-1].version

@@ -3,5 +3,13 @@
 from geomstore.queries.boundary import sample_boundary
 from geomstore.queries.complexity import local_complexity
 from geomstore.queries.stats import partition_stats, resolve_partitions
+from geomstore.queries.trajectory import lc_trajectory, turning_points
 
-__all__ = ["local_complexity", "partition_stats", "resolve_partitions", "sample_boundary"]
+__all__ = [
+    "lc_trajectory",
+    "local_complexity",
+    "partition_stats",
+    "resolve_partitions",
+    "sample_boundary",
+    "turning_points",
+]

@@ -93,26 +93,17 @@ def local_complexity(
     con.register("_gs_pts", pts)
     try:
         sql = (
-            "SELECT e.partition_id, p.point_id, e.layer, e.neuron, e.region_left, "
-            "e.region_right, e.u0_a, e.u1_a, e.u0_b, e.u1_b, p.pu0, p.pu1 "
+            "SELECT list_position($ids, e.partition_id) - 1 AS pidx, p.point_id, e.layer, "
+            "e.unit, e.region_left, "
+            "e.region_right, e.u0_a, e.u1_a, e.u0_b, e.u1_b "
             "FROM edges e JOIN _gs_pts p ON "
             + near.replace("?1", "$r").replace("?", "$r")
             + " WHERE list_contains($ids, e.partition_id)"
         )
         hits = con.execute(sql, {"r": float(radius), "ids": ids}).to_arrow_table()
-        inside = con.execute(
-            "SELECT r.partition_id, p.point_id, r.region_id FROM regions r JOIN _gs_pts p ON "
-            + (
-                "ST_DWithin(r.geometry, ST_Point(p.pu0, p.pu1), $r)"
-                if shape == "disk"
-                else near.replace("e.geometry", "r.geometry").replace("?1", "$r")
-            )
-            + " WHERE list_contains($ids, r.partition_id)",
-            {"r": float(radius), "ids": ids},
-        ).to_arrow_table()
     finally:
         con.unregister("_gs_pts")
-    return _assemble(parts, hits, inside, len(u), split, radius, shape)
+    return _assemble(parts, hits, u, split, radius, shape)
 
 
 def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[str | None]]:
@@ -139,45 +130,61 @@ def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[
     return u, [None] * len(u)
 
 
+def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct int64 keys and the index of one occurrence of each (sort-based)."""
+    order = np.argsort(keys, kind="stable")
+    srt = keys[order]
+    first = np.ones(len(srt), dtype=bool)
+    first[1:] = srt[1:] != srt[:-1]
+    return srt[first], order[first]
+
+
 def _assemble(
     parts: pa.Table,
     hits: pa.Table,
-    inside: pa.Table,
-    n: int,
+    u: np.ndarray,
     split: list[str | None],
     radius: float,
     shape: str,
 ) -> pa.Table:
     area = np.pi * radius**2 if shape == "disk" else 2 * radius**2
+    n = len(u)
     ids = parts.column("partition_id").to_pylist()
-    index = {pid: i for i, pid in enumerate(ids)}
     k = len(ids)
 
     def col(t: pa.Table, name: str, fill: float = -1) -> np.ndarray:
         return np.asarray(t.column(name).fill_null(fill).to_numpy(zero_copy_only=False))
 
-    hp = np.array([index[x] for x in hits.column("partition_id").to_pylist()], dtype=np.int64)
+    hp = col(hits, "pidx").astype(np.int64)
     pt = col(hits, "point_id").astype(np.int64)
     layer = col(hits, "layer").astype(np.int64)
-    neuron = col(hits, "neuron").astype(np.int64)
+    unit = col(hits, "unit").astype(np.int64)
     a = np.stack([col(hits, "u0_a"), col(hits, "u1_a")], 1).astype(float)
     b = np.stack([col(hits, "u0_b"), col(hits, "u1_b")], 1).astype(float)
-    c = np.stack([col(hits, "pu0"), col(hits, "pu1")], 1).astype(float)
+    c = u[pt]
     length = clipped_length(a, b, c, radius, shape) if len(hp) else np.zeros(0)
     # every segment is stored once (edges hold each shared segment once)
     cell = hp * n + pt
     density = np.bincount(cell, weights=length, minlength=k * n) / area
     neur = (layer >= 0) & (length > 0)
     n_layers = int(layer.max()) + 1 if neur.any() else 0
-    distinct = np.unique(np.stack([cell[neur], layer[neur], neuron[neur]], 1), axis=0)
-    n_neurons = (
-        np.bincount(distinct[:, 0], minlength=k * n) if len(distinct) else np.zeros(k * n, np.int64)
-    )
+    # distinct (cell, unit) pairs via one int64 key: 1-D unique is fast, axis=0 is not
+    span = int(unit.max()) + 1 if len(unit) else 1
+    key, first = _unique(cell[neur] * span + unit[neur])
+    n_neurons = np.bincount(key // span, minlength=k * n)
     per_layer = np.zeros((k * n, max(n_layers, 0)), dtype=np.int64)
-    if len(distinct):
-        np.add.at(per_layer, (distinct[:, 0], distinct[:, 1]), 1)
-    ip = np.array([index[x] for x in inside.column("partition_id").to_pylist()], dtype=np.int64)
-    regions = np.bincount(ip * n + col(inside, "point_id").astype(np.int64), minlength=k * n)
+    np.add.at(per_layer, (key // span, layer[neur][first]), 1)
+    # A region meets the neighbourhood iff an edge of it does, or it holds all of it:
+    # count the distinct regions beside the edges that meet it (at least the one region).
+    met = length > 0
+    left, right = col(hits, "region_left").astype(np.int64), col(hits, "region_right")
+    right = right.astype(np.int64)
+    both = right >= 0
+    rspan = int(max(left.max(initial=0), right.max(initial=0))) + 1
+    sides = np.concatenate(
+        [cell[met] * rspan + left[met], cell[met & both] * rspan + right[met & both]]
+    )
+    regions = np.maximum(np.bincount(_unique(sides)[0] // rspan, minlength=k * n), 1)
     steps = parts.column("step").to_pylist()
     names = parts.column("checkpoint").to_pylist()
     return pa.table(

@@ -20,7 +20,17 @@ EXTENSIONS = {
 }
 
 
-def _load(con: duckdb.DuckDBPyConnection, name: str) -> None:
+OPTIONAL_EXTENSIONS = {
+    "postgres_scanner": "duckdb-extension-postgres-scanner==1.5.5",
+}
+
+
+def load_optional(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Load an extension needed only by some stores (a PostgreSQL catalog)."""
+    _load(con, name, OPTIONAL_EXTENSIONS[name])
+
+
+def _load(con: duckdb.DuckDBPyConnection, name: str, package: str | None = None) -> None:
     try:
         con.execute(f"LOAD {name}")
         return
@@ -34,13 +44,14 @@ def _load(con: duckdb.DuckDBPyConnection, name: str) -> None:
     except Exception as exc:
         raise MissingExtensionError(
             f"the DuckDB extension {name!r} is not available ({exc}); "
-            f"install it with: pip install {EXTENSIONS[name]} duckdb-extensions==1.5.5"
+            f"install it with: pip install {package or EXTENSIONS[name]} duckdb-extensions==1.5.5"
         ) from None
 
 
 def connect(database: str = ":memory:", *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with spatial, ducklake and sqlite loaded."""
     con = duckdb.connect(database, read_only=read_only)
+    con.execute("SET enable_progress_bar = false")  # library calls print nothing
     for name in EXTENSIONS:
         _load(con, name)
     return con

@@ -94,8 +94,11 @@ class Store:
     True
     """
 
-    def __init__(self, target: str, *, read_only: bool = False) -> None:
+    def __init__(
+        self, target: str, *, read_only: bool = False, data_path: str | None = None
+    ) -> None:
         self.target = target
+        self.data_path = data_path
         self.read_only = read_only
         self.kind, self._attach = self._describe(target)
         self.con = self._open(read_only=read_only)
@@ -153,6 +156,21 @@ class Store:
                     (root / "data").mkdir(parents=True, exist_ok=True)
                     _wal_catalog(root / CATALOG)
                 opts = f"DATA_PATH '{root / 'data'}/'" + (", READ_ONLY" if read_only else "")
+                _retry(lambda: con.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})"))
+            elif self.kind == "ducklake-postgres":
+                if not self.data_path:
+                    raise StoreError(
+                        "a PostgreSQL catalog needs data_path= (a directory or object-store URL "
+                        "for the Parquet files): geomstore.open('postgres:...', data_path=DIR)."
+                    )
+                from geomstore.store.connection import load_optional
+
+                load_optional(con, "postgres_scanner")
+                if not read_only:
+                    Path(self.data_path).mkdir(parents=True, exist_ok=True)
+                opts = f"DATA_PATH '{self.data_path.rstrip('/')}/'" + (
+                    ", READ_ONLY" if read_only else ""
+                )
                 _retry(lambda: con.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})"))
             else:
                 ro = " (READ_ONLY)" if read_only else ""
@@ -366,8 +384,8 @@ class Store:
                 con.execute(f"USE {ALIAS}")
             else:
                 con = self._open(read_only=True)
-            if self.kind == "ducklake":
-                root = Path(self.target).resolve()
+            if self.kind in ("ducklake", "ducklake-postgres"):
+                root = Path(self.data_path or self.target).resolve()
                 con.execute(f"SET allowed_directories=['{root}/']")
                 con.execute("SET enable_external_access=false")
             self._ro = con
@@ -423,9 +441,9 @@ class Store:
 
         from geomstore.store.connection import EXTENSIONS, _load
 
-        if self.kind == "duckdb":
+        if self.kind != "ducklake":
             raise StoreError(
-                "a .duckdb store belongs to one process at a time; use a directory store "
+                "a SQLAlchemy engine is offered for directory stores; a .duckdb store belongs to one process at a time; use a directory store "
                 "for a SQLAlchemy engine beside the writer."
             )
         eng = sqlalchemy.create_engine("duckdb:///:memory:")
@@ -558,15 +576,24 @@ def _wkt_polygon(domain: Any) -> str:
     return "POLYGON((" + ", ".join(f"{x!r} {y!r}" for x, y in pts) + "))"
 
 
-def open_store(target: str | Path, *, read_only: bool = False) -> Store:
+def open_store(
+    target: str | Path, *, read_only: bool = False, data_path: str | Path | None = None
+) -> Store:
     """Open or create a store: a directory (DuckLake + SQLite catalog) or a ``.duckdb`` file.
 
     Parameters
     ----------
     target : str or Path
         A directory (created if missing), a path ending in ``.duckdb`` (one process at a
-        time), or ``postgres:dbname=... host=...`` for a DuckLake catalog in PostgreSQL.
+        time), or ``postgres:dbname=... host=...`` for a DuckLake catalog in PostgreSQL
+        (several hosts; needs ``data_path``).
     read_only : bool
         Open for reading only (never upgrades the schema).
+    data_path : str or Path, optional
+        With a PostgreSQL catalog: where the Parquet data files live.
     """
-    return Store(str(target), read_only=read_only)
+    return Store(
+        str(target),
+        read_only=read_only,
+        data_path=str(data_path) if data_path is not None else None,
+    )
