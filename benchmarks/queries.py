@@ -22,8 +22,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import geomstore  # noqa: E402
-from geomstore.queries import lc_trajectory  # noqa: E402
+import geomstore
+from geomstore.queries import lc_trajectory
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
         fill = time.perf_counter() - t
         pts = np.random.default_rng(0).uniform(-1, 1, (args.points, 2))
         t = time.perf_counter()
-        table, turns = lc_trajectory(store, model="bench", points=pts, radius=args.radius)
+        table, _turns = lc_trajectory(store, model="bench", points=pts, radius=args.radius)
         seconds = time.perf_counter() - t
     print(
         json.dumps(

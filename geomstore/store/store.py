@@ -443,8 +443,8 @@ class Store:
 
         if self.kind != "ducklake":
             raise StoreError(
-                "a SQLAlchemy engine is offered for directory stores; a .duckdb store belongs to one process at a time; use a directory store "
-                "for a SQLAlchemy engine beside the writer."
+                "a SQLAlchemy engine is offered for directory stores only: a .duckdb store "
+                "belongs to one process at a time. Use a directory store (geomstore.open(DIR))."
             )
         eng = sqlalchemy.create_engine("duckdb:///:memory:")
         root = Path(self.target)
