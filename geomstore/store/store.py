@@ -237,16 +237,23 @@ class Store:
             con = self.con
             con.execute("BEGIN TRANSACTION")
             try:
-                exists = con.execute(
-                    "SELECT count(*) FROM partitions WHERE partition_id = ?", [partition_id]
+                row = con.execute(
+                    "SELECT (SELECT count(*) FROM partitions WHERE partition_id = $p), "
+                    "(SELECT count(*) FROM models WHERE model_id = $m), "
+                    "(SELECT count(*) FROM checkpoints WHERE checkpoint_id = $c), "
+                    "(SELECT count(*) FROM slices WHERE slice_id = $s)",
+                    {"p": partition_id, "m": model_id, "c": checkpoint_id, "s": slice_id},
                 ).fetchone()
-                if exists and exists[0] and not replace:
+                assert row is not None
+                exists, have = row[0], tuple(bool(x) for x in row[1:])
+                if exists and not replace:
                     con.execute("ROLLBACK")
                     return partition_id
-                if exists and exists[0]:
+                if exists:
                     for table in ("partitions", "regions", "edges", "boundary"):
                         con.execute(f"DELETE FROM {table} WHERE partition_id = ?", [partition_id])
                 self._insert_catalog(
+                    have,
                     model_id,
                     model,
                     summary,
@@ -287,6 +294,7 @@ class Store:
 
     def _insert_catalog(
         self,
+        have: tuple[bool, ...],
         model_id: str,
         model: str,
         summary: dict[str, Any],
@@ -300,9 +308,8 @@ class Store:
         sl: Any,
     ) -> None:
         con = self.con
-        if not con.execute("SELECT count(*) FROM models WHERE model_id = ?", [model_id]).fetchone()[
-            0
-        ]:  # type: ignore[index]
+        have_model, have_checkpoint, have_slice = have
+        if not have_model:
             con.execute(
                 "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
                 [
@@ -315,9 +322,7 @@ class Store:
                     json.dumps([layer["units"] for layer in summary["layers"]]),
                 ],
             )
-        if not con.execute(
-            "SELECT count(*) FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id]
-        ).fetchone()[0]:  # type: ignore[index]
+        if not have_checkpoint:
             con.execute(
                 "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
                 [
@@ -330,9 +335,7 @@ class Store:
                     json.dumps(metrics or {}, sort_keys=True),
                 ],
             )
-        if not con.execute("SELECT count(*) FROM slices WHERE slice_id = ?", [slice_id]).fetchone()[
-            0
-        ]:  # type: ignore[index]
+        if not have_slice:
             con.execute(
                 "INSERT INTO slices VALUES (?, ?, ?, ?, ?, ?, ST_GeomFromText(?), "
                 "now()::TIMESTAMP)",
