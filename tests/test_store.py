@@ -321,3 +321,30 @@ def test_postgres_catalog_with_a_real_server(tmp_path: Path, part: geomstore.Par
             a = s.sql("SELECT sum(ST_Area(geometry)) AS a FROM regions").table
             assert abs(a.column("a")[0].as_py() - 4.0) < 1e-9
             assert s.schema_version == migrations()[-1].version
+
+
+def test_read_only_file_system_gives_a_clear_error_and_changes_nothing(
+    tmp_path: Path, part: geomstore.Partition
+) -> None:
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with geomstore.open(mnt / "s") as s:
+            s.add(part, model="net", checkpoint="init")
+        before = {p: p.read_bytes() for p in (mnt / "s").rglob("*") if p.is_file()}
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        for ro in (False, True):
+            with pytest.raises(StoreError, match="read-only file system"):
+                geomstore.open(mnt / "s", read_only=ro)
+        after = {p: p.read_bytes() for p in (mnt / "s").rglob("*") if p.is_file()}
+        assert after == before
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import json
 import random
 import time
@@ -152,6 +153,13 @@ class Store:
                 root = Path(self.target)
                 if read_only and not (root / CATALOG).exists():
                     raise StoreError(f"no store at {self.target}; create it with geomstore.open.")
+                if (root / CATALOG).exists() and not os.access(root, os.W_OK):
+                    raise StoreError(
+                        f"the store at {self.target} is on a read-only file system (or its "
+                        "directory is not writable); its SQLite catalog (WAL mode) needs to "
+                        "write beside itself even to be read: copy the store to a writable "
+                        "place, or export it (store.export) where it is written."
+                    )
                 if not read_only:
                     (root / "data").mkdir(parents=True, exist_ok=True)
                     _wal_catalog(root / CATALOG)
