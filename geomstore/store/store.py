@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
