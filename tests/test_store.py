@@ -348,3 +348,19 @@ def test_read_only_file_system_gives_a_clear_error_and_changes_nothing(
         assert after == before
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_missing_extension_names_its_package() -> None:
+    import duckdb
+
+    from geomstore.errors import MissingExtensionError
+    from geomstore.store.connection import _load
+
+    con = duckdb.connect()
+    try:
+        with pytest.raises(
+            MissingExtensionError, match=r"pip install duckdb-extension-nothing==1\.5\.5"
+        ):
+            _load(con, "nothing_such", "duckdb-extension-nothing==1.5.5")
+    finally:
+        con.close()
