@@ -225,3 +225,56 @@ def test_lc_trajectory_aggregates_local_complexity(store: geomstore.Store) -> No
         np.testing.assert_allclose(r["lc_q50"], np.quantile(vals, 0.5))
         assert '"acc"' in r["metrics"]
     assert set(turns) == {"all"}
+
+
+def test_point_regions_and_distances_match_shapely(
+    store: geomstore.Store, parts: list[geomstore.Partition]
+) -> None:
+    from geomstore.queries import point_regions
+
+    u = np.random.default_rng(5).uniform(-0.95, 0.95, (30, 2))
+    t = point_regions(store, model="net", points=u).to_pylist()
+    assert len(t) == 60
+    for k, part in enumerate(parts):
+        polys = part.polygons()
+        bd = part.boundary.to_pydict()
+        segs = shapely.linestrings(
+            np.stack(
+                [np.stack([bd["u0_a"], bd["u1_a"]], 1), np.stack([bd["u0_b"], bd["u1_b"]], 1)], 1
+            )
+        )
+        for row in t[k * 30 : (k + 1) * 30]:
+            p = shapely.Point(u[row["point_id"]])
+            poly = polys[row["region_id"]]
+            assert poly.covers(p)
+            assert row["pattern"] == part.regions.column("pattern")[row["region_id"]].as_py()
+            np.testing.assert_allclose(
+                row["distance_to_border"], poly.exterior.distance(p), atol=1e-12
+            )
+            np.testing.assert_allclose(
+                row["distance_to_boundary"], shapely.distance(segs, p).min(), atol=1e-12
+            )
+            # the model predicts the region's label at the point
+            a, c = part.affine_maps()
+            out = a[row["region_id"]] @ u[row["point_id"]] + c[row["region_id"]]
+            assert int(out.argmax()) == row["label"] or np.sort(out)[-1] - np.sort(out)[-2] < 1e-9
+
+
+def test_churn_between_checkpoints(
+    store: geomstore.Store, parts: list[geomstore.Partition]
+) -> None:
+    from geomstore.queries import churn
+
+    u = np.random.default_rng(6).uniform(-0.95, 0.95, (50, 2))
+    ch = churn(store, model="net", points=u).to_pylist()
+    assert len(ch) == 1 and ch[0]["previous"] == "step0" and ch[0]["n_points"] == 50
+    tree = [shapely.STRtree(p.polygons()) for p in parts]
+    pats = []
+    for k, part in enumerate(parts):
+        idx, reg = tree[k].query(shapely.points(u), predicate="within")
+        holder = np.full(len(u), -1)
+        holder[idx] = reg
+        pats.append([part.regions.column("pattern")[int(r)].as_py() for r in holder])
+    expect = np.mean([a != b for a, b in zip(pats[0], pats[1], strict=True)])
+    np.testing.assert_allclose(ch[0]["pattern_churn"], expect)
+    assert 0 < ch[0]["pattern_churn"] <= 1  # two different networks: most points change

@@ -2,13 +2,16 @@
 
 from geomstore.queries.boundary import sample_boundary
 from geomstore.queries.complexity import local_complexity
+from geomstore.queries.points import churn, point_regions
 from geomstore.queries.stats import partition_stats, resolve_partitions
 from geomstore.queries.trajectory import lc_trajectory, turning_points
 
 __all__ = [
+    "churn",
     "lc_trajectory",
     "local_complexity",
     "partition_stats",
+    "point_regions",
     "resolve_partitions",
     "sample_boundary",
     "turning_points",
