@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,7 +102,7 @@ def churn(
             order.append((r["checkpoint"], r["step"]))
         by_ck[r["checkpoint"]][r["point_id"]] = (r["pattern"], r["label"])
     out = []
-    for (prev, _), (cur, step) in zip(order, order[1:], strict=False):
+    for (prev, _), (cur, step) in itertools.pairwise(order):
         a, b = by_ck[prev], by_ck[cur]
         common = sorted(set(a) & set(b))
         n = len(common)
