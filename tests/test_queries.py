@@ -278,3 +278,50 @@ def test_churn_between_checkpoints(
     expect = np.mean([a != b for a, b in zip(pats[0], pats[1], strict=True)])
     np.testing.assert_allclose(ch[0]["pattern_churn"], expect)
     assert 0 < ch[0]["pattern_churn"] <= 1  # two different networks: most points change
+
+
+def test_migration_index_matches_shapely_buffers(
+    store: geomstore.Store, parts: list[geomstore.Partition]
+) -> None:
+    from geomstore.queries import migration_index
+
+    d = 0.05
+    mi = migration_index(store, model="net", distance=d).to_pylist()
+    assert [r["step"] for r in mi] == [0, 100]
+    for row, part in zip(mi, parts, strict=True):
+        e, b = part.edges.to_pydict(), part.boundary.to_pydict()
+        inner = [i for i, r in enumerate(e["region_right"]) if r is not None]
+        edges = shapely.linestrings(
+            np.stack(
+                [
+                    np.stack([np.take(e["u0_a"], inner), np.take(e["u1_a"], inner)], 1),
+                    np.stack([np.take(e["u0_b"], inner), np.take(e["u1_b"], inner)], 1),
+                ],
+                1,
+            )
+        )
+        bd = shapely.union_all(
+            shapely.linestrings(
+                np.stack(
+                    [np.stack([b["u0_a"], b["u1_a"]], 1), np.stack([b["u0_b"], b["u1_b"]], 1)], 1
+                )
+            )
+        )
+        zone = bd.buffer(d, quad_segs=256)  # polygonal: slightly inside the true zone
+        near = float(shapely.length(shapely.intersection(edges, zone)).sum())
+        total = float(shapely.length(edges).sum())
+        np.testing.assert_allclose(row["edge_length"], total, rtol=1e-12)
+        np.testing.assert_allclose(row["near_length"], near, rtol=2e-4)
+        assert 0 < row["share"] < 1
+
+
+def test_near_intervals_of_a_crossing_and_a_parallel_segment() -> None:
+    from geomstore.queries.migration import near_intervals
+
+    ea = np.array([[-1.0, 0.0], [-1.0, 0.5]])
+    eb = np.array([[1.0, 0.0], [1.0, 0.5]])
+    sa = np.array([[0.0, -1.0], [-0.5, 0.0]])
+    sb = np.array([[0.0, 1.0], [0.5, 0.0]])
+    t0, t1 = near_intervals(ea, eb, sa, sb, 0.1)
+    np.testing.assert_allclose([t0[0], t1[0]], [0.45, 0.55], atol=1e-12)  # crossing
+    assert t0[1] > t1[1]  # parallel at distance 0.5: empty

@@ -2,6 +2,7 @@
 
 from geomstore.queries.boundary import sample_boundary
 from geomstore.queries.complexity import local_complexity
+from geomstore.queries.migration import migration_index
 from geomstore.queries.points import churn, point_regions
 from geomstore.queries.stats import partition_stats, resolve_partitions
 from geomstore.queries.trajectory import lc_trajectory, turning_points
@@ -10,6 +11,7 @@ __all__ = [
     "churn",
     "lc_trajectory",
     "local_complexity",
+    "migration_index",
     "partition_stats",
     "point_regions",
     "resolve_partitions",
