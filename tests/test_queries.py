@@ -325,3 +325,64 @@ def test_near_intervals_of_a_crossing_and_a_parallel_segment() -> None:
     t0, t1 = near_intervals(ea, eb, sa, sb, 0.1)
     np.testing.assert_allclose([t0[0], t1[0]], [0.45, 0.55], atol=1e-12)  # crossing
     assert t0[1] > t1[1]  # parallel at distance 0.5: empty
+
+
+def test_fragmentation_matches_shapely_union(parts: list[geomstore.Partition]) -> None:
+    from geomstore.engine.reference import _halfplane
+    from geomstore.queries.fragmentation import fragmentation
+
+    for part in parts:
+        fr = fragmentation(part).to_pylist()
+        amap, cvec = part.affine_maps()
+        k = cvec.shape[1]
+        centre = np.zeros(2)
+        for cls in range(k):
+            cells = []
+            for r, poly in enumerate(part.polygons()):
+                cell = poly
+                for j in range(k):
+                    if j != cls:
+                        cell = cell.intersection(
+                            _halfplane(
+                                amap[r, cls] - amap[r, j],
+                                cvec[r, cls] - cvec[r, j],
+                                10.0,
+                                True,
+                                centre,
+                            )
+                        )
+                if cell.area > 0:
+                    cells.append(cell)
+            # snap: cells of neighbouring regions meet up to 1e-16; corner contact stays apart
+            snapped = shapely.set_precision(np.array(cells, dtype=object), 1e-10)
+            union = shapely.union_all(snapped) if cells else shapely.Polygon()
+            pieces = len(union.geoms) if hasattr(union, "geoms") else int(not union.is_empty)
+            np.testing.assert_allclose(fr[cls]["area"], union.area, rtol=1e-7, atol=1e-9)
+            assert fr[cls]["components"] == pieces, (cls, fr[cls], pieces)
+        np.testing.assert_allclose(sum(r["area"] for r in fr), 4.0, rtol=1e-9)
+
+
+def test_fragmentation_counts_separate_pieces() -> None:
+    from torch import nn
+
+    from geomstore.queries.fragmentation import fragmentation
+
+    # logits (|x| - 0.5, 0) and (|x| + |y| - 0.6 (twice), ...): class 0 wins in two strips
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+        net[2].bias.copy_(torch.tensor([-0.5, 0.0]))
+    part = geomstore.partition(net, BOX, device="cpu")
+    fr = fragmentation(part).to_pylist()
+    assert [r["components"] for r in fr] == [2, 1]
+    np.testing.assert_allclose([r["area"] for r in fr], [2.0, 2.0], rtol=1e-12)
+    # a diamond |x| + |y| < 0.6 of class 1 inside class 0: one piece each
+    with torch.no_grad():
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+        net[2].bias.copy_(torch.tensor([-0.6, 0.0]))
+    fr = fragmentation(geomstore.partition(net, BOX, device="cpu")).to_pylist()
+    assert [r["components"] for r in fr] == [1, 1]
+    b = float(np.float32(0.6))  # the model holds float32 weights; the partition is exact for them
+    np.testing.assert_allclose(fr[1]["area"], 2 * b**2, rtol=1e-12)

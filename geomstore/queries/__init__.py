@@ -2,6 +2,7 @@
 
 from geomstore.queries.boundary import sample_boundary
 from geomstore.queries.complexity import local_complexity
+from geomstore.queries.fragmentation import fragmentation
 from geomstore.queries.migration import migration_index
 from geomstore.queries.points import churn, point_regions
 from geomstore.queries.stats import partition_stats, resolve_partitions
@@ -9,6 +10,7 @@ from geomstore.queries.trajectory import lc_trajectory, turning_points
 
 __all__ = [
     "churn",
+    "fragmentation",
     "lc_trajectory",
     "local_complexity",
     "migration_index",
