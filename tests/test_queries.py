@@ -386,3 +386,31 @@ def test_fragmentation_counts_separate_pieces() -> None:
     assert [r["components"] for r in fr] == [1, 1]
     b = float(np.float32(0.6))  # the model holds float32 weights; the partition is exact for them
     np.testing.assert_allclose(fr[1]["area"], 2 * b**2, rtol=1e-12)
+
+
+def test_approximate_lc_matches_explicit_weights() -> None:
+    from geomstore.queries import approximate_lc
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 20),
+        torch.nn.ReLU(),
+        torch.nn.Linear(20, 10),
+        torch.nn.ReLU(),
+        torch.nn.Linear(10, 2),
+    ).eval()
+    x = np.random.default_rng(1).normal(size=(15, 6))
+    r, p = 0.3, 4
+    got = approximate_lc(net, x, radius=r, directions=p, seed=2).to_pylist()
+    q, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(6, p)))
+    w1, b1 = net[0].weight.double().detach().numpy(), net[0].bias.double().detach().numpy()
+    w2, b2 = net[2].weight.double().detach().numpy(), net[2].bias.double().detach().numpy()
+    for i, row in enumerate(got):
+        verts = x[i] + np.concatenate([q.T, -q.T]) * r
+        h1 = verts @ w1.T + b1
+        h2 = np.maximum(h1, 0) @ w2.T + b2
+        c1 = int(((h1 > 0) != (h1[:1] > 0)).any(0).sum())
+        c2 = int(((h2 > 0) != (h2[:1] > 0)).any(0).sum())
+        assert row["neurons_per_layer"] == [c1, c2]
+        assert row["n_neurons"] == c1 + c2
+    assert sum(r["n_neurons"] for r in got) > 0
