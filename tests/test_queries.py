@@ -414,3 +414,41 @@ def test_approximate_lc_matches_explicit_weights() -> None:
         assert row["neurons_per_layer"] == [c1, c2]
         assert row["n_neurons"] == c1 + c2
     assert sum(r["n_neurons"] for r in got) > 0
+
+
+def test_agreement_of_two_checkpoints(
+    nets: list[torch.nn.Module], parts: list[geomstore.Partition]
+) -> None:
+    from geomstore.queries import agreement
+
+    a, b = parts
+    same = agreement(a, a).to_pylist()
+    assert same[-1]["agree_share"] == pytest.approx(1.0, rel=1e-9)
+    assert same[-1]["hausdorff"] == pytest.approx(0.0, abs=1e-12)
+    rows = agreement(a, b).to_pylist()
+    total = rows[-1]
+    # independent: predicted class on a fine grid of cell centres, from both models
+    g = (np.arange(400) + 0.5) / 400 * 2 - 1
+    uu = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    with torch.no_grad():
+        pa_ = nets[0].double()(torch.tensor(uu)).argmax(1).numpy()
+        pb_ = nets[1].double()(torch.tensor(uu)).argmax(1).numpy()
+    np.testing.assert_allclose(total["agree_share"], (pa_ == pb_).mean(), atol=5e-3)
+    for r in rows[:-1]:
+        np.testing.assert_allclose(
+            r["agree_area"], 4.0 * ((pa_ == r["class"]) & (pb_ == r["class"])).mean(), atol=2e-2
+        )
+
+    # boundary movement against shapely's densified Hausdorff distance
+    def lines(p: geomstore.Partition) -> shapely.MultiLineString:
+        bd = p.boundary.to_pydict()
+        return shapely.MultiLineString(
+            [
+                [(bd["u0_a"][i], bd["u1_a"][i]), (bd["u0_b"][i], bd["u1_b"][i])]
+                for i in range(p.boundary.num_rows)
+            ]
+        )
+
+    ref = shapely.hausdorff_distance(lines(a), lines(b), densify=0.0005)
+    np.testing.assert_allclose(total["hausdorff"], ref, rtol=1e-3)
+    assert 0 < total["mean_distance"] <= total["hausdorff"]

@@ -364,3 +364,24 @@ def test_missing_extension_names_its_package() -> None:
             _load(con, "nothing_such", "duckdb-extension-nothing==1.5.5")
     finally:
         con.close()
+
+
+@pytest.mark.parametrize("kind", ["store", "file_store"])
+def test_sql_helpers_view_and_lc_macro(
+    kind: str, part: geomstore.Partition, request: pytest.FixtureRequest
+) -> None:
+    import numpy as np
+
+    from geomstore.queries import local_complexity
+
+    s = request.getfixturevalue(kind)
+    pid = s.add(part, model="net", checkpoint="init", step=5)
+    view = s.sql("SELECT model, checkpoint, step, n_regions FROM gs_partitions").table
+    assert view.to_pylist() == [
+        {"model": "net", "checkpoint": "init", "step": 5, "n_regions": part.n_regions}
+    ]
+    u = np.random.default_rng(0).uniform(-0.9, 0.9, (10, 2))
+    lc = local_complexity(s, model="net", points=u, radius=0.15).column("n_neurons")
+    for i, (x, y) in enumerate(u):
+        got = s.sql("SELECT n_neurons FROM gs_lc(?, ?, ?, 0.15)", [pid, x, y]).table
+        assert got.column("n_neurons")[0].as_py() == lc[i].as_py()

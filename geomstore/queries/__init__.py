@@ -1,5 +1,6 @@
 """Queries over stored partitions: local complexity, statistics, boundary sampling."""
 
+from geomstore.queries.agreement import agreement
 from geomstore.queries.approx import approximate_lc
 from geomstore.queries.boundary import sample_boundary
 from geomstore.queries.complexity import local_complexity
@@ -10,6 +11,7 @@ from geomstore.queries.stats import partition_stats, resolve_partitions
 from geomstore.queries.trajectory import lc_trajectory, turning_points
 
 __all__ = [
+    "agreement",
     "approximate_lc",
     "churn",
     "fragmentation",

@@ -44,6 +44,12 @@ def _winning_interval(
 
 def class_cell_areas(part: Partition) -> np.ndarray:
     """Area of each class's cell in each region, (regions, K), by half-plane clipping."""
+    return class_cells(part)[1]
+
+
+def class_cells(part: Partition) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each class's cell in each region: per class a (regions,) array of shapely polygons
+    (empty where the class never wins), and the areas (regions, K)."""
     amap, cvec = part.affine_maps()
     p, k = cvec.shape
     polys = part.polygons()
@@ -54,6 +60,7 @@ def class_cell_areas(part: Partition) -> np.ndarray:
         xy = np.asarray(poly.exterior.coords)[:-1]
         verts[i, : len(xy)] = xy
     areas = np.zeros((p, k))
+    cells: list[np.ndarray] = []
     for cls in range(k):
         tv, tn = torch.as_tensor(verts), torch.as_tensor(counts.astype(np.int64))
         ts = torch.full(tv.shape[:2], -1, dtype=torch.long)
@@ -68,11 +75,21 @@ def class_cell_areas(part: Partition) -> np.ndarray:
                 tv, tn, ts, torch.as_tensor(coef), torch.full((p,), j), 0.0
             )
             alive &= keep
-        ar, _ = polygon_measures(tv.numpy(), tn.numpy())
-        areas[:, cls] = np.where(alive.numpy(), ar, 0.0)
+        vv, nn = tv.numpy(), tn.numpy()
+        ar, _ = polygon_measures(vv, nn)
+        live = alive.numpy() & (ar > 0)
+        areas[:, cls] = np.where(live, ar, 0.0)
+        ring = np.arange(vv.shape[1])[None, :] < nn[:, None]
+        coords = vv[ring]
+        offsets = np.concatenate([[0], np.cumsum(nn)])
+        polys = shapely.from_ragged_array(
+            shapely.GeometryType.POLYGON, coords, (offsets, np.arange(p + 1))
+        )
+        cells.append(np.where(live, polys, shapely.Polygon()))
     if k == 1:
         areas[:, 0] = np.asarray(part.regions.column("area"))
-    return areas
+        cells = [part.polygons()]
+    return cells, areas
 
 
 def fragmentation(part: Partition, *, min_length: float = 1e-12) -> pa.Table:

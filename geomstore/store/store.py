@@ -190,6 +190,10 @@ class Store:
         except Exception:
             con.close()
             raise
+        try:
+            _sql_helpers(con)
+        except duckdb.Error:
+            pass  # an older schema: the helpers appear once it is upgraded
         return con
 
     def close(self) -> None:
@@ -393,6 +397,7 @@ class Store:
                 # one process owns a .duckdb file: read through a cursor of the writer
                 con = self.con.cursor()
                 con.execute(f"USE {ALIAS}")
+                _sql_helpers(con)
             else:
                 con = self._open(read_only=True)
             if self.kind in ("ducklake", "ducklake-postgres"):
@@ -560,6 +565,27 @@ class Store:
             self.con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
             files.append(path)
         return files
+
+
+SQL_HELPERS = f"""
+CREATE OR REPLACE TEMP VIEW gs_partitions AS
+SELECT p.*, m.name AS model, c.name AS checkpoint, c.step, c.metrics, s.name AS slice_name
+FROM {ALIAS}.partitions p
+JOIN {ALIAS}.checkpoints c ON c.checkpoint_id = p.checkpoint_id
+JOIN {ALIAS}.models m ON m.model_id = c.model_id
+JOIN {ALIAS}.slices s ON s.slice_id = p.slice_id;
+CREATE OR REPLACE TEMP MACRO gs_lc(pid, x, y, r) AS TABLE
+SELECT count(DISTINCT (layer, neuron)) AS n_neurons,
+       count(DISTINCT region_left) AS n_regions_left
+FROM {ALIAS}.edges
+WHERE partition_id = pid AND layer IS NOT NULL AND ST_DWithin(geometry, ST_Point(x, y), r);
+"""
+
+
+def _sql_helpers(con: duckdb.DuckDBPyConnection) -> None:
+    """Per-connection SQL conveniences (documented in the README)."""
+    for stmt in filter(None, (s.strip() for s in SQL_HELPERS.split(";"))):
+        con.execute(stmt)
 
 
 def _wal_catalog(path: Path) -> None:
