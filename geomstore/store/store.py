@@ -190,10 +190,8 @@ class Store:
         except Exception:
             con.close()
             raise
-        try:
+        with contextlib.suppress(duckdb.Error):  # an older schema: helpers come after upgrade
             _sql_helpers(con)
-        except duckdb.Error:
-            pass  # an older schema: the helpers appear once it is upgraded
         return con
 
     def close(self) -> None:
