@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute
 import pytest
 import shapely
 import torch
@@ -452,3 +454,33 @@ def test_agreement_of_two_checkpoints(
     ref = shapely.hausdorff_distance(lines(a), lines(b), densify=0.0005)
     np.testing.assert_allclose(total["hausdorff"], ref, rtol=1e-3)
     assert 0 < total["mean_distance"] <= total["hausdorff"]
+
+
+def test_store_level_queries_over_checkpoints(
+    store: geomstore.Store, parts: list[geomstore.Partition]
+) -> None:
+    from geomstore.queries import (
+        agreement,
+        agreement_over,
+        boundary_samples,
+        fragmentation,
+        fragmentation_over,
+    )
+
+    smp = boundary_samples(store, model="net", n=20, seed=3)
+    assert smp.column("checkpoint").to_pylist() == ["step0"] * 20 + ["step100"] * 20
+    direct = sample_boundary(parts[1].boundary, parts[1].slice, 20, seed=3)
+    got = smp.filter(pa.compute.equal(smp.column("checkpoint"), "step100"))
+    np.testing.assert_allclose(
+        np.sort(got.column("u0").to_numpy()), np.sort(direct.column("u0").to_numpy()), atol=1e-15
+    )
+    fr = fragmentation_over(store, model="net")
+    assert fr.num_rows == 6
+    assert (
+        fr.slice(3, 3).select(["class", "components"]).to_pylist()
+        == fragmentation(parts[1]).select(["class", "components"]).to_pylist()
+    )
+    ag = agreement_over(store, model="net").to_pylist()
+    ref = agreement(parts[0], parts[1]).to_pylist()
+    assert ag[-1]["previous"] == "step0" and ag[-1]["checkpoint"] == "step100"
+    np.testing.assert_allclose(ag[-1]["agree_share"], ref[-1]["agree_share"], rtol=1e-12)

@@ -385,3 +385,25 @@ def test_sql_helpers_view_and_lc_macro(
     for i, (x, y) in enumerate(u):
         got = s.sql("SELECT n_neurons FROM gs_lc(?, ?, ?, 0.15)", [pid, x, y]).table
         assert got.column("n_neurons")[0].as_py() == lc[i].as_py()
+
+
+def test_load_partition_gives_back_the_same_tables(
+    store: geomstore.Store, part: geomstore.Partition
+) -> None:
+    import numpy as np
+
+    pid = store.add(part, model="net", checkpoint="init")
+    back = store.load_partition(pid)
+    assert back.slice == part.slice and back.n_regions == part.n_regions
+    for col in ("region_id", "area", "pattern", "A", "c", "label", "geometry"):
+        assert back.regions.column(col).to_pylist() == part.regions.column(col).to_pylist(), col
+    assert np.array_equal(back.states, part.states)
+    assert back.edges.column("length").to_pylist() == part.edges.column("length").to_pylist()
+    assert sorted(back.boundary.column("length").to_pylist()) == sorted(
+        part.boundary.column("length").to_pylist()
+    )
+    a1, c1 = back.affine_maps()
+    a0, c0 = part.affine_maps()
+    assert np.array_equal(a1, a0) and np.array_equal(c1, c0)
+    with pytest.raises(StoreError, match="no partition"):
+        store.load_partition("nope")

@@ -8,13 +8,17 @@ from geomstore.queries.fragmentation import fragmentation
 from geomstore.queries.migration import migration_index
 from geomstore.queries.points import churn, point_regions
 from geomstore.queries.stats import partition_stats, resolve_partitions
+from geomstore.queries.stored import agreement_over, boundary_samples, fragmentation_over
 from geomstore.queries.trajectory import lc_trajectory, turning_points
 
 __all__ = [
     "agreement",
+    "agreement_over",
     "approximate_lc",
+    "boundary_samples",
     "churn",
     "fragmentation",
+    "fragmentation_over",
     "lc_trajectory",
     "local_complexity",
     "migration_index",

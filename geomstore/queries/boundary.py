@@ -53,10 +53,14 @@ def sample_boundary(
     """
     if n < 0:
         raise GeomstoreError(f"n must be >= 0; got {n}.")
-    cols = {
-        k: boundary.column(k).to_numpy(zero_copy_only=False)
-        for k in ("u0_a", "u1_a", "u0_b", "u1_b", "region_id", "class_a", "class_b")
-    }
+    names = ["u0_a", "u1_a", "u0_b", "u1_b", "region_id", "class_a", "class_b"]
+    if "normal_u0" in boundary.column_names:
+        names += ["normal_u0", "normal_u1"]
+    cols = {k: boundary.column(k).to_numpy(zero_copy_only=False) for k in names}
+    # a canonical segment order: the same seed gives the same samples whatever the row order
+    keys = ("u1_b", "u0_b", "u1_a", "u0_a", "class_b", "class_a", "region_id")
+    order = np.lexsort([cols[k] for k in keys])
+    cols = {k: v[order] for k, v in cols.items()}
     a = np.stack([cols["u0_a"], cols["u1_a"]], 1).astype(float)
     b = np.stack([cols["u0_b"], cols["u1_b"]], 1).astype(float)
     ca, cb = cols["class_a"].astype(np.int64), cols["class_b"].astype(np.int64)
@@ -84,10 +88,8 @@ def sample_boundary(
         idx, t = np.zeros(0, np.int64), np.zeros(0)
     u = a[idx] + t[:, None] * (b[idx] - a[idx])
     d = b[idx] - a[idx]
-    if "normal_u0" in boundary.column_names:
-        normal = np.stack(
-            [boundary.column("normal_u0").to_numpy(), boundary.column("normal_u1").to_numpy()], 1
-        )[idx]
+    if "normal_u0" in cols:
+        normal = np.stack([cols["normal_u0"], cols["normal_u1"]], 1)[idx]
     else:
         normal = np.stack([-d[:, 1], d[:, 0]], 1) / np.linalg.norm(d, axis=1, keepdims=True)
     u = u + offset * normal
