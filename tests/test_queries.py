@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pytest
 import shapely
+import shapely.affinity
 import torch
 
 import geomstore
@@ -484,3 +485,24 @@ def test_store_level_queries_over_checkpoints(
     ref = agreement(parts[0], parts[1]).to_pylist()
     assert ag[-1]["previous"] == "step0" and ag[-1]["checkpoint"] == "step100"
     np.testing.assert_allclose(ag[-1]["agree_share"], ref[-1]["agree_share"], rtol=1e-12)
+
+
+def test_eccentricity_of_known_shapes() -> None:
+    from geomstore.queries.stats import eccentricity
+
+    square = shapely.to_wkb(shapely.box(0, 0, 1, 1))
+    rect = shapely.to_wkb(shapely.box(0, 0, 4, 1))  # moments 4^2 : 1^2
+    tilted = shapely.to_wkb(shapely.affinity.rotate(shapely.box(0, 0, 4, 1), 30))
+    ecc = eccentricity([square, rect, tilted])
+    np.testing.assert_allclose(ecc, [0.0, np.sqrt(1 - 1 / 16), np.sqrt(1 - 1 / 16)], atol=1e-12)
+
+
+def test_partition_stats_eccentricity(
+    store: geomstore.Store, parts: list[geomstore.Partition]
+) -> None:
+    from geomstore.queries.stats import eccentricity
+
+    st = partition_stats(store, model="net").to_pylist()
+    ecc = eccentricity(parts[0].regions.column("geometry").to_pylist())
+    np.testing.assert_allclose(st[0]["eccentricity_mean"], ecc.mean(), rtol=1e-12)
+    assert 0 < st[0]["eccentricity_mean"] < 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
+import shapely
 
 from geomstore.errors import StoreError
 from geomstore.store.store import Store
@@ -50,6 +52,31 @@ def resolve_partitions(
     return table
 
 
+def eccentricity(wkb: Sequence[bytes]) -> np.ndarray:
+    """Eccentricity sqrt(1 - l_min / l_max) of each polygon's second moments of area."""
+    polys = shapely.from_wkb(np.asarray(wkb, dtype=object))
+    coords, idx = shapely.get_coordinates(shapely.get_exterior_ring(polys), return_index=True)
+    # shoelace terms per ring edge (rings are closed: drop the edge from the last point)
+    nxt = np.roll(coords, -1, axis=0)
+    same = np.roll(idx, -1) == idx
+    x0, y0, x1, y1 = coords[:, 0], coords[:, 1], nxt[:, 0], nxt[:, 1]
+    cr = np.where(same, x0 * y1 - x1 * y0, 0.0)
+    n = len(polys)
+
+    def acc(v: np.ndarray) -> np.ndarray:
+        return np.bincount(idx, weights=v, minlength=n)
+
+    area = acc(cr) / 2
+    cx, cy = acc((x0 + x1) * cr) / (6 * area), acc((y0 + y1) * cr) / (6 * area)
+    ixx = acc((y0 * y0 + y0 * y1 + y1 * y1) * cr) / 12 - area * cy * cy
+    iyy = acc((x0 * x0 + x0 * x1 + x1 * x1) * cr) / 12 - area * cx * cx
+    ixy = acc((x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cr) / 24 - area * cx * cy
+    mean = (ixx + iyy) / 2
+    rad = np.sqrt(((ixx - iyy) / 2) ** 2 + ixy**2)
+    lmax, lmin = mean + rad, np.maximum(mean - rad, 0.0)
+    return np.sqrt(np.clip(1 - lmin / np.where(lmax > 0, lmax, 1.0), 0.0, 1.0))
+
+
 def partition_stats(
     store: Store,
     *,
@@ -61,7 +88,8 @@ def partition_stats(
 
     Columns: checkpoint, step, n_regions, area_mean, area_std, area_q10/q50/q90,
     vertices_mean, slope_norm_mean/std/max, boundary_length, n_boundary_segments,
-    edge_length (interior), metrics.
+    edge_length (interior), eccentricity_mean/q50 (of each region's second moments of
+    area: 0 for a disc-like region, towards 1 for a needle), metrics.
 
     Examples
     --------
@@ -96,6 +124,18 @@ def partition_stats(
     for p in parts.to_pylist():
         s = dict(by_id[p["partition_id"]])
         s.pop("partition_id")
+        wkb = (
+            store.sql(
+                "SELECT ST_AsWKB(geometry)::BLOB AS g FROM regions WHERE partition_id = ?",
+                [p["partition_id"]],
+                limit=100_000_000,
+            )
+            .table.column("g")
+            .to_pylist()
+        )
+        ecc = eccentricity(wkb)
+        s["eccentricity_mean"] = float(ecc.mean())
+        s["eccentricity_q50"] = float(np.quantile(ecc, 0.5))
         rows.append(
             {"checkpoint": p["checkpoint"], "step": p["step"], **s, "metrics": p["metrics"]}
         )
