@@ -506,3 +506,25 @@ def test_partition_stats_eccentricity(
     ecc = eccentricity(parts[0].regions.column("geometry").to_pylist())
     np.testing.assert_allclose(st[0]["eccentricity_mean"], ecc.mean(), rtol=1e-12)
     assert 0 < st[0]["eccentricity_mean"] < 1
+
+
+def test_boundary_samples_are_shaped_like_model_inputs() -> None:
+    rng = np.random.default_rng(0)
+    sl = geomstore.Slice.through(*(rng.normal(size=(1, 2, 2)) for _ in range(3)), margin=2.0)
+    for seed in range(20):  # the first seed whose network has a boundary on the plane
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        ).eval()
+        part = geomstore.partition(net, sl, device="cpu")
+        if part.boundary.num_rows:
+            break
+    assert part.boundary.num_rows > 0
+    smp = sample_boundary(part.boundary, part.slice, 10, seed=0)
+    x = smp.column("x").combine_chunks().to_numpy_ndarray()
+    assert x.shape == (10, 1, 2, 2)
+    with torch.no_grad():
+        out = net.double()(torch.as_tensor(x)).numpy()
+    r = np.arange(10)
+    ca, cb = np.asarray(smp.column("class_a")), np.asarray(smp.column("class_b"))
+    np.testing.assert_allclose(out[r, ca], out[r, cb], atol=1e-9)

@@ -39,7 +39,8 @@ def sample_boundary(
 
     Returns
     -------
-    pyarrow.Table: u0, u1, x (input coordinates, flattened; reshape to slice.input_shape),
+    pyarrow.Table: u0, u1, x (input coordinates, a fixed-shape tensor column shaped like one
+    model input: ``table["x"].combine_chunks().to_numpy_ndarray()`` is (n, *input_shape)),
     region_id, class_a, class_b, normal_u0, normal_u1.
 
     Examples
@@ -98,7 +99,9 @@ def sample_boundary(
         {
             "u0": u[:, 0],
             "u1": u[:, 1],
-            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+            "x": pa.FixedShapeTensorArray.from_numpy_ndarray(
+                np.ascontiguousarray(x.reshape(len(x), *slice_.input_shape))
+            ),
             "region_id": cols["region_id"][idx].astype(np.int64),
             "class_a": ca[idx],
             "class_b": cb[idx],
