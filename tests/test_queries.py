@@ -524,7 +524,7 @@ def test_boundary_samples_are_shaped_like_model_inputs() -> None:
     x = smp.column("x").combine_chunks().to_numpy_ndarray()
     assert x.shape == (10, 1, 2, 2)
     with torch.no_grad():
-        out = net.double()(torch.as_tensor(x)).numpy()
+        out = net.double()(torch.tensor(x)).numpy()  # copies the read-only Arrow view
     r = np.arange(10)
     ca, cb = np.asarray(smp.column("class_a")), np.asarray(smp.column("class_b"))
     np.testing.assert_allclose(out[r, ca], out[r, cb], atol=1e-9)
