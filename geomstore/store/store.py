@@ -9,15 +9,12 @@ one DuckLake transaction, so a partition is visible whole or not at all. A singl
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -26,10 +23,18 @@ from geomstore.engine.partition import Partition
 from geomstore.errors import ReadOnlyQueryError, SchemaVersionError, StoreError
 from geomstore.store.connection import connect
 from geomstore.store.schema import apply_migrations, current_version, migrations
+from geomstore.store.sqlutil import (
+    ALIAS,
+    _hash,
+    _retry,
+    _rollback,
+    _sql_helpers,
+    _wal_catalog,
+    _wkt_polygon,
+)
 
 __all__ = ["QueryResult", "Store", "open_store"]
 
-T = TypeVar("T")
 _TABLES = (
     "models",
     "checkpoints",
@@ -43,7 +48,6 @@ _TABLES = (
     "schema_migrations",
 )
 CATALOG = "catalog.sqlite"
-ALIAS = "gs"
 
 
 @dataclass
@@ -52,33 +56,6 @@ class QueryResult:
 
     table: pa.Table
     truncated: bool
-
-
-def _hash(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()[:20]
-
-
-def _retry(fn: Callable[[], T], *, attempts: int = 30) -> T:
-    """Run fn, retrying while the catalog is busy (another writer holds it)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except duckdb.Error as exc:
-            msg = str(exc).lower()
-            busy = "locked" in msg or "busy" in msg or "conflict" in msg
-            if not busy or i == attempts - 1:
-                if busy:
-                    raise StoreError(
-                        f"the store stayed busy after {attempts} tries ({exc}); another "
-                        "process is writing: try again later."
-                    ) from None
-                raise
-            time.sleep(min(2.0, 0.05 * (1.5**i)) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
 
 
 class Store:
@@ -442,93 +419,9 @@ class Store:
         The result has no model attached (``verify`` needs the model: recompute for that);
         its ``states`` are unpacked from the stored patterns.
         """
-        import numpy as np
+        from geomstore.store.load import load_partition
 
-        from geomstore.slice import Slice
-
-        con = self._reader()
-        meta = con.execute(
-            "SELECT p.settings, p.seconds, m.summary, s.name, s.input_shape, s.origin, "
-            "s.basis, ST_AsText(s.domain) FROM partitions p "
-            "JOIN checkpoints c ON c.checkpoint_id = p.checkpoint_id "
-            "JOIN models m ON m.model_id = c.model_id JOIN slices s ON s.slice_id = p.slice_id "
-            "WHERE p.partition_id = ?",
-            [partition_id],
-        ).fetchone()
-        if meta is None:
-            raise StoreError(
-                f"no partition {partition_id!r} in this store; list them with "
-                "store.sql('SELECT * FROM gs_partitions')."
-            )
-        settings, seconds, summary_json, name, shape, origin, basis, domain_wkt = meta
-        summary = json.loads(summary_json)
-        ring = domain_wkt[domain_wkt.index("((") + 2 : domain_wkt.index("))")]
-        dom = np.array([[float(v) for v in pt.split()] for pt in ring.split(",")])[:-1]
-        dim = len(origin)
-        sl = Slice(
-            origin,
-            np.asarray(basis).reshape(2, dim),
-            dom,
-            input_shape=json.loads(shape),
-            name=name or "",
-        )
-        k = summary["n_outputs"]
-
-        def fetch(sql: str) -> pa.Table:
-            return con.execute(sql, [partition_id]).to_arrow_table()
-
-        regions = fetch(
-            "SELECT region_id, ST_AsWKB(geometry)::BLOB AS geometry, area, centroid_u0, "
-            "centroid_u1, n_vertices, pattern, A, c, label, slope_norm FROM regions "
-            "WHERE partition_id = ? ORDER BY region_id"
-        )
-        regions = regions.set_column(
-            regions.schema.get_field_index("A"),
-            "A",
-            pa.FixedSizeListArray.from_arrays(
-                regions.column("A").combine_chunks().flatten(), 2 * k
-            ),
-        )
-        regions = regions.set_column(
-            regions.schema.get_field_index("c"),
-            "c",
-            pa.FixedSizeListArray.from_arrays(regions.column("c").combine_chunks().flatten(), k),
-        )
-        edges = fetch(
-            "SELECT edge_id, ST_AsWKB(geometry)::BLOB AS geometry, u0_a, u1_a, u0_b, u1_b, "
-            "length, region_left, region_right, layer, neuron, unit, border_side FROM edges "
-            "WHERE partition_id = ? ORDER BY edge_id"
-        )
-        boundary = fetch(
-            "SELECT ST_AsWKB(geometry)::BLOB AS geometry, u0_a, u1_a, u0_b, u1_b, length, "
-            "region_id, class_a, class_b, level, normal_u0, normal_u1 FROM boundary "
-            "WHERE partition_id = ? ORDER BY region_id, u0_a, u1_a"
-        )
-        bits = np.unpackbits(
-            np.frombuffer(b"".join(regions.column("pattern").to_pylist()), dtype=np.uint8).reshape(
-                regions.num_rows, -1
-            ),
-            axis=1,
-        )
-        states = np.zeros((regions.num_rows, summary["n_units"]), dtype=np.uint8)
-        pos = 0
-        for layer in summary["layers"]:
-            for j in range(layer["bits"]):
-                block = bits[:, pos + j : pos + j + layer["bits"] * layer["units"] : layer["bits"]]
-                states[:, layer["unit_offset"] : layer["unit_offset"] + layer["units"]] |= (
-                    block << (layer["bits"] - 1 - j)
-                ).astype(np.uint8)
-            pos += layer["bits"] * layer["units"]
-        return Partition(
-            regions=regions,
-            edges=edges,
-            boundary=boundary,
-            slice=sl,
-            model_summary=summary,
-            settings=json.loads(settings) | {"device": "stored"},
-            seconds=seconds,
-            states=states,
-        )
+        return load_partition(self, partition_id)
 
     def engine(self) -> Any:
         """A SQLAlchemy engine (duckdb-engine) reading this store, for pandas and SQLAlchemy.
@@ -658,52 +551,6 @@ class Store:
             self.con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
             files.append(path)
         return files
-
-
-SQL_HELPERS = f"""
-CREATE OR REPLACE TEMP VIEW gs_partitions AS
-SELECT p.*, m.name AS model, c.name AS checkpoint, c.step, c.metrics, s.name AS slice_name
-FROM {ALIAS}.partitions p
-JOIN {ALIAS}.checkpoints c ON c.checkpoint_id = p.checkpoint_id
-JOIN {ALIAS}.models m ON m.model_id = c.model_id
-JOIN {ALIAS}.slices s ON s.slice_id = p.slice_id;
-CREATE OR REPLACE TEMP MACRO gs_lc(pid, x, y, r) AS TABLE
-SELECT count(DISTINCT (layer, neuron)) AS n_neurons,
-       count(DISTINCT region_left) AS n_regions_left
-FROM {ALIAS}.edges
-WHERE partition_id = pid AND layer IS NOT NULL AND ST_DWithin(geometry, ST_Point(x, y), r);
-"""
-
-
-def _sql_helpers(con: duckdb.DuckDBPyConnection) -> None:
-    """Per-connection SQL conveniences (documented in the README)."""
-    for stmt in filter(None, (s.strip() for s in SQL_HELPERS.split(";"))):
-        con.execute(stmt)
-
-
-def _wal_catalog(path: Path) -> None:
-    """Put the SQLite catalog in WAL mode (persistent): readers then never block the writer."""
-    import sqlite3
-
-    try:
-        con = sqlite3.connect(path, timeout=30)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"cannot open the store's catalog {path}: {exc}") from None
-
-
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
-    with contextlib.suppress(duckdb.TransactionException):
-        con.execute("ROLLBACK")
-
-
-def _wkt_polygon(domain: Any) -> str:
-    pts = [*domain.tolist(), domain[0].tolist()]
-    return "POLYGON((" + ", ".join(f"{x!r} {y!r}" for x, y in pts) + "))"
 
 
 def open_store(

@@ -1,0 +1,107 @@
+"""Reading a stored partition back as a :class:`~geomstore.Partition`."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from geomstore.engine.partition import Partition
+from geomstore.errors import StoreError
+from geomstore.slice import Slice
+
+if TYPE_CHECKING:
+    from geomstore.store.store import Store
+
+__all__ = ["load_partition"]
+
+
+def load_partition(store: Store, partition_id: str) -> Partition:
+    """Rebuild a stored partition (tables, slice, model summary, settings).
+
+    The result has no model attached (``verify`` needs the model: recompute for that);
+    its ``states`` are unpacked from the stored patterns.
+    """
+    con = store._reader()
+    meta = con.execute(
+        "SELECT p.settings, p.seconds, m.summary, s.name, s.input_shape, s.origin, "
+        "s.basis, ST_AsText(s.domain) FROM partitions p "
+        "JOIN checkpoints c ON c.checkpoint_id = p.checkpoint_id "
+        "JOIN models m ON m.model_id = c.model_id JOIN slices s ON s.slice_id = p.slice_id "
+        "WHERE p.partition_id = ?",
+        [partition_id],
+    ).fetchone()
+    if meta is None:
+        raise StoreError(
+            f"no partition {partition_id!r} in this store; list them with "
+            "store.sql('SELECT * FROM gs_partitions')."
+        )
+    settings, seconds, summary_json, name, shape, origin, basis, domain_wkt = meta
+    summary = json.loads(summary_json)
+    ring = domain_wkt[domain_wkt.index("((") + 2 : domain_wkt.index("))")]
+    dom = np.array([[float(v) for v in pt.split()] for pt in ring.split(",")])[:-1]
+    dim = len(origin)
+    sl = Slice(
+        origin,
+        np.asarray(basis).reshape(2, dim),
+        dom,
+        input_shape=json.loads(shape),
+        name=name or "",
+    )
+    k = summary["n_outputs"]
+
+    def fetch(sql: str) -> pa.Table:
+        return con.execute(sql, [partition_id]).to_arrow_table()
+
+    regions = fetch(
+        "SELECT region_id, ST_AsWKB(geometry)::BLOB AS geometry, area, centroid_u0, "
+        "centroid_u1, n_vertices, pattern, A, c, label, slope_norm FROM regions "
+        "WHERE partition_id = ? ORDER BY region_id"
+    )
+    regions = regions.set_column(
+        regions.schema.get_field_index("A"),
+        "A",
+        pa.FixedSizeListArray.from_arrays(regions.column("A").combine_chunks().flatten(), 2 * k),
+    )
+    regions = regions.set_column(
+        regions.schema.get_field_index("c"),
+        "c",
+        pa.FixedSizeListArray.from_arrays(regions.column("c").combine_chunks().flatten(), k),
+    )
+    edges = fetch(
+        "SELECT edge_id, ST_AsWKB(geometry)::BLOB AS geometry, u0_a, u1_a, u0_b, u1_b, "
+        "length, region_left, region_right, layer, neuron, unit, border_side FROM edges "
+        "WHERE partition_id = ? ORDER BY edge_id"
+    )
+    boundary = fetch(
+        "SELECT ST_AsWKB(geometry)::BLOB AS geometry, u0_a, u1_a, u0_b, u1_b, length, "
+        "region_id, class_a, class_b, level, normal_u0, normal_u1 FROM boundary "
+        "WHERE partition_id = ? ORDER BY region_id, u0_a, u1_a"
+    )
+    bits = np.unpackbits(
+        np.frombuffer(b"".join(regions.column("pattern").to_pylist()), dtype=np.uint8).reshape(
+            regions.num_rows, -1
+        ),
+        axis=1,
+    )
+    states = np.zeros((regions.num_rows, summary["n_units"]), dtype=np.uint8)
+    pos = 0
+    for layer in summary["layers"]:
+        for j in range(layer["bits"]):
+            block = bits[:, pos + j : pos + j + layer["bits"] * layer["units"] : layer["bits"]]
+            states[:, layer["unit_offset"] : layer["unit_offset"] + layer["units"]] |= (
+                block << (layer["bits"] - 1 - j)
+            ).astype(np.uint8)
+        pos += layer["bits"] * layer["units"]
+    return Partition(
+        regions=regions,
+        edges=edges,
+        boundary=boundary,
+        slice=sl,
+        model_summary=summary,
+        settings=json.loads(settings) | {"device": "stored"},
+        seconds=seconds,
+        states=states,
+    )

@@ -1,0 +1,92 @@
+"""Helpers of the store: content ids, busy-catalog retries, transactions, SQL conveniences."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+
+from geomstore.errors import StoreError
+
+ALIAS = "gs"
+T = TypeVar("T")
+
+
+def _hash(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:20]
+
+
+def _retry(fn: Callable[[], T], *, attempts: int = 30) -> T:
+    """Run fn, retrying while the catalog is busy (another writer holds it)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except duckdb.Error as exc:
+            msg = str(exc).lower()
+            busy = "locked" in msg or "busy" in msg or "conflict" in msg
+            if not busy or i == attempts - 1:
+                if busy:
+                    raise StoreError(
+                        f"the store stayed busy after {attempts} tries ({exc}); another "
+                        "process is writing: try again later."
+                    ) from None
+                raise
+            time.sleep(min(2.0, 0.05 * (1.5**i)) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+SQL_HELPERS = f"""
+CREATE OR REPLACE TEMP VIEW gs_partitions AS
+SELECT p.*, m.name AS model, c.name AS checkpoint, c.step, c.metrics, s.name AS slice_name
+FROM {ALIAS}.partitions p
+JOIN {ALIAS}.checkpoints c ON c.checkpoint_id = p.checkpoint_id
+JOIN {ALIAS}.models m ON m.model_id = c.model_id
+JOIN {ALIAS}.slices s ON s.slice_id = p.slice_id;
+CREATE OR REPLACE TEMP MACRO gs_lc(pid, x, y, r) AS TABLE
+SELECT count(DISTINCT (layer, neuron)) AS n_neurons,
+       count(DISTINCT region_left) AS n_regions_left
+FROM {ALIAS}.edges
+WHERE partition_id = pid AND layer IS NOT NULL AND ST_DWithin(geometry, ST_Point(x, y), r);
+"""
+
+
+def _sql_helpers(con: duckdb.DuckDBPyConnection) -> None:
+    """Per-connection SQL conveniences (documented in the README)."""
+    for stmt in filter(None, (s.strip() for s in SQL_HELPERS.split(";"))):
+        con.execute(stmt)
+
+
+def _wal_catalog(path: Path) -> None:
+    """Put the SQLite catalog in WAL mode (persistent): readers then never block the writer."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(path, timeout=30)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"cannot open the store's catalog {path}: {exc}") from None
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
+    with contextlib.suppress(duckdb.TransactionException):
+        con.execute("ROLLBACK")
+
+
+def _wkt_polygon(domain: Any) -> str:
+    pts = [*domain.tolist(), domain[0].tolist()]
+    return "POLYGON((" + ", ".join(f"{x!r} {y!r}" for x, y in pts) + "))"
