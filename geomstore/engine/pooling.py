@@ -78,11 +78,7 @@ def pool_candidates(spec: Nonlinearity) -> Tensor:
     )
     cols = F.unfold(idx, k, dilation=dil, padding=pad, stride=st)  # (lc, kk, L)
     cand = cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).round().long() - 1
-    first = cand.max(dim=1, keepdim=True).values  # any real index of the window
     valid = cand >= 0
-    firstvalid = torch.where(valid, cand, torch.full_like(cand, -1))
-    # replace padding (-1) by the first valid index: duplicates tie and never win
-    lead_idx = firstvalid.masked_fill(~valid, 1 << 40).min(dim=1, keepdim=True).values
-    cand = torch.where(valid, cand, lead_idx.expand_as(cand))
-    del first
-    return cand
+    # replace padding (-1) by the window's first valid index: duplicates tie and never win
+    lead_idx = cand.masked_fill(~valid, 1 << 40).min(dim=1, keepdim=True).values
+    return torch.where(valid, cand, lead_idx.expand_as(cand))

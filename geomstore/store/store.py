@@ -22,7 +22,7 @@ import pyarrow as pa
 from geomstore.engine.partition import Partition
 from geomstore.errors import ReadOnlyQueryError, SchemaVersionError, StoreError
 from geomstore.store.connection import connect
-from geomstore.store.schema import apply_migrations, current_version, migrations
+from geomstore.store.schema import LEDGER, apply_migrations, current_version, migrations
 from geomstore.store.sqlutil import (
     ALIAS,
     _hash,
@@ -35,7 +35,7 @@ from geomstore.store.sqlutil import (
 
 __all__ = ["QueryResult", "Store", "open_store"]
 
-_TABLES = (
+_DATA_TABLES = (
     "models",
     "checkpoints",
     "slices",
@@ -45,7 +45,6 @@ _TABLES = (
     "boundary",
     "datasets",
     "points",
-    "schema_migrations",
 )
 CATALOG = "catalog.sqlite"
 
@@ -528,7 +527,7 @@ class Store:
                 raise StoreError(f"{path} exists; export into a new file.")
             self.con.execute(f"ATTACH '{path}' AS gs_export")
             try:
-                for table in _TABLES:
+                for table in (*_DATA_TABLES, LEDGER):
                     self.con.execute(f"CREATE TABLE gs_export.{table} AS SELECT * FROM {table}")
             finally:
                 self.con.execute("DETACH gs_export")
@@ -536,17 +535,7 @@ class Store:
         out = Path(target)
         out.mkdir(parents=True, exist_ok=True)
         files = []
-        for table in (
-            "models",
-            "checkpoints",
-            "slices",
-            "partitions",
-            "regions",
-            "edges",
-            "boundary",
-            "datasets",
-            "points",
-        ):
+        for table in _DATA_TABLES:
             path = out / f"{table}.parquet"
             self.con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
             files.append(path)
