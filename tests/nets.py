@@ -75,3 +75,8 @@ def digits_slice(seed: int = 0) -> Slice:
     g = torch.Generator().manual_seed(seed)
     a, b, c = (torch.rand((1, 8, 8), generator=g, dtype=torch.float64) for _ in range(3))
     return Slice.through(a.numpy(), b.numpy(), c.numpy(), margin=0.1, name="digits")
+
+
+def factory_mlp() -> nn.Sequential:
+    """A no-argument factory (for --factory tests.nets:factory_mlp): 2-16-16-3."""
+    return mlp((16, 16), 3, seed=0)

@@ -1,0 +1,257 @@
+"""Loading models from files without running code from them (unless asked to).
+
+A model reaches geomstore as one of:
+
+- a ``torch.export`` program (``.pt2``, from ``torch.export.save``);
+- a factory ``package.module:function`` that builds the module, plus a weights file: a
+  state dict (``torch.load(weights_only=True)``: tensors only, no code) or safetensors;
+- a TorchScript file (``torch.jit.save``), converted to an export program;
+- a pickled whole module (``torch.save(model)``), only with ``trust_pickle=True``:
+  unpickling runs code named in the file.
+
+Every failure names the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import logging
+import os
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geomstore.errors import GeomstoreError
+
+__all__ = ["ModelLoadError", "ModelSpec", "file_sha256", "load_model"]
+
+
+class ModelLoadError(GeomstoreError):
+    """A model file is missing, of an unknown kind, or does not fit its factory."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one checkpoint's model: a file, and a factory when the file holds weights.
+
+    Plain data (a JSON-able dict via ``to_dict``), so that it can be stored with a job.
+    """
+
+    path: str
+    factory: str | None = None
+    trust_pickle: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "factory": self.factory, "trust_pickle": self.trust_pickle}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(str(d["path"]), d.get("factory"), bool(d.get("trust_pickle", False)))
+
+    def load(self, input_shape: Sequence[int]) -> Any:
+        return load_model(
+            self.path, factory=self.factory, input_shape=input_shape, trust_pickle=self.trust_pickle
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (identifies a checkpoint file's content)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _kind(path: Path) -> str:
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix == ".pt2":
+        return "export"
+    if not zipfile.is_zipfile(path):
+        return "unknown"
+    names = zipfile.ZipFile(path).namelist()
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("serialized_exported_program.json") for n in names) or any(
+        "/models/" in n and n.endswith(".json") for n in names
+    ):
+        return "export"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch-save"
+    return "unknown"
+
+
+def _factory(spec: str) -> Callable[[], Any]:
+    mod_name, sep, fn_name = spec.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ModelLoadError(
+            f"factory {spec!r} is not of the form package.module:function "
+            "(e.g. mypkg.models:make_mlp, a function that takes no arguments)."
+        )
+    if os.getcwd() not in sys.path:  # like uvicorn's --app-dir: factories next to the user
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"cannot import {mod_name!r} for factory {spec!r}: {exc}. Install the package or "
+            "run from the folder that holds it (it must be importable)."
+        ) from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelLoadError(f"{mod_name!r} has no function {fn_name!r} (factory {spec!r}).")
+    return fn
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    names = ("torch._export", "torch.export", "torch._dynamo", "torch.fx")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # TorchScript's deprecation notices are not the user's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    if kind == "safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ModelLoadError(
+                f"{path} is a safetensors file; install safetensors (pip install safetensors)."
+            ) from None
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from None
+    if kind == "torchscript":
+        raise ModelLoadError(
+            f"{path} is a TorchScript file, which holds its own model: drop --factory."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if "weights_only" in str(exc).lower() or "unpickl" in type(exc).__name__.lower():
+            raise ModelLoadError(
+                f"{path} holds more than tensors (a pickled object); with a factory it must be "
+                "a state dict: torch.save(model.state_dict(), path)."
+            ) from None
+        raise ModelLoadError(f"{path} is not a readable torch weights file: {exc}") from None
+    for key in ("state_dict", "model_state_dict", "model"):  # common training-loop layouts
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(
+            f"{path} does not hold a state dict (a dict of tensors, or one under 'state_dict', "
+            "'model_state_dict' or 'model')."
+        )
+    return obj
+
+
+def load_model(
+    path: str | Path,
+    *,
+    factory: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    trust_pickle: bool = False,
+) -> Any:
+    """Load a model from a checkpoint file, ready for :func:`geomstore.partition`.
+
+    Parameters
+    ----------
+    path : a ``.pt2`` export program, a TorchScript file, a weights file (state dict or
+        ``.safetensors``) together with ``factory``, or a pickled module (``trust_pickle``).
+    factory : ``"package.module:function"``, a function without arguments returning the
+        module whose ``load_state_dict`` takes the weights.
+    input_shape : the shape of one input (without batch); needed for TorchScript files.
+    trust_pickle : load a pickled whole module, which runs code named in the file.
+
+    Returns an ``nn.Module`` in eval mode or a ``torch.export.ExportedProgram``.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    >>> f = tempfile.mkdtemp() + "/net.pt2"
+    >>> torch.export.save(torch.export.export(net, (torch.zeros(1, 2),)), f)
+    >>> type(load_model(f)).__name__
+    'ExportedProgram'
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"model file {p} does not exist (or is not a file).")
+    kind = _kind(p)
+    if factory is not None:
+        state = _state_dict(p, kind)
+        model = _factory(factory)()
+        if not isinstance(model, torch.nn.Module):
+            raise ModelLoadError(
+                f"factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module."
+            )
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:600]
+            raise ModelLoadError(
+                f"the weights in {p} do not fit the model built by {factory!r}: {detail}"
+            ) from None
+        return model.eval()
+    if kind == "export":
+        try:
+            with _quiet_export():
+                return torch.export.load(str(p))
+        except Exception as exc:
+            raise ModelLoadError(f"{p} is not a readable torch.export program: {exc}") from None
+    if kind == "torchscript":
+        if input_shape is None:
+            raise ModelLoadError(f"{p} is a TorchScript file; its input shape is needed.")
+        try:
+            from torch._export.converter import TS2EPConverter
+
+            with _quiet_export():
+                scripted = torch.jit.load(str(p), map_location="cpu")
+                example = (torch.zeros(1, *input_shape),)
+                return TS2EPConverter(scripted, example).convert()
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:400]
+            raise ModelLoadError(
+                f"cannot convert the TorchScript file {p} to an export program ({detail}); "
+                "save the model with torch.export.save instead."
+            ) from None
+    if kind in ("torch-save", "safetensors"):
+        if kind == "torch-save" and trust_pickle:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+            if not isinstance(obj, torch.nn.Module):
+                raise ModelLoadError(
+                    f"{p} unpickled to {type(obj).__name__}, not a torch.nn.Module; for a state "
+                    "dict give --factory package.module:function."
+                )
+            return obj.eval()
+        raise ModelLoadError(
+            f"{p} holds weights or a pickled object, not a self-contained model: give the "
+            "factory that builds the module (--factory package.module:function), or save the "
+            "model with torch.export.save(...) as .pt2. A pickled whole module is loaded only "
+            "with --trust-pickle (it runs code from the file)."
+        )
+    raise ModelLoadError(
+        f"{p} is not a model file geomstore knows: expected a torch.export program (.pt2), a "
+        "TorchScript file, a state dict (.pt/.pth) or safetensors file with --factory."
+    )
