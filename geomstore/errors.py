@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AbortedWriteError",
     "GeomstoreError",
     "InvalidSliceError",
     "MissingExtensionError",
@@ -44,3 +45,7 @@ class SchemaVersionError(StoreError):
 
 class ReadOnlyQueryError(StoreError):
     """A query on the read-only SQL path tried to write, read files or load extensions."""
+
+
+class AbortedWriteError(StoreError):
+    """A write was rolled back on purpose (a job's claim was lost to another worker)."""

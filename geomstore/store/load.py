@@ -15,7 +15,7 @@ from geomstore.slice import Slice
 if TYPE_CHECKING:
     from geomstore.store.store import Store
 
-__all__ = ["load_partition"]
+__all__ = ["load_partition", "load_slice"]
 
 
 def load_partition(store: Store, partition_id: str) -> Partition:
@@ -40,16 +40,7 @@ def load_partition(store: Store, partition_id: str) -> Partition:
         )
     settings, seconds, summary_json, name, shape, origin, basis, domain_wkt = meta
     summary = json.loads(summary_json)
-    ring = domain_wkt[domain_wkt.index("((") + 2 : domain_wkt.index("))")]
-    dom = np.array([[float(v) for v in pt.split()] for pt in ring.split(",")])[:-1]
-    dim = len(origin)
-    sl = Slice(
-        origin,
-        np.asarray(basis).reshape(2, dim),
-        dom,
-        input_shape=json.loads(shape),
-        name=name or "",
-    )
+    sl = _slice_from_row(name, shape, origin, basis, domain_wkt)
     k = summary["n_outputs"]
 
     def fetch(sql: str) -> pa.Table:
@@ -105,3 +96,39 @@ def load_partition(store: Store, partition_id: str) -> Partition:
         seconds=seconds,
         states=states,
     )
+
+
+def _slice_from_row(
+    name: str | None, shape: str, origin: list[float], basis: list[float], domain_wkt: str
+) -> Slice:
+    ring = domain_wkt[domain_wkt.index("((") + 2 : domain_wkt.index("))")]
+    dom = np.array([[float(v) for v in pt.split()] for pt in ring.split(",")])[:-1]
+    dim = len(origin)
+    return Slice(
+        origin,
+        np.asarray(basis).reshape(2, dim),
+        dom,
+        input_shape=json.loads(shape),
+        name=name or "",
+    )
+
+
+def load_slice(store: Store, name: str) -> Slice:
+    """A stored slice by name (or by slice id)."""
+    rows = (
+        store._reader()
+        .execute(
+            "SELECT slice_id, name, input_shape, origin, basis, ST_AsText(domain) FROM slices "
+            "WHERE name = $n OR slice_id = $n ORDER BY created_at",
+            {"n": name},
+        )
+        .fetchall()
+    )
+    if not rows:
+        known = store._reader().execute("SELECT DISTINCT name FROM slices ORDER BY 1").fetchall()
+        names = ", ".join(repr(r[0]) for r in known) or "none yet"
+        raise StoreError(f"no slice named {name!r} in this store (stored slices: {names}).")
+    if len({r[0] for r in rows}) > 1:
+        ids = ", ".join(r[0] for r in rows)
+        raise StoreError(f"several slices are named {name!r} ({ids}); give the slice id instead.")
+    return _slice_from_row(*rows[0][1:])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from geomstore.engine.partition import Partition
-from geomstore.errors import ReadOnlyQueryError, SchemaVersionError, StoreError
+from geomstore.errors import AbortedWriteError, ReadOnlyQueryError, SchemaVersionError, StoreError
 from geomstore.store.connection import connect
 from geomstore.store.schema import LEDGER, apply_migrations, current_version, migrations
 from geomstore.store.sqlutil import (
@@ -72,7 +72,12 @@ class Store:
     """
 
     def __init__(
-        self, target: str, *, read_only: bool = False, data_path: str | None = None
+        self,
+        target: str,
+        *,
+        read_only: bool = False,
+        data_path: str | None = None,
+        upgrade: bool = True,
     ) -> None:
         self.target = target
         self.data_path = data_path
@@ -88,7 +93,7 @@ class Store:
                     f"the store at {target} has schema version {have}, newer than this "
                     f"geomstore knows ({latest}); upgrade geomstore."
                 )
-            if have < latest:
+            if have < latest and upgrade:
                 if read_only:
                     raise SchemaVersionError(
                         f"the store at {target} has schema version {have} and needs {latest}; "
@@ -200,11 +205,14 @@ class Store:
         metrics: dict[str, float] | None = None,
         verified: bool | None = None,
         replace: bool = False,
+        before_commit: Callable[[duckdb.DuckDBPyConnection, str], bool] | None = None,
     ) -> str:
         """Write one partition (and its model, checkpoint, slice) in one transaction.
 
         Returns the partition id. Writing the same checkpoint x slice x settings again is a
-        no-op unless ``replace=True``.
+        no-op unless ``replace=True``. ``before_commit(con, partition_id)`` runs inside the
+        transaction (the job queue marks its job done there); when it returns False the
+        transaction is rolled back and :class:`~geomstore.errors.AbortedWriteError` raised.
         """
         if self.read_only:
             raise StoreError("this store is open read-only; open it without read_only to write.")
@@ -233,7 +241,12 @@ class Store:
                 assert row is not None
                 exists, have = row[0], tuple(bool(x) for x in row[1:])
                 if exists and not replace:
-                    con.execute("ROLLBACK")
+                    if before_commit is None:
+                        con.execute("ROLLBACK")
+                        return partition_id
+                    if not before_commit(con, partition_id):
+                        raise AbortedWriteError(f"write of partition {partition_id} aborted")
+                    con.execute("COMMIT")
                     return partition_id
                 if exists:
                     for table in ("partitions", "regions", "edges", "boundary"):
@@ -270,6 +283,8 @@ class Store:
                         verified,
                     ],
                 )
+                if before_commit is not None and not before_commit(con, partition_id):
+                    raise AbortedWriteError(f"write of partition {partition_id} aborted")
                 con.execute("COMMIT")
             except BaseException:
                 _rollback(con)
@@ -422,6 +437,12 @@ class Store:
 
         return load_partition(self, partition_id)
 
+    def load_slice(self, name: str) -> Any:
+        """A stored slice (a :class:`~geomstore.Slice`) by name or slice id."""
+        from geomstore.store.load import load_slice
+
+        return load_slice(self, name)
+
     def engine(self) -> Any:
         """A SQLAlchemy engine (duckdb-engine) reading this store, for pandas and SQLAlchemy.
 
@@ -467,7 +488,7 @@ class Store:
         slice_: Any,
         x: Any,
         *,
-        labels: Sequence[int] | None = None,
+        labels: Sequence[int] | Any | None = None,
         split: str = "train",
     ) -> str:
         """Store a data set projected onto a slice: u, distance to the plane, label, split.
@@ -527,7 +548,7 @@ class Store:
                 raise StoreError(f"{path} exists; export into a new file.")
             self.con.execute(f"ATTACH '{path}' AS gs_export")
             try:
-                for table in (*_DATA_TABLES, LEDGER):
+                for table in (*_DATA_TABLES, "jobs", "job_heartbeats", LEDGER):
                     self.con.execute(f"CREATE TABLE gs_export.{table} AS SELECT * FROM {table}")
             finally:
                 self.con.execute("DETACH gs_export")
