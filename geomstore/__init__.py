@@ -18,6 +18,9 @@ from geomstore.errors import (
     ModelShapeError,
     UnsupportedModelError,
 )
+from geomstore.jobs import Worker, submit
+from geomstore.loading import ModelLoadError, ModelSpec, load_model
+from geomstore.recorder import Recorder
 from geomstore.slice import Slice
 from geomstore.store import QueryResult, Store
 from geomstore.store import open_store as open
@@ -28,15 +31,21 @@ __all__ = [
     "ENGINE_VERSION",
     "GeomstoreError",
     "InvalidSliceError",
+    "ModelLoadError",
     "ModelShapeError",
+    "ModelSpec",
     "Partition",
     "QueryResult",
+    "Recorder",
     "Slice",
     "Store",
     "UnsupportedModelError",
     "VerifyReport",
+    "Worker",
     "__version__",
+    "load_model",
     "open",
     "partition",
+    "submit",
     "verify",
 ]

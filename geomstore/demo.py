@@ -1,20 +1,26 @@
-"""The demo: train a small MLP on two moons, partition its input plane, verify, draw."""
+"""The demo: train an MLP on two moons, record its geometry at every checkpoint into a
+store, query the local-complexity trajectory and the partition statistics, draw."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
-from geomstore.engine.partition import Partition, partition
 from geomstore.engine.verify import VerifyReport
+from geomstore.recorder import Recorder
 from geomstore.slice import Slice
+from geomstore.store.store import open_store
 
-__all__ = ["DemoResult", "run_demo", "two_moons"]
+__all__ = ["DemoResult", "moons_mlp", "run_demo", "two_moons"]
+
+PLANE = Slice.box((-1.5, -1.0), (2.5, 1.5), name="moons-plane")
 
 
 def two_moons(n: int, *, noise: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -30,83 +36,132 @@ def two_moons(n: int, *, noise: float = 0.1, seed: int = 0) -> tuple[np.ndarray,
     return x, y
 
 
+def moons_mlp(width: int = 32, depth: int = 2) -> nn.Sequential:
+    """The demo's 2-width^depth-2 ReLU MLP (PyTorch default initialisation)."""
+    layers: list[nn.Module] = []
+    d = 2
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, 2))
+
+
 @dataclass
 class DemoResult:
-    """What the demo computed."""
+    """What the demo computed, and where it wrote it."""
 
-    partition: Partition
+    store: Path
+    model: str
+    trajectory: pa.Table
+    turning_points: dict[str, dict[str, int | None]]
+    stats: pa.Table
     report: VerifyReport
     accuracy: float
-    picture: Path | None
+    n_regions: int
+    pictures: list[Path] = field(default_factory=list)
 
 
-def run_demo(out_dir: Path, *, steps: int = 400, width: int = 32, seed: int = 0) -> DemoResult:
-    """Train a 2-w-w-2 ReLU MLP on two moons, partition [-1.5, 2.5] x [-1, 1.5], verify it."""
+def run_demo(
+    out_dir: Path,
+    *,
+    steps: int = 2000,
+    checkpoints: int = 25,
+    width: int = 32,
+    seed: int = 0,
+    radius: float = 0.1,
+    pictures: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> DemoResult:
+    """Train on two moons, recording ``checkpoints`` partitions into ``out_dir/store``.
+
+    Checkpoints fall on a geometric schedule (dense early, where the partition changes
+    fastest). Then: the local-complexity trajectory near the train and test points, the
+    partition statistics, a verification of the final partition against the model, and
+    the pictures (final partition by class and by slope, a GIF and a grid of the run, the
+    curves against the step).
+    """
+    from geomstore.queries import lc_trajectory, partition_stats
+
     torch.manual_seed(seed)
     x, y = two_moons(512, seed=seed)
-    net = nn.Sequential(
-        nn.Linear(2, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2)
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(xt), yt)
-        loss.backward()
-        opt.step()
-    acc = float((net(xt).argmax(1) == yt).float().mean())
-    sl = Slice.box((-1.5, -1.0), (2.5, 1.5), name="moons-plane")
-    part = partition(net, sl)
-    report = part.verify(net)
+    xt, yt = two_moons(512, seed=seed + 1)
+    net = moons_mlp(width)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    X, Y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    XT, YT = torch.tensor(xt, dtype=torch.float32), torch.tensor(yt)
+    marks = _schedule(steps, checkpoints)
     out_dir.mkdir(parents=True, exist_ok=True)
-    picture = draw(part, out_dir / "partition.png", points=(x, y))
-    return DemoResult(part, report, acc, picture)
-
-
-def draw(
-    part: Partition,
-    path: Path,
-    *,
-    points: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Path | None:
-    """Draw regions by slope norm, thin edges, a bold decision boundary; None w/o matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.collections import LineCollection, PolyCollection
-    except ImportError:
-        return None
-    import shapely
-
-    polys = part.polygons()
-    coords = [np.asarray(shapely.get_exterior_ring(p).coords) for p in polys]
-    slope = np.asarray(part.regions.column("slope_norm"))
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    pc = PolyCollection(coords, array=slope, cmap="viridis", edgecolors="white", linewidths=0.2)
-    ax.add_collection(pc)
-    bd = part.boundary
-    segs = np.stack(
-        [
-            np.stack([np.asarray(bd.column("u0_a")), np.asarray(bd.column("u1_a"))], 1),
-            np.stack([np.asarray(bd.column("u0_b")), np.asarray(bd.column("u1_b"))], 1),
-        ],
-        1,
-    )
-    ax.add_collection(LineCollection(list(segs), colors="red", linewidths=2.0))
-    if points is not None:
-        ax.scatter(
-            points[0][:, 0], points[0][:, 1], c=points[1], s=4, cmap="coolwarm", edgecolors="none"
+    store_path = out_dir / "store"
+    model = f"moons-mlp-{width}x2"
+    with open_store(store_path) as store:
+        rec = Recorder(store, model, PLANE)
+        store.add_points("moons-train", PLANE, x, labels=y, split="train")
+        store.add_points("moons-test", PLANE, xt, labels=yt, split="test")
+        for step in range(steps + 1):
+            if step in marks:
+                with torch.no_grad():
+                    acc = float((net(X).argmax(1) == Y).float().mean())
+                    tacc = float((net(XT).argmax(1) == YT).float().mean())
+                rec(net, step, {"train_acc": acc, "test_acc": tacc}, force=True)
+            if on_step is not None:
+                on_step(step)
+            if step == steps:
+                break
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(X), Y).backward()
+            opt.step()
+        curve, turns = lc_trajectory(store, model=model, points="moons-train", radius=radius)
+        test_curve, test_turns = lc_trajectory(
+            store, model=model, points="moons-test", radius=radius
         )
-    lo, hi = part.slice.domain.min(0), part.slice.domain.max(0)
-    ax.set_xlim(lo[0], hi[0])
-    ax.set_ylim(lo[1], hi[1])
-    ax.set_xlabel("u0")
-    ax.set_ylabel("u1")
-    ax.set_title(f"{part.n_regions} linear regions; decision boundary in red")
-    fig.colorbar(pc, ax=ax, label="slope norm ||A||_F")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        curve = pa.concat_tables([curve, test_curve])
+        turns |= test_turns
+        stats = partition_stats(store, model=model)
+        from geomstore.engine.partition import partition
+
+        final = partition(net.eval(), PLANE)
+        report = final.verify(net)
+        drawn: list[Path] = []
+        if pictures:
+            drawn = _pictures(store, model, out_dir, (x, y), curve, stats)
+    return DemoResult(store_path, model, curve, turns, stats, report, tacc, final.n_regions, drawn)
+
+
+def _schedule(steps: int, n: int) -> list[int]:
+    """``n`` distinct steps from 0 to ``steps``, geometrically spaced (dense early)."""
+    if n > steps + 1:
+        return list(range(steps + 1))
+    k = n - 1
+    while True:
+        marks = sorted({0, steps, *np.geomspace(1, steps, k).round().astype(int).tolist()})
+        if len(marks) >= n:
+            return marks
+        k += 1
+
+
+def _pictures(
+    store: object,
+    model: str,
+    out_dir: Path,
+    data: tuple[np.ndarray, np.ndarray],
+    curve: pa.Table,
+    stats: pa.Table,
+) -> list[Path]:
+    from geomstore import plot
+    from geomstore.queries.stats import resolve_partitions
+
+    rows = resolve_partitions(store, model=model).to_pylist()  # type: ignore[arg-type]
+    parts = [store.load_partition(r["partition_id"]) for r in rows]  # type: ignore[attr-defined]
+    titles = [f"step {r['step']}: {p.n_regions} regions" for r, p in zip(rows, parts)]
+    pick = np.unique(np.linspace(0, len(parts) - 1, 8).round().astype(int))
+    return [
+        plot.draw_partition(parts[-1], out_dir / "partition.png", points=data, title=titles[-1]),
+        plot.draw_partition(
+            parts[-1], out_dir / "partition-class.svg", color="class", points=data, title=titles[-1]
+        ),
+        plot.small_multiples(
+            [parts[i] for i in pick], out_dir / "checkpoints.png", titles=[titles[i] for i in pick]
+        ),
+        plot.animate(parts, out_dir / "training.gif", titles=titles, points=data),
+        plot.plot_trajectory(curve, stats, out_dir / "trajectory.png"),
+    ]

@@ -46,6 +46,7 @@ def sample_boundary(
     Examples
     --------
     >>> import torch, geomstore
+    >>> _ = torch.manual_seed(0)
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(),
     ...                           torch.nn.Linear(16, 3))
     >>> part = geomstore.partition(net, geomstore.Slice.box((-1, -1), (1, 1)), device="cpu")
