@@ -18,12 +18,21 @@ def test_version_prints_versions() -> None:
     assert f"geomstore {geomstore.__version__}" in res.output
 
 
-def test_demo_writes_a_verified_partition(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["demo", "--out", str(tmp_path), "--steps", "60"])
+def test_demo_records_a_run_and_draws_it(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["demo", "--out", str(tmp_path), "--steps", "60", "--checkpoints", "20"]
+    )
     assert res.exit_code == 0, res.output
     assert "[FAIL]" not in res.output
-    assert "[ok] tiling" in res.output
-    assert (tmp_path / "partition.png").stat().st_size > 10_000
+    assert "[ok] tiling" in res.output and "local complexity" in res.output
+    for name in ("partition.png", "partition-class.svg", "checkpoints.png", "trajectory.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    from PIL import Image
+
+    assert Image.open(tmp_path / "training.gif").n_frames == 20
+    with geomstore.open(tmp_path / "store", read_only=True) as store:
+        steps = store.sql("SELECT step FROM gs_partitions ORDER BY step").table
+    assert steps.num_rows == 20 and steps.column("step")[-1].as_py() == 60
 
 
 def test_every_command_is_documented_with_an_example() -> None:
@@ -36,8 +45,8 @@ def test_every_command_is_documented_with_an_example() -> None:
 
 def test_public_api_is_pinned() -> None:
     expected = (
-        "ENGINE_VERSION GeomstoreError InvalidSliceError ModelShapeError Partition "
-        "QueryResult Slice Store UnsupportedModelError VerifyReport __version__ open "
-        "partition verify"
+        "ENGINE_VERSION GeomstoreError InvalidSliceError ModelLoadError ModelShapeError "
+        "ModelSpec Partition QueryResult Recorder Slice Store UnsupportedModelError "
+        "VerifyReport Worker __version__ load_model open partition submit verify"
     )
     assert sorted(geomstore.__all__) == sorted(expected.split())

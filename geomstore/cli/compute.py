@@ -1,0 +1,279 @@
+"""Commands that compute: compute, submit, worker, watch, jobs."""
+
+from __future__ import annotations
+
+import glob
+import time
+from pathlib import Path
+
+import typer
+
+from geomstore.cli.common import (
+    BOX,
+    MARGIN,
+    NAMED,
+    STORE,
+    THROUGH,
+    app,
+    emit,
+    err,
+    open_store,
+    out,
+    progress,
+    slices_from,
+)
+from geomstore.errors import GeomstoreError
+from geomstore.loading import ModelSpec
+
+CHECKPOINTS = typer.Argument(
+    ..., help="Checkpoint files or glob patterns (quote them: 'runs/ckpt/*.pt2')."
+)
+MODEL = typer.Option(..., "--model", "-m", help="The model's name in the store.")
+FACTORY = typer.Option(
+    None,
+    "--factory",
+    help="package.module:function building the module, when the files hold weights "
+    "(state dicts or .safetensors).",
+)
+TRUST = typer.Option(
+    False, "--trust-pickle", help="Load pickled whole modules: this RUNS CODE from the file."
+)
+LEVELS = typer.Option(
+    [], "--level", help="Trace this level set of output 0 instead of a decision boundary."
+)
+
+
+def _files(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pat in patterns:
+        hits = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
+        if not hits:
+            raise GeomstoreError(f"no checkpoint file matches {pat!r}.")
+        files += [Path(h) for h in hits]
+    for f in files:
+        if not f.is_file():
+            raise GeomstoreError(f"checkpoint file {f} does not exist.")
+    return files
+
+
+def _options(levels: list[float], threshold: float | None) -> dict[str, object]:
+    opts: dict[str, object] = {}
+    if levels:
+        opts["levels"] = list(levels)
+    if threshold is not None:
+        opts["threshold"] = threshold
+    return opts
+
+
+@app.command()
+def compute(
+    store: str = STORE,
+    checkpoints: list[str] = CHECKPOINTS,
+    model: str = MODEL,
+    factory: str | None = FACTORY,
+    trust_pickle: bool = TRUST,
+    box: list[str] = BOX,
+    through: list[Path] = THROUGH,
+    slice_name: list[str] = NAMED,
+    margin: float = MARGIN,
+    verify: bool = typer.Option(False, help="Check each partition against the model."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    level: list[float] = LEVELS,
+    threshold: float | None = typer.Option(None, help="Single-output decision threshold."),
+) -> None:
+    """Partition checkpoints on slices now, in this process, and store them.
+
+    Name, step and metrics come from each file (step-0300.pt2 -> step 300; a step-0300.json
+    beside it may hold {"step": ..., "metrics": {...}}).
+
+    Example: geomstore compute runs/moons 'ckpt/*.pt2' --model moons-mlp --box=-2,-1.5,3,2
+    """
+    from geomstore.jobs import checkpoint_meta
+    from geomstore.jobs import compute as compute_one
+
+    files = _files(checkpoints)
+    with open_store(store) as st:
+        sls = slices_from(st, box, through, slice_name, margin)
+        opts = _options(level, threshold)
+        failed = 0
+        with progress() as bar:
+            task = bar.add_task("partitioning", total=len(files) * len(sls))
+            for f in files:
+                name, step, metrics = checkpoint_meta(f)
+                spec = ModelSpec(str(f.resolve()), factory, trust_pickle)
+                for sl in sls:
+                    bar.update(task, description=f"{name} on {sl.name or 'slice'}")
+                    pid, part, ok = compute_one(
+                        st,
+                        spec,
+                        sl,
+                        model=model,
+                        checkpoint=name,
+                        step=step,
+                        metrics=metrics,
+                        verify=verify,
+                        device=device,
+                        options=opts,
+                    )
+                    failed += ok is False
+                    bar.console.print(
+                        f"{name} x {sl.name}: {part.n_regions} regions, "
+                        f"{part.seconds:.2f} s -> partition {pid}"
+                        + ("" if ok is None else ("  verified" if ok else "  VERIFY FAILED"))
+                    )
+                    bar.advance(task)
+    if failed:
+        raise GeomstoreError(f"{failed} partition(s) failed verification; see above.")
+
+
+@app.command()
+def submit(
+    store: str = STORE,
+    checkpoints: list[str] = CHECKPOINTS,
+    model: str = MODEL,
+    factory: str | None = FACTORY,
+    trust_pickle: bool = TRUST,
+    box: list[str] = BOX,
+    through: list[Path] = THROUGH,
+    slice_name: list[str] = NAMED,
+    margin: float = MARGIN,
+    verify: bool = typer.Option(False, help="Workers check each partition against the model."),
+    level: list[float] = LEVELS,
+    threshold: float | None = typer.Option(None, help="Single-output decision threshold."),
+) -> None:
+    """Queue checkpoints x slices as jobs for `geomstore worker` processes.
+
+    Submitting the same file content and slice again does not add a second job.
+
+    Example: geomstore submit runs/moons 'ckpt/*.pt2' --model moons-mlp --box=-2,-1.5,3,2
+    """
+    from geomstore.jobs import submit as submit_one
+
+    files = _files(checkpoints)
+    with open_store(store) as st:
+        sls = slices_from(st, box, through, slice_name, margin)
+        ids = set()
+        with progress() as bar:
+            task = bar.add_task("submitting", total=len(files) * len(sls))
+            for f in files:
+                spec = ModelSpec(str(f.resolve()), factory, trust_pickle)
+                for sl in sls:
+                    ids.add(
+                        submit_one(
+                            st,
+                            spec,
+                            sl,
+                            model=model,
+                            verify=verify,
+                            options=_options(level, threshold),
+                        )
+                    )
+                    bar.advance(task)
+    out.print(f"{len(ids)} job(s) in the queue of {store}; run: geomstore worker {store}")
+
+
+@app.command()
+def worker(
+    store: str = STORE,
+    once: bool = typer.Option(False, "--once", help="Exit when the queue is empty."),
+    max_jobs: int | None = typer.Option(None, help="Exit after this many jobs."),
+    device: str = typer.Option("auto", help="auto (CUDA when there is one), cpu or cuda."),
+    heartbeat: float = typer.Option(5.0, help="Seconds between heartbeats."),
+    stale_after: float = typer.Option(
+        60.0, help="Reclaim running jobs whose heartbeat is older than this (seconds)."
+    ),
+    max_attempts: int = typer.Option(3, help="Claims before a failing job is marked failed."),
+    poll: float = typer.Option(2.0, help="Seconds between looks at an empty queue."),
+    name: str | None = typer.Option(None, help="Worker name (default host:pid)."),
+) -> None:
+    """Run the store's queued jobs until stopped (SIGTERM / Ctrl-C release the current job).
+
+    Several workers may share one store directory.
+
+    Example: geomstore worker runs/moons --once
+    """
+    from geomstore.jobs import Job, Worker
+
+    with open_store(store) as st:
+        w = Worker(
+            st,
+            device=device,
+            heartbeat=heartbeat,
+            stale_after=stale_after,
+            max_attempts=max_attempts,
+            **({"name": name} if name else {}),
+        )
+        err.print(f"worker {w.name} on {store} ({device}); Ctrl-C to stop")
+
+        def log(job: Job, outcome: str) -> None:
+            err.print(f"{outcome:>8}  {job.model} {job.checkpoint}  (job {job.job_id})")
+
+        counts = w.run(once=once, max_jobs=max_jobs, poll=poll, on_event=log)
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    err.print(f"worker {w.name} stopped: {summary or 'no jobs'}")
+
+
+@app.command()
+def watch(
+    store: str = STORE,
+    folder: Path = typer.Argument(..., help="The folder a training run writes checkpoints to."),
+    model: str = MODEL,
+    pattern: str = typer.Option("*.pt2", help="Which files are checkpoints."),
+    factory: str | None = FACTORY,
+    trust_pickle: bool = TRUST,
+    box: list[str] = BOX,
+    through: list[Path] = THROUGH,
+    slice_name: list[str] = NAMED,
+    margin: float = MARGIN,
+    interval: float = typer.Option(5.0, help="Seconds between looks at the folder."),
+    once: bool = typer.Option(False, "--once", help="Submit what is there now, then exit."),
+) -> None:
+    """Submit every new checkpoint that appears in a folder (once its size stops changing).
+
+    Example: geomstore watch runs/moons ckpt/ --model moons-mlp --box=-2,-1.5,3,2
+    """
+    from geomstore.jobs import stable_files
+    from geomstore.jobs import submit as submit_one
+
+    if not folder.is_dir():
+        raise GeomstoreError(f"{folder} is not a folder.")
+    with open_store(store) as st:
+        sls = slices_from(st, box, through, slice_name, margin)
+        sizes: dict[Path, tuple[int, float]] = {}
+        done: set[Path] = set()
+        stable_files(folder, pattern, sizes)
+        err.print(f"watching {folder}/{pattern} for {model}; Ctrl-C to stop")
+        while True:
+            time.sleep(min(interval, 1.0) if once else interval)
+            for f in stable_files(folder, pattern, sizes):
+                if f in done:
+                    continue
+                spec = ModelSpec(str(f.resolve()), factory, trust_pickle)
+                for sl in sls:
+                    submit_one(st, spec, sl, model=model)
+                done.add(f)
+                err.print(f"submitted {f.name}")
+            if once:
+                break
+
+
+@app.command()
+def jobs(
+    store: str = STORE,
+    retry_failed: bool = typer.Option(False, help="Put failed jobs back in the queue."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file."),
+) -> None:
+    """List the store's jobs with status, attempts, worker and error.
+
+    Example: geomstore jobs runs/moons --retry-failed
+    """
+    from geomstore.jobs import job_table
+    from geomstore.jobs import retry_failed as retry
+
+    with open_store(store) as st:
+        if retry_failed:
+            err.print(f"{retry(st)} failed job(s) queued again")
+        table = job_table(st)
+    counts = {s: table.column("status").to_pylist().count(s) for s in ("queued", "running")}
+    emit(table, fmt, output, title=f"jobs: {counts['queued']} queued, {counts['running']} running")

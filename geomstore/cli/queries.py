@@ -1,0 +1,234 @@
+"""Commands that ask questions of stored partitions: lc, stats, sample, compare, plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from geomstore.cli.common import STORE, app, emit, err, open_store, out
+from geomstore.errors import GeomstoreError
+
+MODEL = typer.Option(..., "--model", "-m", help="The model's name in the store.")
+SLICE = typer.Option(None, "--slice", help="Only this slice (name); default: the only one.")
+CKPTS = typer.Option([], "--checkpoint", "-c", help="Only these checkpoints (repeatable).")
+FMT = typer.Option("table", "--format", "-f", help="table, csv, json or parquet.")
+OUTPUT = typer.Option(None, "--output", "-o", help="Write to this file.")
+
+
+def _grid_points(st: Any, model: str, slice_name: str | None, n: int) -> np.ndarray:
+    from geomstore.queries.stats import resolve_partitions
+
+    parts = resolve_partitions(st, model=model, slice=slice_name)
+    sl = st.load_partition(parts.column("partition_id")[0].as_py()).slice
+    lo, hi = sl.domain.min(0), sl.domain.max(0)
+    g = np.stack(
+        np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n)), -1
+    ).reshape(-1, 2)
+    import shapely
+
+    inside = shapely.contains_xy(shapely.Polygon(sl.domain), g[:, 0], g[:, 1])
+    return np.asarray(g[inside], dtype=np.float64)
+
+
+def _dataset_points(st: Any, name: str, slice_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+    rows = (
+        st._reader()
+        .execute(
+            "SELECT p.u0, p.u1, p.label FROM points p JOIN datasets d USING (dataset_id) "
+            "WHERE d.name = ? AND d.slice_id = ? ORDER BY p.point_id",
+            [name, slice_id],
+        )
+        .fetchall()
+    )
+    if not rows:
+        raise GeomstoreError(f"no points of data set {name!r} on this slice (store.add_points).")
+    arr = np.array([[r[0], r[1]] for r in rows])
+    labels = [r[2] for r in rows]
+    return arr, None if any(v is None for v in labels) else np.array(labels)
+
+
+@app.command()
+def lc(
+    store: str = STORE,
+    model: str = MODEL,
+    points: str | None = typer.Option(None, help="A stored data set (store.add_points)."),
+    grid: int = typer.Option(0, help="Instead of --points: an N x N grid over the slice."),
+    radius: float = typer.Option(..., "--radius", "-r", help="Neighbourhood radius (u units)."),
+    slice_name: str | None = SLICE,
+    checkpoint: list[str] = CKPTS,
+    fmt: str = FMT,
+    output: Path | None = OUTPUT,
+) -> None:
+    """Local complexity near the data, per checkpoint: the trajectory and its turning points.
+
+    Example: geomstore lc runs/moons --model moons-mlp --points moons --radius 0.1
+    """
+    from geomstore.queries import lc_trajectory
+
+    with open_store(store, read_only=True) as st:
+        if points is None and grid <= 0:
+            raise GeomstoreError("give --points DATASET or --grid N.")
+        pts: Any = points if points is not None else _grid_points(st, model, slice_name, grid)
+        with err.status("computing local complexity ..."):
+            table, turns = lc_trajectory(
+                st,
+                model=model,
+                points=pts,
+                radius=radius,
+                slice=slice_name,
+                checkpoints=checkpoint or None,
+            )
+    emit(table.drop_columns(["metrics"]), fmt, output, title=f"local complexity, r={radius}")
+    if fmt == "table":
+        for split, tp in turns.items():
+            out.print(
+                f"turning points ({split}): " + ", ".join(f"{k} at step {v}" for k, v in tp.items())
+            )
+
+
+@app.command()
+def stats(
+    store: str = STORE,
+    model: str = MODEL,
+    slice_name: str | None = SLICE,
+    checkpoint: list[str] = CKPTS,
+    fmt: str = FMT,
+    output: Path | None = OUTPUT,
+) -> None:
+    """Partition statistics per checkpoint: regions, areas, vertices, slopes, boundary.
+
+    Example: geomstore stats runs/moons --model moons-mlp --format csv
+    """
+    from geomstore.queries import partition_stats
+
+    with open_store(store, read_only=True) as st:
+        table = partition_stats(st, model=model, slice=slice_name, checkpoints=checkpoint or None)
+    if fmt == "table":
+        keep = [
+            "checkpoint",
+            "step",
+            "n_regions",
+            "area_mean",
+            "vertices_mean",
+            "slope_norm_mean",
+            "eccentricity_mean",
+            "boundary_length",
+            "n_boundary_segments",
+        ]
+        table = table.select([c for c in keep if c in table.column_names])
+    emit(table, fmt, output, title=f"partition statistics of {model}")
+
+
+@app.command()
+def sample(
+    store: str = STORE,
+    model: str = MODEL,
+    n: int = typer.Option(1000, "-n", help="Points per checkpoint."),
+    slice_name: str | None = SLICE,
+    checkpoint: list[str] = CKPTS,
+    seed: int = typer.Option(0, help="Random seed (same seed, same points)."),
+    offset: float = typer.Option(0.0, help="Push points this far along the boundary normal."),
+    classes: str | None = typer.Option(None, help="Only this class pair, e.g. 0,1"),
+    fmt: str = FMT,
+    output: Path | None = OUTPUT,
+) -> None:
+    """Sample points uniformly (by length) on the decision boundary, per checkpoint.
+
+    Example: geomstore sample runs/moons --model moons-mlp -n 500 -o boundary.parquet -f parquet
+    """
+    from geomstore.queries import boundary_samples
+
+    opts: dict[str, Any] = {"seed": seed, "offset": offset}
+    if classes:
+        try:
+            a, b = (int(v) for v in classes.split(","))
+        except ValueError:
+            raise GeomstoreError(
+                f"--classes {classes!r}: give two class numbers, e.g. 0,1"
+            ) from None
+        opts["pair"] = (a, b)
+    with open_store(store, read_only=True) as st:
+        table = boundary_samples(
+            st, model=model, n=n, slice=slice_name, checkpoints=checkpoint or None, **opts
+        )
+    if fmt == "table":
+        table = table.drop_columns([c for c in ("x",) if c in table.column_names])
+    emit(table, fmt, output, title=f"{table.num_rows} decision-boundary samples")
+
+
+@app.command()
+def compare(
+    store: str = STORE,
+    model: str = MODEL,
+    slice_name: str | None = SLICE,
+    checkpoint: list[str] = CKPTS,
+    points: str | None = typer.Option(None, help="Also: pattern/label churn of this data set."),
+    fmt: str = FMT,
+    output: Path | None = OUTPUT,
+) -> None:
+    """Compare consecutive checkpoints: agreeing area, boundary movement (and churn).
+
+    Example: geomstore compare runs/moons --model moons-mlp --points moons
+    """
+    from geomstore.queries import agreement_over, churn
+
+    with open_store(store, read_only=True) as st, err.status("comparing checkpoints ..."):
+        table = agreement_over(st, model=model, slice=slice_name, checkpoints=checkpoint or None)
+        ch = None
+        if points is not None:
+            ch = churn(
+                st, model=model, points=points, slice=slice_name, checkpoints=checkpoint or None
+            )
+    emit(table, fmt, output, title=f"{model}: consecutive checkpoints")
+    if ch is not None:
+        emit(ch, fmt, None, title=f"churn of {points}")
+
+
+@app.command()
+def plot(
+    store: str = STORE,
+    model: str = MODEL,
+    out_path: Path = typer.Option(..., "--out", "-o", help=".png/.svg/.pdf, or .gif (animation)."),
+    slice_name: str | None = SLICE,
+    checkpoint: list[str] = CKPTS,
+    color: str = typer.Option("slope", help="slope, class or lc."),
+    grid: bool = typer.Option(False, "--grid", help="All checkpoints as small multiples."),
+    points: str | None = typer.Option(None, help="Draw this stored data set on top."),
+    radius: float | None = typer.Option(None, help="With --color lc: the radius."),
+) -> None:
+    """Draw partitions: the last checkpoint, a grid of all (--grid) or a GIF (--out x.gif).
+
+    Example: geomstore plot runs/moons --model moons-mlp --color class --out moons.png
+    """
+    from geomstore import plot as gplot
+    from geomstore.queries.stats import resolve_partitions
+
+    with open_store(store, read_only=True) as st:
+        parts_t = resolve_partitions(
+            st, model=model, slice=slice_name, checkpoints=checkpoint or None
+        )
+        rows = parts_t.to_pylist()
+        animate = out_path.suffix.lower() == ".gif"
+        if not (grid or animate):
+            rows = rows[-1:]
+        with err.status(f"loading {len(rows)} partition(s) ..."):
+            parts = [st.load_partition(r["partition_id"]) for r in rows]
+        pts = _dataset_points(st, points, rows[0]["slice_id"]) if points else None
+    titles = [f"{r['checkpoint']} ({p.n_regions} regions)" for r, p in zip(rows, parts)]
+    with err.status("drawing ..."):
+        if animate:
+            path = gplot.animate(
+                parts, out_path, titles=titles, color=color, radius=radius, points=pts
+            )
+        elif grid:
+            path = gplot.small_multiples(
+                parts, out_path, titles=titles, color=color, radius=radius, points=pts
+            )
+        else:
+            path = gplot.draw_partition(
+                parts[0], out_path, color=color, radius=radius, points=pts, title=titles[0]
+            )
+    out.print(f"wrote {path}")

@@ -1,0 +1,77 @@
+"""Commands on the store itself: init, migrate, sql, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geomstore.cli.common import STORE, app, emit, err, open_store, out
+
+
+@app.command()
+def init(store: str = STORE) -> None:
+    """Create a store (a directory, or a .duckdb file), or check an existing one.
+
+    Example: geomstore init runs/moons
+    """
+    with open_store(store) as st:
+        out.print(f"store {store}: {st.kind}, schema version {st.schema_version}")
+
+
+@app.command()
+def migrate(
+    store: str = STORE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List pending migrations only."),
+) -> None:
+    """Upgrade a store's schema to this geomstore's (opening for writing does it too).
+
+    Example: geomstore migrate runs/moons --dry-run
+    """
+    from geomstore.store.schema import apply_migrations, current_version, migrations
+    from geomstore.store.sqlutil import _retry
+    from geomstore.store.store import Store
+
+    st = Store(store, upgrade=False)
+    try:
+        have = current_version(st.con)
+        pending = [m for m in migrations() if m.version > have]
+        out.print(f"store {store}: schema version {have}; {len(pending)} pending")
+        for m in pending:
+            out.print(f"  {m.version:04d} {m.name}")
+        if pending and not dry_run:
+            _retry(lambda: apply_migrations(st.con))
+            out.print(f"upgraded to version {current_version(st.con)}")
+    finally:
+        st.close()
+
+
+@app.command()
+def sql(
+    store: str = STORE,
+    query: str = typer.Argument(..., help="One SELECT statement."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file."),
+    limit: int = typer.Option(100_000, help="At most this many rows."),
+) -> None:
+    """Run one read-only SELECT over the store (views gs_partitions, macro gs_lc).
+
+    Example: geomstore sql runs/moons "SELECT step, n_regions FROM gs_partitions ORDER BY step"
+    """
+    with open_store(store, read_only=True) as st:
+        res = st.sql(query, limit=limit)
+    emit(res.table, fmt, output, truncated=res.truncated)
+
+
+@app.command()
+def export(
+    store: str = STORE,
+    target: Path = typer.Argument(..., help="A folder (GeoParquet files) or a .duckdb file."),
+) -> None:
+    """Export the store as GeoParquet files (one per table) or one .duckdb file.
+
+    Example: geomstore export runs/moons moons-parquet/
+    """
+    with open_store(store) as st, err.status("exporting ..."):
+        files = st.export(target)
+    out.print(f"exported {len(files)} file(s) to {target}")
