@@ -42,6 +42,7 @@ out = Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping in
 STORE = typer.Argument(
     ...,
     envvar="GEOMSTORE_STORE",
+    metavar="STORE",
     help="The store: a directory (created if missing), a .duckdb file, or postgres:DSN "
     "(default: $GEOMSTORE_STORE).",
 )
@@ -49,9 +50,12 @@ BOX = typer.Option([], "--box", help="A box slice of a 2-input model: x0,y0,x1,y
 THROUGH = typer.Option(
     [],
     "--through",
+    metavar="FILE",
     help="A slice through three inputs in a file (.npy/.npz/.pt holding 3 inputs; repeatable).",
 )
-NAMED = typer.Option([], "--slice", help="A slice stored in the store, by name (repeatable).")
+NAMED = typer.Option(
+    [], "--slice", metavar="NAME", help="A slice stored in the store, by name (repeatable)."
+)
 MARGIN = typer.Option(0.2, help="With --through: grow the triangle's bounding box by this.")
 
 

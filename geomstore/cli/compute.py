@@ -26,9 +26,11 @@ from geomstore.errors import GeomstoreError
 from geomstore.loading import ModelSpec
 
 CHECKPOINTS = typer.Argument(
-    ..., help="Checkpoint files or glob patterns (quote them: 'runs/ckpt/*.pt2')."
+    ...,
+    metavar="CHECKPOINTS...",
+    help="Checkpoint files or glob patterns (quote them: 'runs/ckpt/*.pt2').",
 )
-MODEL = typer.Option(..., "--model", "-m", help="The model's name in the store.")
+MODEL = typer.Option(..., "--model", "-m", metavar="NAME", help="The model's name in the store.")
 FACTORY = typer.Option(
     None,
     "--factory",
