@@ -52,6 +52,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def _pack_patterns(states: np.ndarray, bits: list[tuple[int, int, int]]) -> pa.Array:
     """Pack unit states into bytes; ``bits`` holds (unit_offset, n_units, bits_per_unit)."""
+    if bits and all(b == 1 for _, _, b in bits) and sum(c for _, c, _ in bits) == states.shape[1]:
+        return _fixed_binary(np.packbits(states, axis=1), states.shape[0])  # ReLU-only nets
     cols = []
     for off, count, b in bits:
         s = states[:, off : off + count]
@@ -63,12 +65,14 @@ def _pack_patterns(states: np.ndarray, bits: list[tuple[int, int, int]]) -> pa.A
             del cols[-b:]
             cols.append(block)
     mat = np.concatenate(cols, axis=1) if cols else np.zeros((states.shape[0], 0), bool)
-    packed = np.packbits(mat, axis=1)
-    width = max(1, packed.shape[1])
+    return _fixed_binary(np.packbits(mat, axis=1), states.shape[0])
+
+
+def _fixed_binary(packed: np.ndarray, rows: int) -> pa.Array:
     if packed.shape[1] == 0:
-        packed = np.zeros((states.shape[0], 1), np.uint8)
+        packed = np.zeros((rows, 1), np.uint8)
     return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), states.shape[0], [None, pa.py_buffer(packed.tobytes())]
+        pa.binary(packed.shape[1]), rows, [None, pa.py_buffer(packed.tobytes())]
     )
 
 
