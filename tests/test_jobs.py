@@ -159,3 +159,33 @@ def test_recorder_queues_jobs_that_a_worker_runs(tmp_path: Path) -> None:
         steps = st.sql("SELECT step, metrics FROM gs_partitions ORDER BY step").table.to_pylist()
     assert [s["step"] for s in steps] == [0, 5, 10]
     assert '"loss": 10.0' in steps[-1]["metrics"]
+
+
+def test_two_worker_processes_on_a_postgres_catalog(tmp_path: Path) -> None:
+    """Heartbeats go to the catalog (job_heartbeats) when the store is not a directory."""
+    from tests.pgserver import postgres_server
+
+    data = tmp_path / "files"
+    with postgres_server(tmp_path / "pg") as dsn:
+        target = f"postgres:{dsn}"
+        with geomstore.open(target, data_path=data) as st:
+            for i in range(4):
+                f = _export(tmp_path / f"step-{i}.pt2", mlp((256, 256), 2, seed=i))
+                submit(st, ModelSpec(str(f)), BOX, model="pg")
+        env = {**os.environ, "GEOMSTORE_DATA_PATH": str(data)}
+        cmd = [sys.executable, "-m", "geomstore", "worker", target, "--device", "cpu", "--once"]
+        procs = [
+            subprocess.Popen(
+                [*cmd, "--heartbeat", "0.2"], cwd=ROOT, env=env, stderr=subprocess.PIPE
+            )
+            for _ in range(2)
+        ]
+        for p in procs:
+            assert p.wait(timeout=300) == 0, p.stderr.read().decode() if p.stderr else ""
+        with geomstore.open(target, data_path=data, read_only=True) as st:
+            jobs = job_table(st).to_pylist()
+            n = st.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py()
+            beats = st.sql("SELECT count(*) AS n FROM job_heartbeats").table.column("n")[0].as_py()
+    assert [j["status"] for j in jobs] == ["done"] * 4 and n == 4
+    assert all(j["attempts"] == 1 for j in jobs)
+    assert beats > 0  # each job computes for ~1 s, beating every 0.2 s

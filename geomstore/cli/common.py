@@ -60,13 +60,20 @@ MARGIN = typer.Option(0.2, help="With --through: grow the triangle's bounding bo
 
 
 def open_store(target: str, *, read_only: bool = False) -> Any:
+    """Open the store named on the command line; a PostgreSQL catalog takes its data path
+    (where the Parquet files live, shared by every host) from $GEOMSTORE_DATA_PATH."""
+    import os
+
     import geomstore
 
     if target.startswith(("postgres:", "postgresql://")):
-        raise GeomstoreError(
-            "from the command line a PostgreSQL catalog needs its data path: use the Python API "
-            "(geomstore.open(dsn, data_path=...))."
-        )
+        data = os.environ.get("GEOMSTORE_DATA_PATH")
+        if not data:
+            raise GeomstoreError(
+                "a PostgreSQL catalog needs the folder of its data files: set "
+                "GEOMSTORE_DATA_PATH=/shared/path (the same on every host)."
+            )
+        return geomstore.open(target, read_only=read_only, data_path=data)
     return geomstore.open(target, read_only=read_only)
 
 
