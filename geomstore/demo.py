@@ -92,7 +92,7 @@ def run_demo(
     marks = _schedule(steps, checkpoints)
     out_dir.mkdir(parents=True, exist_ok=True)
     store_path = out_dir / "store"
-    model = f"moons-mlp-{width}x2"
+    model = f"moons-mlp-{width}x2-{steps}steps"  # one run per name: reruns add nothing
     with open_store(store_path) as store:
         rec = Recorder(store, model, PLANE)
         store.add_points("moons-train", PLANE, x, labels=y, split="train")
