@@ -301,6 +301,7 @@ class Worker:
     heartbeat: float = 5.0
     stale_after: float = 60.0
     max_attempts: int = 3
+    last: str = field(default="", init=False)  # what the last finished job computed
     _interruptible: bool = field(default=False, init=False, repr=False)
     _stop_requested: bool = field(default=False, init=False, repr=False)
 
@@ -389,7 +390,7 @@ class Worker:
 
             spec = job.spec
             self._interruptible = True  # an interrupted write rolls back; the job is released
-            compute(
+            _, part, _ = compute(
                 self.store,
                 ModelSpec.from_dict(spec["model"]),
                 Slice.from_dict(spec["slice"]),
@@ -403,6 +404,9 @@ class Worker:
                 before_commit=mark_done,
             )
             self._interruptible = False
+            self.last = (
+                f"{part.n_regions} regions, {part.seconds:.2f} s on {part.settings['device']}"
+            )
             return "done"
         except _Stop:
             self._interruptible = False

@@ -145,8 +145,12 @@ def slices_from(
 
 
 def _cell(v: Any) -> str:
+    import datetime as dt
+
     if v is None:
         return ""
+    if isinstance(v, dt.datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, bytes):

@@ -208,7 +208,8 @@ def worker(
         err.print(f"worker {w.name} on {store} ({device}); Ctrl-C to stop")
 
         def log(job: Job, outcome: str) -> None:
-            err.print(f"{outcome:>8}  {job.model} {job.checkpoint}  (job {job.job_id})")
+            what = f": {w.last}" if outcome == "done" else ""
+            err.print(f"{outcome:>8}  {job.model} {job.checkpoint}{what}  (job {job.job_id})")
 
         counts = w.run(once=once, max_jobs=max_jobs, poll=poll, on_event=log)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
