@@ -158,8 +158,8 @@ def _draw(
         k = max(2, int(part.model_summary.get("n_outputs", 2)))
         pc.set_cmap(ListedColormap(_plt().get_cmap("tab10").colors[: min(k, 10)]))
         pc.set_clim(-0.5, min(k, 10) - 0.5)
-    elif vrange is not None:
-        pc.set_clim(*vrange)
+    else:  # a few very steep regions must not wash out the rest: clip at the 99th percentile
+        pc.set_clim(*(vrange if vrange is not None else _robust_range([vals])))
     ax.add_collection(pc)
     edges = part.edges
     interior = np.asarray(edges.column("layer").fill_null(-1)) >= 0
@@ -229,17 +229,23 @@ def draw_partition(
     aspect = float(np.clip(span[1] / span[0], 0.3, 3.0))
     fig, ax = plt.subplots(figsize=(6.6, 5.2 * aspect + 0.9), dpi=130, layout="constrained")
     pc = _draw(ax, part, color=color, radius=radius, points=points, vrange=None, title=title)
-    bar = fig.colorbar(pc, ax=ax, label=_values(part, color, radius)[2], shrink=0.85)
+    extend = "neither" if color == "class" else "max"
+    bar = fig.colorbar(pc, ax=ax, label=_values(part, color, radius)[2], shrink=0.85, extend=extend)
     if color == "class":
         bar.set_ticks(range(max(2, int(part.model_summary.get("n_outputs", 2)))))
     return _save(fig, Path(path))
 
 
+def _robust_range(values: Sequence[np.ndarray]) -> tuple[float, float]:
+    v = np.concatenate([np.asarray(x, dtype=float) for x in values])
+    lo, hi = float(v.min()), float(np.quantile(v, 0.99))
+    return lo, hi if hi > lo else lo + 1.0
+
+
 def _shared_range(
     parts: Sequence[Partition], color: str, radius: float | None
 ) -> tuple[float, float]:
-    vals = [_values(p, color, radius)[0] for p in parts]
-    return float(min(v.min() for v in vals)), float(max(v.max() for v in vals))
+    return _robust_range([_values(p, color, radius)[0] for p in parts])
 
 
 def small_multiples(
