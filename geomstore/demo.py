@@ -16,7 +16,7 @@ from torch import nn
 from geomstore.engine.verify import VerifyReport
 from geomstore.recorder import Recorder
 from geomstore.slice import Slice
-from geomstore.store.store import open_store
+from geomstore.store.store import Store, open_store
 
 __all__ = ["DemoResult", "moons_mlp", "run_demo", "two_moons"]
 
@@ -140,7 +140,7 @@ def _schedule(steps: int, n: int) -> list[int]:
 
 
 def _pictures(
-    store: object,
+    store: Store,
     model: str,
     out_dir: Path,
     data: tuple[np.ndarray, np.ndarray],
@@ -150,8 +150,8 @@ def _pictures(
     from geomstore import plot
     from geomstore.queries.stats import resolve_partitions
 
-    rows = resolve_partitions(store, model=model).to_pylist()  # type: ignore[arg-type]
-    parts = [store.load_partition(r["partition_id"]) for r in rows]  # type: ignore[attr-defined]
+    rows = resolve_partitions(store, model=model).to_pylist()
+    parts = [store.load_partition(r["partition_id"]) for r in rows]
     titles = [f"step {r['step']}: {p.n_regions} regions" for r, p in zip(rows, parts)]
     pick = np.unique(np.linspace(0, len(parts) - 1, 8).round().astype(int))
     return [

@@ -314,12 +314,16 @@ class Worker:
         def txn() -> Job | None:
             claimed = None
             with transaction(con):
+                # the oldest queued job first, then the running ones (few: one per worker)
                 rows = con.execute(
+                    "WITH cand AS ((SELECT * FROM jobs WHERE status = 'queued' "
+                    "ORDER BY created_at, job_id LIMIT 1) UNION ALL "
+                    "(SELECT * FROM jobs WHERE status = 'running')) "
                     "SELECT j.job_id, j.model, j.checkpoint, j.step, j.spec, j.status, "
                     "j.attempts, j.token, greatest(coalesce(h.beat, j.claimed_at), j.claimed_at) "
-                    "FROM jobs j LEFT JOIN (SELECT token, max(beat_at) AS beat "
-                    "FROM job_heartbeats GROUP BY token) h ON h.token = j.token "
-                    "WHERE j.status IN ('queued', 'running') "
+                    "FROM cand j LEFT JOIN (SELECT token, max(beat_at) AS beat "
+                    "FROM job_heartbeats WHERE token IN (SELECT token FROM cand) "
+                    "GROUP BY token) h ON h.token = j.token "
                     "ORDER BY j.status = 'running', j.created_at, j.job_id"
                 ).fetchall()
                 for job_id, model, ckpt, step, spec, status, attempts, token, beat in rows:

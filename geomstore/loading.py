@@ -78,7 +78,8 @@ def _kind(path: Path) -> str:
         return "export"
     if not zipfile.is_zipfile(path):
         return "unknown"
-    names = zipfile.ZipFile(path).namelist()
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
     if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
         return "torchscript"
     if any(n.endswith("serialized_exported_program.json") for n in names) or any(

@@ -107,24 +107,45 @@ def class_pieces(part: Partition) -> tuple[list[np.ndarray], np.ndarray]:
         )
     rings, labels = [], []
     for geoms, lab in pieces:
-        for g, k in zip(
-            shapely.get_parts(geoms, return_index=True)[0],
-            lab[shapely.get_parts(geoms, return_index=True)[1]],
-        ):
+        parts, owner = shapely.get_parts(geoms, return_index=True)
+        for g, k in zip(parts, lab[owner]):
             if isinstance(g, shapely.Polygon) and not g.is_empty and g.area > 0:
                 rings.append(np.asarray(g.exterior.coords))
                 labels.append(k)
     return rings, np.asarray(labels)
 
 
-def _values(part: Partition, color: str, radius: float | None) -> tuple[np.ndarray, str, str]:
-    if color == "slope":
-        return np.asarray(part.regions.column("slope_norm")), "viridis", "slope norm ||A||_F"
+_STYLE = {
+    "slope": ("viridis", "slope norm ||A||_F"),
+    "class": ("tab10", "predicted class"),
+    "lc": ("magma", "local complexity (neurons near)"),
+}
+Coloured = tuple[list[np.ndarray], np.ndarray]  # polygon rings and the value of each
+
+
+def _style(color: str) -> tuple[str, str]:
+    """Colour map and colour-bar label of a colouring."""
+    if color not in _STYLE:
+        raise GeomstoreError(f"color must be one of {', '.join(COLORINGS)}; got {color!r}.")
+    return _STYLE[color]
+
+
+def _colours(part: Partition, color: str, radius: float | None) -> Coloured:
+    """The polygons to fill and their values (class colouring cuts regions into class cells)."""
+    import shapely
+
+    _style(color)
     if color == "class":
-        return np.asarray(part.regions.column("label")), "tab10", "predicted class"
-    if color == "lc":
-        return region_lc(part, radius).astype(float), "magma", "local complexity (neurons near)"
-    raise GeomstoreError(f"color must be one of {', '.join(COLORINGS)}; got {color!r}.")
+        return class_pieces(part)
+    rings = [np.asarray(shapely.get_exterior_ring(p).coords) for p in part.polygons()]
+    if color == "slope":
+        return rings, np.asarray(part.regions.column("slope_norm"))
+    return rings, region_lc(part, radius).astype(float)
+
+
+def _aspect(part: Partition) -> float:
+    span = np.ptp(part.slice.domain, axis=0)
+    return float(np.clip(span[1] / span[0], 0.3, 3.0))
 
 
 def _segments(t: pa.Table) -> np.ndarray:
@@ -136,22 +157,17 @@ def _segments(t: pa.Table) -> np.ndarray:
 def _draw(
     ax: Any,
     part: Partition,
+    coloured: Coloured,
     *,
     color: str,
-    radius: float | None,
     points: tuple[np.ndarray, np.ndarray | None] | None,
     vrange: tuple[float, float] | None,
     title: str | None,
 ) -> Any:
-    import shapely
     from matplotlib.collections import LineCollection, PolyCollection
 
-    vals, cmap, _ = _values(part, color, radius)
-    if color == "class":
-        coords, vals = class_pieces(part)
-    else:
-        coords = [np.asarray(shapely.get_exterior_ring(p).coords) for p in part.polygons()]
-    pc = PolyCollection(coords, array=vals, cmap=cmap, edgecolors="none")
+    coords, vals = coloured
+    pc = PolyCollection(coords, array=vals, cmap=_style(color)[0], edgecolors="none")
     if color == "class":
         from matplotlib.colors import ListedColormap
 
@@ -225,12 +241,11 @@ def draw_partition(
     '.svg'
     """
     plt = _plt()
-    span = np.ptp(part.slice.domain, axis=0)
-    aspect = float(np.clip(span[1] / span[0], 0.3, 3.0))
-    fig, ax = plt.subplots(figsize=(6.6, 5.2 * aspect + 0.9), dpi=130, layout="constrained")
-    pc = _draw(ax, part, color=color, radius=radius, points=points, vrange=None, title=title)
+    coloured = _colours(part, color, radius)
+    fig, ax = plt.subplots(figsize=(6.6, 5.2 * _aspect(part) + 0.9), dpi=130, layout="constrained")
+    pc = _draw(ax, part, coloured, color=color, points=points, vrange=None, title=title)
     extend = "neither" if color == "class" else "max"
-    bar = fig.colorbar(pc, ax=ax, label=_values(part, color, radius)[2], shrink=0.85, extend=extend)
+    bar = fig.colorbar(pc, ax=ax, label=_style(color)[1], shrink=0.85, extend=extend)
     if color == "class":
         bar.set_ticks(range(max(2, int(part.model_summary.get("n_outputs", 2)))))
     return _save(fig, Path(path))
@@ -240,12 +255,6 @@ def _robust_range(values: Sequence[np.ndarray]) -> tuple[float, float]:
     v = np.concatenate([np.asarray(x, dtype=float) for x in values])
     lo, hi = float(v.min()), float(np.quantile(v, 0.99))
     return lo, hi if hi > lo else lo + 1.0
-
-
-def _shared_range(
-    parts: Sequence[Partition], color: str, radius: float | None
-) -> tuple[float, float]:
-    return _robust_range([_values(p, color, radius)[0] for p in parts])
 
 
 def small_multiples(
@@ -264,27 +273,26 @@ def small_multiples(
     plt = _plt()
     ncols = min(ncols, len(parts))
     nrows = -(-len(parts) // ncols)
-    span = np.ptp(parts[0].slice.domain, axis=0)
-    aspect = float(np.clip(span[1] / span[0], 0.3, 3.0))
     fig, axes = plt.subplots(
         nrows,
         ncols,
-        figsize=(3.0 * ncols + 1.2, 3.0 * aspect * nrows + 0.5),
+        figsize=(3.0 * ncols + 1.2, 3.0 * _aspect(parts[0]) * nrows + 0.5),
         dpi=110,
         layout="constrained",
         squeeze=False,
     )
     axes = np.atleast_1d(axes).reshape(-1)
-    vr = _shared_range(parts, color, radius)
+    coloured = [_colours(p, color, radius) for p in parts]
+    vr = _robust_range([c[1] for c in coloured])
     pc = None
     for i, part in enumerate(parts):
         t = titles[i] if titles else None
-        pc = _draw(axes[i], part, color=color, radius=radius, points=points, vrange=vr, title=t)
+        pc = _draw(axes[i], part, coloured[i], color=color, points=points, vrange=vr, title=t)
         axes[i].set_xlabel("")
         axes[i].set_ylabel("")
     for ax in axes[len(parts) :]:
         ax.axis("off")
-    fig.colorbar(pc, ax=list(axes), label=_values(parts[0], color, radius)[2], shrink=0.8)
+    fig.colorbar(pc, ax=list(axes), label=_style(color)[1], shrink=0.8)
     return _save(fig, Path(path))
 
 
@@ -304,15 +312,16 @@ def animate(
     plt = _plt()
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    span = np.ptp(parts[0].slice.domain, axis=0)
-    aspect = float(np.clip(span[1] / span[0], 0.3, 3.0))
-    fig, ax = plt.subplots(figsize=(6.0, 6.0 * aspect + 0.9), dpi=90, layout="constrained")
-    vr = _shared_range(parts, color, radius)
+    fig, ax = plt.subplots(
+        figsize=(6.0, 6.0 * _aspect(parts[0]) + 0.9), dpi=90, layout="constrained"
+    )
+    coloured = [_colours(p, color, radius) for p in parts]
+    vr = _robust_range([c[1] for c in coloured])
 
     def frame(i: int) -> list[Any]:
         ax.clear()
         t = titles[i] if titles else None
-        return [_draw(ax, parts[i], color=color, radius=radius, points=points, vrange=vr, title=t)]
+        return [_draw(ax, parts[i], coloured[i], color=color, points=points, vrange=vr, title=t)]
 
     anim = FuncAnimation(fig, frame, frames=len(parts), blit=False)
     path = Path(path)

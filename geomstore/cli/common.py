@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,9 +218,3 @@ def _write_text(text: str, output: Path | None) -> None:
     else:
         Path(output).write_text(text)
         err.print(f"wrote {output}")
-
-
-@contextlib.contextmanager
-def status(message: str) -> Iterator[None]:
-    with err.status(message):
-        yield

@@ -22,7 +22,7 @@ def _grid_points(st: Any, model: str, slice_name: str | None, n: int) -> np.ndar
     from geomstore.queries.stats import resolve_partitions
 
     parts = resolve_partitions(st, model=model, slice=slice_name)
-    sl = st.load_partition(parts.column("partition_id")[0].as_py()).slice
+    sl = st.load_slice(parts.column("slice_id")[0].as_py())
     lo, hi = sl.domain.min(0), sl.domain.max(0)
     g = np.stack(
         np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n)), -1
