@@ -70,6 +70,28 @@ class SmallCNN(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class ConvKinds(nn.Module):
+    """conv, relu, conv, per-channel PReLU, max-pool, conv, hard-tanh, linear, leaky, linear."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.prelu = nn.PReLU(3)
+        self.conv3 = nn.Conv2d(3, 2, 3)
+        self.tanh = nn.Hardtanh(-0.12, -0.07)
+        self.fc = nn.Linear(2 * 2 * 2, 6)
+        self.head = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.prelu.weight.copy_(torch.tensor([-0.5, 0.1, 0.4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.prelu(self.conv2(torch.relu(self.conv1(x))))
+        h = self.tanh(self.conv3(nn.functional.max_pool2d(h, 2)))
+        return self.head(nn.functional.leaky_relu(self.fc(h.flatten(1)), 0.3))
+
+
 def digits_slice(seed: int = 0) -> Slice:
     """A plane through three random 8x8 'images'."""
     g = torch.Generator().manual_seed(seed)

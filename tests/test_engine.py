@@ -16,7 +16,7 @@ from geomstore import (
     partition,
 )
 from geomstore.engine.reference import reference_regions
-from tests.nets import BOX, Residual, SmallCNN, digits_slice, mlp
+from tests.nets import BOX, ConvKinds, Residual, SmallCNN, digits_slice, mlp
 
 NETWORKS = {
     "relu-1-out": lambda: mlp((12, 10), 1),
@@ -37,8 +37,20 @@ def _check(part: object, model: nn.Module) -> None:
     assert {"tiling", "affine maps", "patterns at centroids", "patterns on grid"} <= names
 
 
+CHILDREN = ["rank-1 updates", "dense products"]
+
+
+def _children(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Compute children's inputs always by rank-1 updates of their cell, or always densely."""
+    from geomstore.engine.descent import Descent
+
+    monkeypatch.setattr(Descent, "rank1_limit", 1 << 30 if how == CHILDREN[0] else 0)
+
+
+@pytest.mark.parametrize("children", CHILDREN)
 @pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_partition_is_exact(name: str) -> None:
+def test_partition_is_exact(name: str, children: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _children(monkeypatch, children)
     model = NETWORKS[name]()
     part = partition(model, BOX, device="cpu")
     assert part.n_regions > 20
@@ -74,6 +86,19 @@ def test_cnn_with_batchnorm_maxpool_on_image_plane() -> None:
     assert part.n_regions > 50
     kinds = [layer["kind"] for layer in part.model_summary["layers"]]
     assert kinds == ["relu", "maxpool", "abs"]
+    _check(part, model)
+
+
+@pytest.mark.parametrize("children", CHILDREN)
+def test_cnn_with_every_unit_kind(children: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # per-channel PReLU and hard-tanh on feature maps, max-pool, convolution stages and a
+    # matrix stage (flatten -> linear); children's inputs computed both ways
+    _children(monkeypatch, children)
+    model = ConvKinds().eval()
+    part = partition(model, digits_slice(seed=1), device="cpu")
+    kinds = [layer["kind"] for layer in part.model_summary["layers"]]
+    assert kinds == ["relu", "prelu", "maxpool", "hardtanh", "leaky"]
+    assert part.n_regions > 50
     _check(part, model)
 
 

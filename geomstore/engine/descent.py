@@ -1,10 +1,18 @@
 """The depth-first, memory-bounded descent through a program's nonlinearities.
 
 Cells (regions of the partition by the first ``i`` nonlinearities) are processed in
-chunks; each chunk runs the affine stage before nonlinearity ``i`` in the 3-point
-representation, is split by that nonlinearity's units, and its children descend to
-``i + 1`` in chunks of their own. Memory is bounded by depth x chunk, not by the number
-of regions.
+chunks; each chunk gets the affine form of nonlinearity ``i``'s input, is split by that
+nonlinearity's units, and its children descend to ``i + 1`` in chunks of their own.
+Memory is bounded by depth x chunk, not by the number of regions.
+
+Affine forms are (cells, 3, N): the two slopes in slice coordinates and the value at the
+slice centre. A child of a split differs from its cell only in the few units whose line
+crossed the cell (1-2 on average in the benchmark MLPs), so where the stage after a
+nonlinearity is a function of its output alone, the next input of a child is the cell's
+*base* (every crossing unit in state 0, computed once per cell) plus one rank-1 term per
+changed unit (a column of the stage's matrix). This replaces a dense matmul per child by
+a few outer products. Other stages (residual connections, stages reading earlier values)
+run the program's own nodes on three points of each child.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ class RawRegions:
     n: list[Tensor] = field(default_factory=list)
     side: list[Tensor] = field(default_factory=list)
     states: list[Tensor] = field(default_factory=list)
-    values: list[Tensor] = field(default_factory=list)  # (Q, 3, K) outputs at the 3 points
+    values: list[Tensor] = field(default_factory=list)  # (Q, 3, K) affine form of the outputs
 
     def add(self, polys: Polys, states: Tensor, values: Tensor) -> None:
         self.verts.append(polys.verts.cpu())
@@ -55,6 +63,42 @@ class RawRegions:
         }
 
 
+@dataclass
+class _Matrix:
+    """The stage after a nonlinearity as a matrix: next input = output @ jt + bias."""
+
+    jt: Tensor  # (units, n_next)
+    bias: Tensor  # (n_next,)
+    dense: bool  # True: the stage is matrix products only, so bases use jt too
+
+
+@dataclass
+class _Cells:
+    """What the children of one split read from their cells."""
+
+    coef: Tensor  # (cells, 3, N_in) affine form of the nonlinearity's input
+    base_states: Tensor  # (cells, units)
+    base: Tensor | None  # (cells, 3, n_next) next input at the base states (matrix stages)
+
+
+_MATMUL_ONLY = {
+    "linear",
+    "addmm",
+    "mm",
+    "t",
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "flatten",
+    "getitem",
+    "dropout",
+    "identity",
+    "contiguous",
+    "clone",
+    "alias",
+}
+
+
 class Descent:
     """Compute the raw partition of ``slice`` by ``program``.
 
@@ -65,6 +109,9 @@ class Descent:
     chunk_elements : int
         Float64 elements a chunk's largest working tensor may hold (memory bound).
     """
+
+    max_matrix_elements = 1 << 23
+    rank1_limit = 1  # rank-1 updates while changed units per child <= units / 32 x this
 
     def __init__(
         self,
@@ -86,6 +133,8 @@ class Descent:
         self.out = RawRegions()
         self.progress = progress
         self.n_layers = len(program.nonlinearities)
+        with torch.no_grad():
+            self.matrices = [self._stage_matrix(i) for i in range(self.n_layers)]
 
     # helpers ---------------------------------------------------------------------------------
     def _points_input(self) -> Tensor:
@@ -98,12 +147,102 @@ class Descent:
         v = pre.reshape(p, 3, -1)
         return torch.stack([(v[:, 1] - v[:, 0]) / self.h, (v[:, 2] - v[:, 0]) / self.h, v[:, 0]], 1)
 
+    def _points(self, coef: Tensor) -> Tensor:
+        """The inverse of :meth:`_coef`: (P, 3, N) affine form -> values at the 3 points."""
+        c = coef[:, 2]
+        return torch.stack([c, c + self.h * coef[:, 0], c + self.h * coef[:, 1]], 1)
+
     @staticmethod
     def _gather(t: Any, par: Tensor) -> Any:
         if not isinstance(t, Tensor):
             return t
         rows = (par[:, None] * 3 + torch.arange(3, device=par.device)[None, :]).reshape(-1)
         return t.index_select(0, rows)
+
+    def _target(self, layer: int, env: dict[Any, Any]) -> Tensor:
+        """The tensor stage ``layer`` computes: nonlinearity ``layer``'s input or the output."""
+        prog = self.program
+        if layer < self.n_layers:
+            return env[prog.nonlinearities[layer].node.args[0]]
+        res = prog._fetch(prog.output_node().args[0], env)
+        return res[0] if isinstance(res, (tuple, list)) else res
+
+    def _run_stage(self, layer: int, env: dict[Any, Any], out: Tensor) -> Tensor:
+        """Run stage ``layer`` (after nonlinearity ``layer - 1``, whose output is ``out``)."""
+        prog = self.program
+        prev = prog.nonlinearities[layer - 1]
+        is_tuple = "with_indices" in str(prev.node.target) or prev.pool.get("return_indices", False)
+        env[prev.node] = (out, None) if is_tuple else out
+        env.update(prog.static)
+        for node in prog.stage_nodes(layer):
+            if node not in env:
+                env[node] = prog.run_node(node, env)
+        return self._target(layer, env)
+
+    def _stage_matrix(self, layer: int) -> _Matrix | None:
+        """Stage ``layer + 1`` as a matrix when it reads nothing but nonlinearity ``layer``."""
+        prog = self.program
+        spec = prog.nonlinearities[layer]
+        if any(n is not spec.node and n not in prog.static for n in prog.live_after(layer)):
+            return None
+        if layer + 1 < self.n_layers:
+            nxt = prog.nonlinearities[layer + 1]
+            if any(n is not nxt.node and n not in prog.static for n in prog.live_after(layer + 1)):
+                return None
+        units = spec.n_units
+        x = torch.cat([torch.zeros((1, units)), torch.eye(units)]).to(torch.float64)
+        try:
+            res = self._run_stage(layer + 1, {}, x.to(self.dev).reshape(units + 1, *spec.out_shape))
+        except Exception:  # a stage that cannot take this batch keeps the general path
+            return None
+        res = res.reshape(units + 1, -1)
+        if units * res.shape[1] > self.max_matrix_elements:
+            return None
+        dense = all(self._matmul_only(n) for n in prog.stage_nodes(layer + 1))
+        return _Matrix(jt=res[1:] - res[:1], bias=res[0], dense=dense)
+
+    def _matmul_only(self, node: Any) -> bool:
+        if node.op == "call_module":
+            mod = self.program.modules[str(node.target)]
+            name = type(mod).__name__.lower()
+        elif node.op == "call_function":
+            name = str(getattr(node.target, "__name__", node.target))
+            name = name.replace("aten.", "").split(".")[0]
+        else:
+            name = str(node.target)
+        return name in _MATMUL_ONLY
+
+    def _base(self, layer: int, coef: Tensor, base_states: Tensor) -> Tensor:
+        """Stage ``layer + 1``'s output on each cell with its base states, affine form."""
+        spec = self.program.nonlinearities[layer]
+        m = self.matrices[layer]
+        assert m is not None
+        p = coef.shape[0]
+        if m.dense:
+            out = spec.apply(coef, base_states, coef=True).reshape(p * 3, -1)
+            base = (out @ m.jt).reshape(p, 3, -1)
+            base[:, 2] += m.bias
+            return base
+        out = spec.apply(self._points(coef), base_states).reshape(-1, *spec.out_shape)
+        return self._coef(self._run_stage(layer + 1, {}, out), p)
+
+    def _child_coef(self, layer: int, cells: _Cells, par: Tensor, states: Tensor) -> Tensor:
+        """Children's next input: the cell's base plus a rank-1 term per changed unit."""
+        spec = self.program.nonlinearities[layer]
+        m = self.matrices[layer]
+        assert m is not None and cells.base is not None
+        base_states = cells.base_states.index_select(0, par)
+        q_idx, u_idx = torch.nonzero(states != base_states, as_tuple=True)
+        if q_idx.numel() > par.numel() * max(1, spec.n_units // 32) * self.rank1_limit:
+            # many changed units per child (the first layer): a dense product is cheaper
+            return self._base(layer, cells.coef.index_select(0, par), states)
+        coef = cells.base.index_select(0, par)
+        if q_idx.numel():
+            rows = par[q_idx]
+            d = spec.unit_values(cells.coef, rows, u_idx, states[q_idx, u_idx])
+            d -= spec.unit_values(cells.coef, rows, u_idx, base_states[q_idx, u_idx])
+            coef.index_add_(0, q_idx, d[:, :, None] * m.jt[u_idx][:, None, :])
+        return coef
 
     def _per_cell_elements(self, layer: int, live: dict[Any, Any], width: int) -> int:
         per = 0
@@ -138,7 +277,7 @@ class Descent:
         return self.out
 
     def _descend(
-        self, layer: int, polys: Polys, states: Tensor, penv: dict[Any, Any], ppre: Tensor | None
+        self, layer: int, polys: Polys, states: Tensor, penv: dict[Any, Any], parents: _Cells | None
     ) -> None:
         prog = self.program
         q = len(polys)
@@ -149,36 +288,39 @@ class Descent:
             sub = polys.take(idx) if (lo > 0 or lo + chunk < q) else polys
             sub_states = states[idx] if sub is not polys else states
             par = sub.parent
-            env = {node: self._gather(t, par) for node, t in penv.items()}
-            env.update(prog.static)
-            if layer > 0:
-                prev = prog.nonlinearities[layer - 1]
-                assert ppre is not None
-                pre_prev = ppre.reshape(-1, 3, *prev.in_shape).index_select(0, par)
-                lstates = sub_states[:, prev.unit_offset : prev.unit_offset + prev.n_units]
-                out = prev.apply(pre_prev, lstates).reshape(-1, *prev.out_shape)
-                is_tuple = "with_indices" in str(prev.node.target) or prev.pool.get(
-                    "return_indices", False
-                )
-                env[prev.node] = (out, None) if is_tuple else out
-            for node in prog.stage_nodes(layer):
-                if node not in env:
-                    env[node] = prog.run_node(node, env)
             p = len(sub)
+            env = {node: self._gather(t, par) for node, t in penv.items()}
+            if layer == 0:
+                env.update(prog.static)
+                for node in prog.stage_nodes(0):
+                    if node not in env:
+                        env[node] = prog.run_node(node, env)
+                coef = self._coef(self._target(0, env), p)
+            else:
+                prev = prog.nonlinearities[layer - 1]
+                assert parents is not None
+                lstates = sub_states[:, prev.unit_offset : prev.unit_offset + prev.n_units]
+                if self.matrices[layer - 1] is not None:
+                    coef = self._child_coef(layer - 1, parents, par, lstates)
+                else:
+                    pre_prev = self._points(parents.coef.index_select(0, par))
+                    out = prev.apply(pre_prev.reshape(p, 3, *prev.in_shape), lstates)
+                    res = self._run_stage(layer, env, out.reshape(-1, *prev.out_shape))
+                    coef = self._coef(res, p)
             if layer == self.n_layers:
-                res = prog._fetch(prog.output_node().args[0], env)
-                if isinstance(res, (tuple, list)):
-                    res = res[0]
-                self.out.add(sub, sub_states, res.reshape(p, 3, -1))
+                self.out.add(sub, sub_states, coef)
                 if self.progress is not None:
                     self.progress(p)
                 continue
             spec = prog.nonlinearities[layer]
-            pre = env[spec.node.args[0]]
-            coef = self._coef(pre, p)
             cells = Polys(sub.verts, sub.n.clone(), sub.side, torch.arange(p, device=self.dev))
-            children, lstates = split_layer(spec, coef, cells, self.tol, self.cuts)
+            children, lstates, base_states = split_layer(spec, coef, cells, self.tol, self.cuts)
             child_states = torch.cat([sub_states[children.parent], lstates], dim=1)
-            keep = set(prog.live_after(layer)) - {spec.node}
-            live = {n: t for n, t in env.items() if n in keep and n not in prog.static}
-            self._descend(layer + 1, children, child_states, live, pre)
+            if self.matrices[layer] is not None:
+                base = self._base(layer, coef, base_states)
+                live: dict[Any, Any] = {}
+            else:
+                base = None
+                keep = set(prog.live_after(layer)) - {spec.node}
+                live = {n: t for n, t in env.items() if n in keep and n not in prog.static}
+            self._descend(layer + 1, children, child_states, live, _Cells(coef, base_states, base))

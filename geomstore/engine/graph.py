@@ -205,8 +205,12 @@ class Nonlinearity:
             return torch.where(dup[None, :] & (gap == 0), float("inf"), gap)
         return flat.abs()
 
-    def apply(self, pre: Tensor, states: Tensor) -> Tensor:
-        """Masked nonlinearity: pre (P, 3, *in_shape), states (P, units) -> (P, 3, *out_shape)."""
+    def apply(self, pre: Tensor, states: Tensor, *, coef: bool = False) -> Tensor:
+        """Masked nonlinearity: pre (P, 3, *in_shape), states (P, units) -> (P, 3, *out_shape).
+
+        ``pre`` holds values at three points, or with ``coef`` the affine form (slope0,
+        slope1, value): a saturated hard-tanh unit is then (0, 0, bound).
+        """
         p = pre.shape[0]
         flat = pre.reshape(p, 3, -1)
         st = states[:, None, :]
@@ -223,14 +227,42 @@ class Nonlinearity:
                 slope = slope.repeat_interleave(per)
             out = torch.where(st == 1, flat, flat * slope)
         elif self.kind == "hardtanh":
-            out = torch.where(st == 0, torch.full_like(flat, self.lo), flat)
-            out = torch.where(st == 2, torch.full_like(flat, self.hi), out)
+            lo, hi = torch.full_like(flat, self.lo), torch.full_like(flat, self.hi)
+            if coef:
+                lo[:, :2], hi[:, :2] = 0.0, 0.0
+            out = torch.where(st == 0, lo, flat)
+            out = torch.where(st == 2, hi, out)
         else:
             assert self.candidates is not None
             cand = self.candidates.to(flat.device)
             idx = cand[torch.arange(cand.shape[0], device=flat.device)[None, :], states.long()]
             out = flat.gather(2, idx[:, None, :].expand(p, 3, -1))
         return out.reshape(p, 3, *self.out_shape)
+
+    def unit_values(self, coef: Tensor, rows: Tensor, units: Tensor, states: Tensor) -> Tensor:
+        """Output (slope0, slope1, value) of unit ``units[i]`` of cell ``rows[i]`` in ``states[i]``.
+
+        ``coef`` is the affine form (cells, 3, in_units) of the nonlinearity's input;
+        returns (pairs, 3).
+        """
+        if self.kind == "maxpool":
+            assert self.candidates is not None
+            return coef[rows, :, self.candidates[units, states.long()]]
+        z = coef[rows, :, units]
+        on = (states == 1)[:, None]
+        if self.kind == "relu":
+            return torch.where(on, z, torch.zeros_like(z))
+        if self.kind == "abs":
+            return torch.where(on, z, -z)
+        if self.kind == "leaky":
+            return torch.where(on, z, z * float(self.slope))
+        if self.kind == "prelu":
+            slope = torch.as_tensor(self.slope, dtype=z.dtype, device=z.device).reshape(-1)
+            per = self.n_units // slope.numel()
+            return torch.where(on, z, z * slope[units // per][:, None])
+        const = torch.zeros_like(z)
+        const[:, 2] = torch.where(states == 0, z.new_tensor(self.lo), z.new_tensor(self.hi))
+        return torch.where(on, z, const)
 
 
 def _one_variable(node: torch.fx.Node) -> bool:

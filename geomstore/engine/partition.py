@@ -196,11 +196,11 @@ def partition(
         lv = None
     descent = Descent(program, slice, tol=tol, chunk_elements=chunk_elements, progress=progress)
     raw = descent.run().concat()
-    centre, h = descent.centre, descent.h
+    centre = descent.centre
     verts_c, n = raw["verts"], raw["n"]
-    vals = raw["values"]  # (P, 3, K) outputs at centre, centre + h e0, centre + h e1
-    amap = np.stack([(vals[:, 1] - vals[:, 0]) / h, (vals[:, 2] - vals[:, 0]) / h], axis=2)
-    c_centre = vals[:, 0]
+    vals = raw["values"]  # (P, 3, K) output slopes along u0, u1 and value at the centre
+    amap = np.stack([vals[:, 0], vals[:, 1]], axis=2)
+    c_centre = vals[:, 2]
     cvec = c_centre - amap @ centre
     verts = np.where(
         (np.arange(verts_c.shape[1])[None, :] < n[:, None])[..., None], verts_c + centre, 0.0

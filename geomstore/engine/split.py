@@ -222,7 +222,7 @@ def _initial_states_lines(
 
 def split_layer(
     spec: Nonlinearity, coef: Tensor, cells: Polys, tol: float, cuts: CutLog
-) -> tuple[Polys, Tensor]:
+) -> tuple[Polys, Tensor, Tensor]:
     """Split every cell by the units of one nonlinearity.
 
     Parameters
@@ -234,7 +234,9 @@ def split_layer(
 
     Returns
     -------
-    Polys whose ``parent`` indexes ``cells``, and their states (P, units) uint8.
+    Polys whose ``parent`` indexes ``cells``, their states (P, units) uint8, and each
+    cell's base states (cells, units): the state of every unit constant on the cell, 0
+    for the units that cross it. A child differs from its cell's base only in the latter.
     """
     dev = coef.device
     p, v = cells.verts.shape[:2]
@@ -244,7 +246,7 @@ def split_layer(
     cell_idx, unit_idx = torch.nonzero(crossing, as_tuple=True)
     per_cell = torch.bincount(cell_idx, minlength=p) * n_steps
     if cell_idx.numel() == 0:
-        return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0
+        return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0, state0
     # test list per cell: (unit, step) in order, padded
     rounds = int(per_cell.max().item())
     start = torch.cumsum(per_cell, 0) - per_cell
@@ -303,7 +305,7 @@ def split_layer(
         buf.states[rows, unit[spl]] = code[spl]
         buf.append(rows, nv, nn_, ns, neg_states)
     m = buf.count
-    return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
+    return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m], state0
 
 
 class _Buffers:
