@@ -57,6 +57,26 @@ def test_partition_is_exact(name: str, children: str, monkeypatch: pytest.Monkey
     _check(part, model)
 
 
+def test_edges_lie_on_their_neurons_zero_sets() -> None:
+    # every interior edge lies where its neuron's pre-activation meets its threshold
+    # (0, or hard-tanh's bounds); float32 bounds once put them 1e-8 off
+    model = mlp((10, 10), 3, act=nn.Hardtanh, seed=5, min_val=-0.3, max_val=0.4)
+    part = partition(model, BOX, device="cpu")
+    edges = part.edges.to_pydict()
+    geoms = shapely.from_wkb(part.edges.column("geometry").to_numpy(zero_copy_only=False))
+    ends = shapely.get_coordinates(geoms).reshape(-1, 2, 2)
+    inner = np.array([v is not None for v in edges["layer"]])  # border edges: null
+    assert inner.sum() > 50
+    x = torch.as_tensor(ends[inner].reshape(-1, 2))
+    assert part.program is not None
+    _, pres = part.program.forward_with_pre(x)
+    layer = np.repeat(np.array(edges["layer"])[inner].astype(int), 2)
+    neuron = np.repeat(np.array(edges["neuron"])[inner].astype(int), 2)
+    pre = np.stack([p.detach().numpy() for p in pres])[layer, np.arange(len(layer)), neuron]
+    gap = np.minimum(np.abs(pre + 0.3), np.abs(pre - 0.4))
+    assert gap.max() < 1e-12, gap.max()
+
+
 def test_prelu_per_channel_and_functional_ops() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from geomstore.engine.graph import Program
-from geomstore.engine.split import CutLog, Polys, split_layer
+from geomstore.engine.split import Crossings, CutLog, Polys, crossings, split_layer
 from geomstore.slice import Slice
 
 __all__ = ["Descent", "RawRegions"]
@@ -76,9 +76,10 @@ class _Matrix:
 class _Cells:
     """What the children of one split read from their cells."""
 
-    coef: Tensor  # (cells, 3, N_in) affine form of the nonlinearity's input
-    base_states: Tensor  # (cells, units)
+    cross: Crossings  # the crossing (cell, unit) pairs and their input values
+    base_states: Tensor  # (cells, units): crossing units in state 0
     base: Tensor | None  # (cells, 3, n_next) next input at the base states (matrix stages)
+    coef: Tensor | None  # (cells, 3, N_in) the whole input form, where children need it
 
 
 _MATMUL_ONLY = {
@@ -111,6 +112,7 @@ class Descent:
     """
 
     max_matrix_elements = 1 << 23
+    block_elements = 1 << 21  # float64 elements of one block's input forms (cache-sized)
     rank1_limit = 1  # rank-1 updates while changed units per child <= units / 32 x this
 
     def __init__(
@@ -233,31 +235,75 @@ class Descent:
         assert m is not None and cells.base is not None
         base_states = cells.base_states.index_select(0, par)
         q_idx, u_idx = torch.nonzero(states != base_states, as_tuple=True)
-        if q_idx.numel() > par.numel() * max(1, spec.n_units // 32) * self.rank1_limit:
+        many = q_idx.numel() > par.numel() * max(1, spec.n_units // 32) * self.rank1_limit
+        if cells.coef is not None and many:
             # many changed units per child (the first layer): a dense product is cheaper
             return self._base(layer, cells.coef.index_select(0, par), states)
         coef = cells.base.index_select(0, par)
         if q_idx.numel():
-            rows = par[q_idx]
-            d = spec.unit_values(cells.coef, rows, u_idx, states[q_idx, u_idx])
-            d -= spec.unit_values(cells.coef, rows, u_idx, base_states[q_idx, u_idx])
+            k = cells.cross.find(par[q_idx], u_idx, spec.n_units)
+            vals = cells.cross.vals[k]
+            d = spec.unit_values(vals, u_idx, states[q_idx, u_idx])
+            d -= spec.unit_values(vals, u_idx, base_states[q_idx, u_idx])
             coef.index_add_(0, q_idx, d[:, :, None] * m.jt[u_idx][:, None, :])
         return coef
 
-    def _per_cell_elements(self, layer: int, live: dict[Any, Any], width: int) -> int:
-        per = 0
-        for t in live.values():
-            if isinstance(t, Tensor):
-                per += t[0].numel() * 3
+    def _dense_input(self, layer: int) -> bool:
+        """Whether stage ``layer`` runs the program's nodes (no matrix form for it)."""
+        return layer == 0 or self.matrices[layer - 1] is None
+
+    def _sizes(self, layer: int, live: dict[Any, Any], width: int) -> tuple[int, int]:
+        """Cells per split batch and per block of input forms, within ``chunk_elements``.
+
+        A batch holds polygons, states and what its children read (bases, or whole input
+        forms); input forms are computed a block at a time, small enough to stay in cache.
+        """
+        prog = self.program
+        per = 12 * width + prog.n_units // 4 + 1
+        per += sum(t[0].numel() * 3 for t in live.values() if isinstance(t, Tensor))
+        block_per = 1
         if layer < self.n_layers:
-            spec = self.program.nonlinearities[layer]
+            spec = prog.nonlinearities[layer]
             n_in = int(np.prod(spec.in_shape))
             k = 1 if spec.candidates is None else int(spec.candidates.shape[1])
-            per += 3 * n_in + width * max(n_in, spec.n_units * k)
+            block_per = 8 * n_in + (width * spec.n_units * k if k > 1 else 0)
+            m = self.matrices[layer]
+            per += 3 * n_in if m is None else 3 * int(m.jt.shape[1])
         if layer > 0:
-            spec = self.program.nonlinearities[layer - 1]
-            per += 6 * int(np.prod(spec.in_shape))
-        return max(per, 1)
+            prev = prog.nonlinearities[layer - 1]
+            block_per += 6 * int(np.prod(prev.in_shape))
+        if self._dense_input(layer):
+            per += block_per
+        batch = max(1, self.chunk_elements // per)
+        block = batch if self._dense_input(layer) else max(1, self.block_elements // block_per)
+        return batch, min(batch, block)
+
+    def _input_coef(
+        self,
+        layer: int,
+        env: dict[Any, Any],
+        parents: _Cells | None,
+        par: Tensor,
+        states: Tensor,
+    ) -> Tensor:
+        """Affine form (cells, 3, N) of stage ``layer``'s result for cells of parents ``par``."""
+        prog = self.program
+        p = int(par.shape[0])
+        if layer == 0:
+            env.update(prog.static)
+            for node in prog.stage_nodes(0):
+                if node not in env:
+                    env[node] = prog.run_node(node, env)
+            return self._coef(self._target(0, env), p)
+        prev = prog.nonlinearities[layer - 1]
+        assert parents is not None
+        lstates = states[:, prev.unit_offset : prev.unit_offset + prev.n_units]
+        if self.matrices[layer - 1] is not None:
+            return self._child_coef(layer - 1, parents, par, lstates)
+        assert parents.coef is not None
+        pre_prev = self._points(parents.coef.index_select(0, par))
+        out = prev.apply(pre_prev.reshape(p, 3, *prev.in_shape), lstates)
+        return self._coef(self._run_stage(layer, env, out.reshape(-1, *prev.out_shape)), p)
 
     # the descent -----------------------------------------------------------------------------
     def run(self) -> RawRegions:
@@ -281,46 +327,44 @@ class Descent:
     ) -> None:
         prog = self.program
         q = len(polys)
-        per = self._per_cell_elements(layer, penv, int(polys.verts.shape[1]))
-        chunk = max(1, self.chunk_elements // per)
-        for lo in range(0, q, chunk):
-            idx = torch.arange(lo, min(q, lo + chunk), device=self.dev)
-            sub = polys.take(idx) if (lo > 0 or lo + chunk < q) else polys
+        batch, block = self._sizes(layer, penv, int(polys.verts.shape[1]))
+        for lo in range(0, q, batch):
+            idx = torch.arange(lo, min(q, lo + batch), device=self.dev)
+            sub = polys.take(idx) if (lo > 0 or lo + batch < q) else polys
             sub_states = states[idx] if sub is not polys else states
             par = sub.parent
             p = len(sub)
             env = {node: self._gather(t, par) for node, t in penv.items()}
-            if layer == 0:
-                env.update(prog.static)
-                for node in prog.stage_nodes(0):
-                    if node not in env:
-                        env[node] = prog.run_node(node, env)
-                coef = self._coef(self._target(0, env), p)
-            else:
-                prev = prog.nonlinearities[layer - 1]
-                assert parents is not None
-                lstates = sub_states[:, prev.unit_offset : prev.unit_offset + prev.n_units]
-                if self.matrices[layer - 1] is not None:
-                    coef = self._child_coef(layer - 1, parents, par, lstates)
-                else:
-                    pre_prev = self._points(parents.coef.index_select(0, par))
-                    out = prev.apply(pre_prev.reshape(p, 3, *prev.in_shape), lstates)
-                    res = self._run_stage(layer, env, out.reshape(-1, *prev.out_shape))
-                    coef = self._coef(res, p)
             if layer == self.n_layers:
-                self.out.add(sub, sub_states, coef)
+                blk = [(par[b : b + block], sub_states[b : b + block]) for b in range(0, p, block)]
+                values = [self._input_coef(layer, env, parents, pb, sb) for pb, sb in blk]
+                self.out.add(sub, sub_states, torch.cat(values))
                 if self.progress is not None:
                     self.progress(p)
                 continue
             spec = prog.nonlinearities[layer]
+            m = self.matrices[layer]
+            keep_coef = m is None or p == 1 or self.rank1_limit == 0
+            blocks = []
+            for b in range(0, p, block):
+                e = min(p, b + block)
+                coef = self._input_coef(layer, env, parents, par[b:e], sub_states[b:e])
+                st0, cross = crossings(spec, coef, sub.verts[b:e], sub.n[b:e], self.tol)
+                base = self._base(layer, coef, st0) if m is not None else None
+                blocks.append((b, st0, cross, base, coef if keep_coef else None))
+            state0 = torch.cat([blk[1] for blk in blocks])
+            cross = Crossings.concat([(blk[0], blk[2]) for blk in blocks])
             cells = Polys(sub.verts, sub.n.clone(), sub.side, torch.arange(p, device=self.dev))
-            children, lstates, base_states = split_layer(spec, coef, cells, self.tol, self.cuts)
+            children, lstates = split_layer(spec, cells, state0, cross, self.tol, self.cuts)
             child_states = torch.cat([sub_states[children.parent], lstates], dim=1)
-            if self.matrices[layer] is not None:
-                base = self._base(layer, coef, base_states)
+            if m is not None:
                 live: dict[Any, Any] = {}
+                base = torch.cat([blk[3] for blk in blocks])
             else:
-                base = None
                 keep = set(prog.live_after(layer)) - {spec.node}
                 live = {n: t for n, t in env.items() if n in keep and n not in prog.static}
-            self._descend(layer + 1, children, child_states, live, _Cells(coef, base_states, base))
+                base = None
+            coefs = torch.cat([blk[4] for blk in blocks]) if keep_coef else None
+            del blocks
+            cells_info = _Cells(cross, state0, base, coefs)
+            self._descend(layer + 1, children, child_states, live, cells_info)

@@ -239,16 +239,16 @@ class Nonlinearity:
             out = flat.gather(2, idx[:, None, :].expand(p, 3, -1))
         return out.reshape(p, 3, *self.out_shape)
 
-    def unit_values(self, coef: Tensor, rows: Tensor, units: Tensor, states: Tensor) -> Tensor:
-        """Output (slope0, slope1, value) of unit ``units[i]`` of cell ``rows[i]`` in ``states[i]``.
+    def unit_values(self, vals: Tensor, units: Tensor, states: Tensor) -> Tensor:
+        """Output (slope0, slope1, value) of each unit in the given state, (pairs, 3).
 
-        ``coef`` is the affine form (cells, 3, in_units) of the nonlinearity's input;
-        returns (pairs, 3).
+        ``vals`` (pairs, 3, k) is the affine form of the unit's input: its k max-pool
+        candidates, or k = 1 (see :class:`geomstore.engine.split.Crossings`).
         """
         if self.kind == "maxpool":
-            assert self.candidates is not None
-            return coef[rows, :, self.candidates[units, states.long()]]
-        z = coef[rows, :, units]
+            ar = torch.arange(vals.shape[0], device=vals.device)
+            return vals[ar, :, states.long()]
+        z = vals[:, :, 0]
         on = (states == 1)[:, None]
         if self.kind == "relu":
             return torch.where(on, z, torch.zeros_like(z))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from geomstore.engine.graph import Nonlinearity
 
-__all__ = ["CutLog", "Polys", "clip_pairs", "split_layer"]
+__all__ = ["Crossings", "CutLog", "Polys", "clip_pairs", "crossings", "split_layer"]
 
 
 @dataclass
@@ -50,6 +50,51 @@ class CutLog:
         self.dirs.append(torch.stack([-a1 / norm, a0 / norm], dim=1))
         self.count += k
         return ids
+
+
+@dataclass
+class Crossings:
+    """The (cell, unit) pairs whose zero set crosses the cell, sorted by cell then unit.
+
+    ``vals`` (pairs, 3, k) holds the affine form (slope0, slope1, value) of the unit's
+    input: of its k max-pool candidates, or k = 1 for line units.
+    """
+
+    cell: Tensor
+    unit: Tensor
+    vals: Tensor
+
+    def __len__(self) -> int:
+        return int(self.cell.shape[0])
+
+    @staticmethod
+    def concat(parts: list[tuple[int, Crossings]]) -> Crossings:
+        """Join the crossings of consecutive blocks of cells; (first cell, crossings) each."""
+        return Crossings(
+            torch.cat([c.cell + off for off, c in parts]),
+            torch.cat([c.unit for _, c in parts]),
+            torch.cat([c.vals for _, c in parts]),
+        )
+
+    def find(self, cell: Tensor, unit: Tensor, n_units: int) -> Tensor:
+        """Pair index of each (cell, unit); every one must be a crossing pair."""
+        keys = self.cell * n_units + self.unit
+        return torch.searchsorted(keys, cell * n_units + unit)
+
+
+def crossings(
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, n: Tensor, tol: float
+) -> tuple[Tensor, Crossings]:
+    """States of the units constant on each cell (0 for the others) and the crossing pairs."""
+    valid = torch.arange(verts.shape[1], device=verts.device)[None, :] < n[:, None]
+    state0, crossing = _initial_states(spec, coef, verts, valid, tol)
+    cell, unit = torch.nonzero(crossing, as_tuple=True)
+    if spec.kind == "maxpool":
+        assert spec.candidates is not None
+        vals = coef[cell[:, None], :, spec.candidates[unit]].transpose(1, 2)
+    else:
+        vals = coef[cell, :, unit][:, :, None]
+    return state0, Crossings(cell, unit, vals)
 
 
 def _compact(pts: Tensor, emit: Tensor, lab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -111,18 +156,17 @@ def clip_pairs(
 
 
 def _line_coefficients(
-    spec: Nonlinearity, coef: Tensor, cell: Tensor, unit: Tensor, step: Tensor, state: Tensor
+    spec: Nonlinearity, vals: Tensor, pair: Tensor, step: Tensor, state: Tensor
 ) -> Tensor:
-    """(a0, a1, b) of each polygon's test line; coef is (cells, 3, N_in) = A0, A1, value."""
+    """(a0, a1, b) of each polygon's test line; vals is :attr:`Crossings.vals`."""
     if spec.kind == "maxpool":
-        assert spec.candidates is not None
-        cand = spec.candidates
-        ia = cand[unit, step + 1]
-        ib = cand[unit, state.long()]
-        return coef[cell, :, ia] - coef[cell, :, ib]
-    lines = coef[cell, :, unit].clone()
+        v = vals[pair]
+        ar = torch.arange(v.shape[0], device=v.device)
+        return v[ar, :, step + 1] - v[ar, :, state.long()]
+    lines = vals[pair, :, 0]
     if spec.kind == "hardtanh":
-        lines[:, 2] -= torch.where(step == 0, spec.lo, spec.hi)
+        # float64 bounds: torch.where on Python floats gives float32 (-0.3 -> -0.300000012)
+        lines[:, 2] -= torch.where(step == 0, lines.new_tensor(spec.lo), lines.new_tensor(spec.hi))
     return lines
 
 
@@ -221,51 +265,47 @@ def _initial_states_lines(
 
 
 def split_layer(
-    spec: Nonlinearity, coef: Tensor, cells: Polys, tol: float, cuts: CutLog
-) -> tuple[Polys, Tensor, Tensor]:
-    """Split every cell by the units of one nonlinearity.
+    spec: Nonlinearity, cells: Polys, state0: Tensor, cross: Crossings, tol: float, cuts: CutLog
+) -> tuple[Polys, Tensor]:
+    """Split every cell by the units of one nonlinearity that cross it.
 
     Parameters
     ----------
-    coef : Tensor (cells, 3, N_in)
-        Affine maps of the nonlinearity's input in (centred) slice coordinates.
     cells : Polys
         The cells of the partition by the earlier nonlinearities.
+    state0, cross : Tensor (cells, units), Crossings
+        From :func:`crossings`.
 
     Returns
     -------
-    Polys whose ``parent`` indexes ``cells``, their states (P, units) uint8, and each
-    cell's base states (cells, units): the state of every unit constant on the cell, 0
-    for the units that cross it. A child differs from its cell's base only in the latter.
+    Polys whose ``parent`` indexes ``cells``, and their states (P, units) uint8. A child
+    differs from ``state0`` of its cell only in crossing units.
     """
-    dev = coef.device
-    p, v = cells.verts.shape[:2]
-    valid = torch.arange(v, device=dev)[None, :] < cells.n[:, None]
-    state0, crossing = _initial_states(spec, coef, cells.verts, valid, tol)
+    dev = state0.device
+    p = len(cells)
     n_steps = spec.n_steps
-    cell_idx, unit_idx = torch.nonzero(crossing, as_tuple=True)
-    per_cell = torch.bincount(cell_idx, minlength=p) * n_steps
-    if cell_idx.numel() == 0:
-        return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0, state0
-    # test list per cell: (unit, step) in order, padded
+    per_cell = torch.bincount(cross.cell, minlength=p) * n_steps
+    if len(cross) == 0:
+        return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0
+    # test list per cell: (pair, step) in order, padded
     rounds = int(per_cell.max().item())
     start = torch.cumsum(per_cell, 0) - per_cell
-    t_cell = cell_idx.repeat_interleave(n_steps)
-    t_unit = unit_idx.repeat_interleave(n_steps)
-    t_step = torch.arange(n_steps, device=dev).repeat(cell_idx.numel())
+    t_cell = cross.cell.repeat_interleave(n_steps)
+    t_pair = torch.arange(len(cross), device=dev).repeat_interleave(n_steps)
+    t_step = torch.arange(n_steps, device=dev).repeat(len(cross))
     t_rank = torch.arange(t_cell.numel(), device=dev) - start[t_cell]
-    tests_unit = torch.full((p, rounds), -1, dtype=torch.long, device=dev)
+    tests_pair = torch.full((p, rounds), -1, dtype=torch.long, device=dev)
     tests_step = torch.zeros((p, rounds), dtype=torch.long, device=dev)
-    tests_unit[t_cell, t_rank] = t_unit
+    tests_pair[t_cell, t_rank] = t_pair
     tests_step[t_cell, t_rank] = t_step
 
-    buf = _Buffers(cells, state0, tests_unit, tests_step, per_cell)
+    buf = _Buffers(cells, state0, tests_pair, tests_step, per_cell)
     refilter = spec.n_steps == 1 and spec.kind != "maxpool"
     r = 0
     next_refilter = 8
     while r < rounds:
         if refilter and r == next_refilter and rounds - r >= 8:
-            rounds = buf.refilter(spec, coef, r, tol)
+            rounds = buf.refilter(cross, r, tol)
             r, next_refilter = 0, 2 * next_refilter
             continue
         m = buf.count
@@ -273,12 +313,12 @@ def split_layer(
         if act.numel() == 0:
             r += 1
             continue
-        c = buf.cell[act]
-        unit = buf.tunit[act, r]
+        pair = buf.tunit[act, r]
+        unit = cross.unit[pair]
         step = buf.tstep[act, r]
         r += 1
         cur = buf.states[act, unit]
-        lines = _line_coefficients(spec, coef, c, unit, step, cur)
+        lines = _line_coefficients(spec, cross.vals, pair, step, cur)
         a0, a1, b = lines[:, 0], lines[:, 1], lines[:, 2]
         va = buf.verts[act]
         f = torch.baddbmm(b[:, None, None], va, lines[:, :2, None])[:, :, 0]
@@ -305,7 +345,7 @@ def split_layer(
         buf.states[rows, unit[spl]] = code[spl]
         buf.append(rows, nv, nn_, ns, neg_states)
     m = buf.count
-    return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m], state0
+    return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
 
 
 class _Buffers:
@@ -349,7 +389,7 @@ class _Buffers:
         self.verts[sl], self.n[sl], self.side[sl], self.states[sl] = verts, n, side, states
         self.count = need
 
-    def refilter(self, spec: Nonlinearity, coef: Tensor, r: int, tol: float) -> int:
+    def refilter(self, cross: Crossings, r: int, tol: float) -> int:
         """Drop remaining tests whose line misses the polygon; settle those units' states.
 
         Returns the new number of rounds (lists restart at position 0).
@@ -363,18 +403,19 @@ class _Buffers:
         has = torch.arange(rem, device=units.device)[None, :] < (self.tcount[:m, None] - r)
         # evaluate only the real (polygon, test) pairs, not the padded rectangle
         rows, cols = torch.nonzero(has, as_tuple=True)
-        pu = units[rows, cols]
-        lines = coef[self.cell[rows], :, pu]  # (pairs, 3)
+        pair = units[rows, cols]
+        pu = cross.unit[pair]
+        lines = cross.vals[pair, :, 0]  # (pairs, 3)
         f = torch.baddbmm(lines[:, 2, None, None], self.verts[rows], lines[:, :2, None])[..., 0]
         tau = tol * torch.sqrt(lines[:, 0] ** 2 + lines[:, 1] ** 2)
         pos = f.amax(dim=1) > tau
         neg = f.amin(dim=1) < -tau
         settle = pos & ~neg
         self.states[rows[settle], pu[settle]] = 1
-        cross = pos & neg
-        cnt = torch.bincount(rows[cross], minlength=m)
+        crossing = pos & neg
+        cnt = torch.bincount(rows[crossing], minlength=m)
         width = int(cnt.max().item()) if m else 0
-        cr, cu = rows[cross], pu[cross]
+        cr, cu = rows[crossing], pair[crossing]
         start = torch.cumsum(cnt, 0) - cnt
         rank = torch.arange(cr.numel(), device=cr.device) - start[cr]
         self.tunit = torch.zeros(
