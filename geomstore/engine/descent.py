@@ -345,26 +345,31 @@ class Descent:
             spec = prog.nonlinearities[layer]
             m = self.matrices[layer]
             keep_coef = m is None or p == 1 or self.rank1_limit == 0
-            blocks = []
+            st0s: list[Tensor] = []
+            crosses: list[tuple[int, Crossings]] = []
+            bases: list[Tensor] = []
+            coefs: list[Tensor] = []
             for b in range(0, p, block):
                 e = min(p, b + block)
                 coef = self._input_coef(layer, env, parents, par[b:e], sub_states[b:e])
-                st0, cross = crossings(spec, coef, sub.verts[b:e], sub.n[b:e], self.tol)
-                base = self._base(layer, coef, st0) if m is not None else None
-                blocks.append((b, st0, cross, base, coef if keep_coef else None))
-            state0 = torch.cat([blk[1] for blk in blocks])
-            cross = Crossings.concat([(blk[0], blk[2]) for blk in blocks])
+                st0, cr = crossings(spec, coef, sub.verts[b:e], sub.n[b:e], self.tol)
+                st0s.append(st0)
+                crosses.append((b, cr))
+                if m is not None:
+                    bases.append(self._base(layer, coef, st0))
+                if keep_coef:
+                    coefs.append(coef)
+            state0 = torch.cat(st0s)
+            cross = Crossings.concat(crosses)
             cells = Polys(sub.verts, sub.n.clone(), sub.side, torch.arange(p, device=self.dev))
             children, lstates = split_layer(spec, cells, state0, cross, self.tol, self.cuts)
             child_states = torch.cat([sub_states[children.parent], lstates], dim=1)
-            if m is not None:
-                live: dict[Any, Any] = {}
-                base = torch.cat([blk[3] for blk in blocks])
-            else:
+            live: dict[Any, Any] = {}
+            if m is None:
                 keep = set(prog.live_after(layer)) - {spec.node}
                 live = {n: t for n, t in env.items() if n in keep and n not in prog.static}
-                base = None
-            coefs = torch.cat([blk[4] for blk in blocks]) if keep_coef else None
-            del blocks
-            cells_info = _Cells(cross, state0, base, coefs)
+            base = torch.cat(bases) if bases else None
+            whole = torch.cat(coefs) if coefs else None
+            del bases, coefs
+            cells_info = _Cells(cross, state0, base, whole)
             self._descend(layer + 1, children, child_states, live, cells_info)
