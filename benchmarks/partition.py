@@ -6,7 +6,7 @@ Networks: seeded, PyTorch-default-initialised ReLU MLPs on [-1, 1]^2 and a small
 (conv, batch norm, max-pooling) on the plane through three 8x8 images. Seconds are the
 best of ``--repeat`` runs and include affine maps, edges and the decision boundary.
 ``--large`` runs only 2-1210-1210-1, a partition of about 10^6 regions, once: its peak
-memory shows that chunking bounds the descent (the tables themselves dominate).
+memory shows that chunking bounds the descent.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from geomstore import Slice, partition
 
 MLPS = [(100, 100), (64, 64, 64, 64), (256, 256), (256, 256, 256)]
 LARGE = (1210, 1210)
+
+
+def mlp_name(widths: tuple[int, ...]) -> str:
+    return "2-" + "-".join(map(str, widths)) + "-1"
 
 
 def mlp(widths: tuple[int, ...], seed: int = 0) -> nn.Sequential:
@@ -93,14 +97,12 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     box = Slice.box((-1, -1), (1, 1))
     if args.large:
-        name = "2-" + "-".join(map(str, LARGE)) + "-1"
-        print(json.dumps(run(name, mlp(LARGE), box, args.device, 1)), flush=True)
+        print(json.dumps(run(mlp_name(LARGE), mlp(LARGE), box, args.device, 1)), flush=True)
         return
     nets = MLPS[:1] if args.quick else MLPS
     repeat = 1 if args.quick else args.repeat
     for widths in nets:
-        name = "2-" + "-".join(map(str, widths)) + "-1"
-        print(json.dumps(run(name, mlp(widths), box, args.device, repeat)), flush=True)
+        print(json.dumps(run(mlp_name(widths), mlp(widths), box, args.device, repeat)), flush=True)
     g = torch.Generator().manual_seed(0)
     imgs = [torch.rand((1, 8, 8), generator=g, dtype=torch.float64).numpy() for _ in range(3)]
     plane = Slice.through(*imgs, margin=0.1)
