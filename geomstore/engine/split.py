@@ -284,9 +284,11 @@ def split_layer(
     dev = state0.device
     p = len(cells)
     n_steps = spec.n_steps
-    per_cell = torch.bincount(cross.cell, minlength=p) * n_steps
     if len(cross) == 0:
         return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0
+    if n_steps == 1 and spec.kind != "maxpool":
+        return _split_lines(spec, cells, state0, cross, tol, cuts)
+    per_cell = torch.bincount(cross.cell, minlength=p) * n_steps
     # test list per cell: (pair, step) in order, padded
     rounds = int(per_cell.max().item())
     start = torch.cumsum(per_cell, 0) - per_cell
@@ -346,6 +348,146 @@ def split_layer(
         buf.append(rows, nv, nn_, ns, neg_states)
     m = buf.count
     return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
+
+
+_HIGH = -(1 << 32)  # the float64 bits that order non-negative distances (to ~1e-6)
+_MAX = (1 << 63) - 1
+
+
+def _split_lines(
+    spec: Nonlinearity, cells: Polys, state0: Tensor, cross: Crossings, tol: float, cuts: CutLog
+) -> tuple[Polys, Tensor]:
+    """:func:`split_layer` for units with one line each (ReLU-like), in few large operations.
+
+    Every round evaluates all remaining (polygon, line) pairs at once: lines that miss a
+    polygon settle the unit's state and leave its list; each polygon that still meets a
+    line is split by the first one (in unit order), and both children keep the rest of the
+    list. The number of rounds is the longest chain of splits, and the number of tensor
+    operations per round does not depend on the number of polygons or pairs.
+    """
+    lines = cross.vals[:, :, 0]  # (T, 3): a0, a1, b
+    a = lines[:, :2, None].contiguous()
+    b = lines[:, 2:, None].contiguous()
+    tau = (tol * torch.sqrt(lines[:, 0] * lines[:, 0] + lines[:, 1] * lines[:, 1]))[:, None]
+    units = cross.unit
+    n_units = int(state0.shape[1])
+    buf = _Grow(cells, state0, len(cross))
+    zero = torch.zeros((), dtype=lines.dtype, device=lines.device)
+    pp, pt = cross.cell, torch.arange(len(cross), device=lines.device)
+    split_tests: list[Tensor] = []
+    first_id = cuts.count
+    n_cuts = 0
+    while pp.numel():
+        va = buf.verts.index_select(0, pp)
+        f = torch.baddbmm(b.index_select(0, pt), va, a.index_select(0, pt)).squeeze(2)
+        f = torch.where(f.abs() <= tau.index_select(0, pt), zero, f)
+        sg = f.sign()
+        hi, lo = f.amax(1), f.amin(1)
+        pos, neg = hi > 0, lo < 0
+        key = pp * n_units + units.index_select(0, pt)
+        buf.states.view(-1).index_fill_(0, key[pos > neg], 1)  # the line misses: settled
+        ci = torch.nonzero(pos & neg).squeeze(1)
+        if ci.numel() == 0:
+            break
+        cp, ct = pp[ci], pt[ci]
+        # split each polygon by the crossing line nearest its middle (fewest rounds);
+        # the key orders by distance (float bits, top half) and breaks ties by unit
+        mid = ((hi + lo).abs_() / (hi - lo))[ci]
+        ckey = (mid.view(torch.int64) & _HIGH) | units.index_select(0, ct)
+        best = torch.full((buf.count,), _MAX, dtype=torch.int64, device=pp.device)
+        chosen = ckey == best.scatter_reduce_(0, cp, ckey, "amin")[cp]
+        fi, sp, st = ci[chosen], cp[chosen], ct[chosen]
+        k = int(sp.shape[0])
+        ids = torch.arange(first_id + n_cuts, first_id + n_cuts + k, device=pp.device)
+        n_cuts += k
+        split_tests.append(st)
+        children = _clip_both(va[fi], f[fi], sg[fi], buf.n[sp], buf.side[sp], ids)
+        m = buf.count
+        buf.split(sp, children, key[fi])
+        # the other crossing lines stay on both children's lists (new ids: m, m + 1, ...)
+        keep = ~chosen
+        kp, kt = cp[keep], ct[keep]
+        kn = torch.searchsorted(sp, kp).add_(m)
+        pp, pt = torch.cat([kp, kn]), torch.cat([kt, kt])
+    if split_tests:
+        tests = torch.cat(split_tests)
+        cuts.add(spec.unit_offset + units[tests], lines[tests, 0], lines[tests, 1])
+    m = buf.count
+    return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
+
+
+def _clip_both(
+    v: Tensor, f: Tensor, sg: Tensor, n: Tensor, side: Tensor, cut: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Both children of convex polygons split by the zero line of f, in one batch.
+
+    ``v`` (S, W, 2) with W > n (slots from n on repeat vertex 0, so the side starting at
+    slot i always ends at slot i + 1), ``f`` (S, W) snapped values and ``sg`` their signs.
+    Returns (verts, n, side) of 2S polygons, the positive children (f >= 0) first, with
+    at least one padding slot; the chord side of both is labelled ``cut``.
+    """
+    s, w = f.shape
+    s0, s1 = sg[:, :-1], sg[:, 1:]
+    f0 = f[:, :-1]
+    v0 = v[:, :-1]
+    cross = s0 * s1 < 0
+    t = f0 / (f0 - f[:, 1:])
+    x = v0 + t.unsqueeze(2) * (v[:, 1:] - v0)
+    pts = torch.stack([v0, x], 2).view(s, 2 * w - 2, 2)
+    ar = torch.arange(2 * w - 2, device=f.device)
+    valid = ar[: w - 1] < n[:, None]
+    c0 = torch.stack([s0, -s0])  # (2, S, W - 1): the sign as each child sees it
+    emit = torch.stack([(c0 >= 0) & valid, cross.expand(2, s, w - 1)], 3).view(2, s, 2 * w - 2)
+    cutc = cut[:, None]
+    side0 = side[:, :-1]
+    lab_v = torch.where((s0 == 0) & (c0 * s1.unsqueeze(0) < 0), cutc, side0)
+    lab_x = torch.where(c0 > 0, cutc, side0)
+    lab = torch.stack([lab_v, lab_x], 3).view(2, s, 2 * w - 2)
+    cnt = emit.sum(2)
+    nw = max(w, int(cnt.max().item()) + 1)
+    # stable sort of "not emitted" keeps the emitted points first, in order
+    idx = torch.sort(~emit, dim=2, stable=True).indices[:, :, :nw]
+    idx = torch.where(ar[:nw] >= cnt[:, :, None], idx[:, :, :1], idx)  # padding: vertex 0
+    out_v = pts.expand(2, s, 2 * w - 2, 2).gather(2, idx[..., None].expand(2, s, nw, 2))
+    return out_v.view(2 * s, nw, 2), cnt.view(2 * s), lab.gather(2, idx).view(2 * s, nw)
+
+
+class _Grow:
+    """Growable polygons, their parent cells and states, for :func:`_split_lines`."""
+
+    def __init__(self, cells: Polys, state0: Tensor, n_pairs: int) -> None:
+        p = len(cells)
+        cap = p + 2 * n_pairs + 16
+        width = int(cells.n.max().item()) + 1
+        verts, side = pad_polys(cells.verts, cells.side, width)
+        self.verts = _alloc(verts, cap)
+        self.side = _alloc(side, cap)
+        self.n = _alloc(cells.n, cap)
+        self.cell = _alloc(torch.arange(p, device=state0.device), cap)
+        self.states = _alloc(state0, cap)
+        self.count = p
+
+    def split(self, rows: Tensor, children: tuple[Tensor, Tensor, Tensor], key: Tensor) -> None:
+        """Positive children replace ``rows``, negative ones are appended; ``key`` is
+        row x units + unit of the splitting line (state 1 on the positive side)."""
+        verts, n, side = children
+        k = int(rows.shape[0])
+        m = self.count
+        if m + k > self.n.shape[0]:
+            cap = max(m + k, 2 * self.n.shape[0])
+            for name in ("verts", "side", "n", "cell", "states"):
+                setattr(self, name, _alloc(getattr(self, name), cap))
+        if verts.shape[1] > self.verts.shape[1]:
+            self.verts, self.side = pad_polys(self.verts, self.side, int(verts.shape[1]))
+        new = torch.arange(m, m + k, device=rows.device)
+        self.cell[m : m + k] = self.cell[rows]
+        self.states[m : m + k] = self.states[rows]
+        self.states.view(-1).index_fill_(0, key, 1)
+        dest = torch.cat([rows, new])
+        self.verts.index_copy_(0, dest, verts)
+        self.side.index_copy_(0, dest, side)
+        self.n.index_copy_(0, dest, n)
+        self.count = m + k
 
 
 class _Buffers:
