@@ -97,6 +97,7 @@ _MATMUL_ONLY = {
     "contiguous",
     "clone",
     "alias",
+    "detach",
 }
 
 
@@ -173,8 +174,7 @@ class Descent:
         """Run stage ``layer`` (after nonlinearity ``layer - 1``, whose output is ``out``)."""
         prog = self.program
         prev = prog.nonlinearities[layer - 1]
-        is_tuple = "with_indices" in str(prev.node.target) or prev.pool.get("return_indices", False)
-        env[prev.node] = (out, None) if is_tuple else out
+        env[prev.node] = out
         env.update(prog.static)
         for node in prog.stage_nodes(layer):
             if node not in env:
@@ -200,19 +200,15 @@ class Descent:
         res = res.reshape(units + 1, -1)
         if units * res.shape[1] > self.max_matrix_elements:
             return None
-        dense = all(self._matmul_only(n) for n in prog.stage_nodes(layer + 1))
+        dense = all(
+            self._matmul_only(n) for n in prog.stage_nodes(layer + 1) if n not in prog.static
+        )
         return _Matrix(jt=res[1:] - res[:1], bias=res[0], dense=dense)
 
-    def _matmul_only(self, node: Any) -> bool:
-        if node.op == "call_module":
-            mod = self.program.modules[str(node.target)]
-            name = type(mod).__name__.lower()
-        elif node.op == "call_function":
-            name = str(getattr(node.target, "__name__", node.target))
-            name = name.replace("aten.", "").split(".")[0]
-        else:
-            name = str(node.target)
-        return name in _MATMUL_ONLY
+    @staticmethod
+    def _matmul_only(node: Any) -> bool:
+        name = str(getattr(node.target, "__name__", node.target))
+        return name.replace("aten.", "").split(".")[0] in _MATMUL_ONLY
 
     def _base(self, layer: int, coef: Tensor, base_states: Tensor) -> Tensor:
         """Stage ``layer + 1``'s output on each cell with its base states, affine form."""
