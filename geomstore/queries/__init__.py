@@ -3,6 +3,14 @@
 from geomstore.queries.agreement import agreement
 from geomstore.queries.approx import approximate_lc
 from geomstore.queries.boundary import sample_boundary
+from geomstore.queries.catalog import (
+    checkpoints,
+    dataset_points,
+    datasets,
+    models,
+    partitions,
+    slices,
+)
 from geomstore.queries.complexity import local_complexity
 from geomstore.queries.fragmentation import fragmentation
 from geomstore.queries.migration import migration_index
@@ -16,15 +24,21 @@ __all__ = [
     "agreement_over",
     "approximate_lc",
     "boundary_samples",
+    "checkpoints",
     "churn",
+    "dataset_points",
+    "datasets",
     "fragmentation",
     "fragmentation_over",
     "lc_trajectory",
     "local_complexity",
     "migration_index",
+    "models",
     "partition_stats",
+    "partitions",
     "point_regions",
     "resolve_partitions",
     "sample_boundary",
+    "slices",
     "turning_points",
 ]

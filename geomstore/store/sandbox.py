@@ -1,0 +1,501 @@
+"""The SQL sandbox: the one read path for SQL written by users (Store.sql, CLI, service).
+
+A statement runs only after DuckDB's own parser has turned it into a tree
+(``SELECT json_serialize_sql(?)``) and every node of that tree has passed these rules:
+
+- exactly one statement, and it is a SELECT (``json_serialize_sql`` serializes nothing
+  else, so SET, PRAGMA, COPY, ATTACH, INSTALL, LOAD, EXPORT, CALL and every write fail);
+- every table it names is one of the store's own tables or views (``regions``,
+  ``gs_partitions``, ...) or a common table expression in scope, so a quoted file path
+  (``FROM '/etc/passwd'``) or another database's table never resolves;
+- every table function is the store's own macro (``gs_lc``) or on :data:`TABLE_FUNCTIONS`
+  (``range``, ``generate_series``, ``unnest``, ...): file readers, ``glob``, ``sqlite_*``,
+  ``postgres_*``, ``ST_Read*``, ``parquet_*``, ``query`` and the like are refused;
+- every scalar, aggregate or window function is one DuckDB knows and none of
+  :data:`DENIED_FUNCTIONS` / :data:`DENIED_PREFIXES` (settings, sequences, sleeping, logs).
+
+Under the rules, the read connection itself is hardened: external access is disabled
+(only the store's own files and data path stay readable), extension auto-loading is off,
+a memory limit and a thread limit are set and the configuration is locked. Every query has
+a timeout (the connection is interrupted from a timer thread) and a row cap that reports
+``truncated``. Errors are one line about the user's query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+
+from geomstore.errors import QueryTimeoutError, SQLError, SQLRefusedError
+from geomstore.store.sqlutil import ALIAS, _sql_helpers
+
+if TYPE_CHECKING:
+    from geomstore.store.store import QueryResult, Store
+
+__all__ = [
+    "DENIED_FUNCTIONS",
+    "DENIED_PREFIXES",
+    "MAX_QUERY_CHARS",
+    "TABLE_FUNCTIONS",
+    "Policy",
+    "ReadPath",
+    "check_sql",
+]
+
+#: Table functions a query may call besides the store's own table macros.
+TABLE_FUNCTIONS = frozenset(
+    {"range", "generate_series", "unnest", "json_each", "json_tree", "st_generatepoints"}
+)
+#: Scalar functions that reach the host, change session state or only waste time.
+DENIED_FUNCTIONS = frozenset(
+    {
+        "current_setting",
+        "currval",
+        "nextval",
+        "setseed",
+        "sleep_ms",
+        "pg_sleep",
+        "write_log",
+        "getenv",
+        "getvariable",
+        "json_serialize_plan",
+        "json_execute_serialized_sql",
+        "query",
+        "query_table",
+        "histogram",
+        "histogram_values",
+        "which_secret",
+        "checkpoint",
+        "force_checkpoint",
+        "summary",
+    }
+)
+#: Name prefixes of function families that read files, attach or inspect the host.
+DENIED_PREFIXES = (
+    "read_",
+    "glob",
+    "sqlite_",
+    "postgres_",
+    "pg_clear",
+    "parquet_",
+    "ducklake_",
+    "duckdb_",
+    "pragma_",
+    "st_read",
+    "st_drivers",
+    "shapefile",
+    "python_",
+    "pandas_",
+    "arrow_",
+    "enable_",
+    "disable_",
+    "sniff_",
+    "rtree_",
+    "test_",
+    "truncate_",
+)
+#: Functions the parser emits that duckdb_functions() does not list (special forms).
+_SPECIAL = frozenset(
+    {"unnest", "unlist", "grouping", "grouping_id", "try", "coalesce", "ifnull", "extract"}
+)
+#: The longest statement the sandbox parses.
+MAX_QUERY_CHARS = 100_000
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CATALOGS = frozenset({"", ALIAS, "temp"})
+_SCHEMAS = frozenset({"", "main", ALIAS, "temp"})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a query may name: the store's relations, its table macros, known functions."""
+
+    relations: frozenset[str]
+    table_macros: frozenset[str]
+    scalars: frozenset[str]
+    extra_table_functions: frozenset[str] = field(default=TABLE_FUNCTIONS)
+
+    @classmethod
+    def of(cls, con: duckdb.DuckDBPyConnection) -> Policy:
+        """Read the store's tables, views and macros and DuckDB's functions from ``con``."""
+        rel = con.execute(
+            "SELECT lower(table_name) FROM duckdb_tables() WHERE database_name = $a "
+            "UNION SELECT lower(view_name) FROM duckdb_views() "
+            "WHERE NOT internal AND database_name IN ($a, 'temp')",
+            {"a": ALIAS},
+        ).fetchall()
+        funcs = con.execute(
+            "SELECT DISTINCT lower(function_name), function_type, database_name "
+            "FROM duckdb_functions()"
+        ).fetchall()
+        macros = {n for n, t, db in funcs if t == "table_macro" and db in (ALIAS, "temp")}
+        scalars = {
+            n for n, t, _db in funcs if t in ("scalar", "aggregate", "macro", "window")
+        } | _SPECIAL
+        return cls(
+            relations=frozenset(r[0] for r in rel),
+            table_macros=frozenset(macros),
+            scalars=frozenset(n for n in scalars if not _denied(n)),
+        )
+
+
+def _denied(name: str) -> bool:
+    return name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES)
+
+
+def _looks_like_path(name: str) -> bool:
+    return not _IDENT.match(name)
+
+
+def _one_statement(query: str) -> None:
+    if not isinstance(query, str):
+        raise SQLRefusedError(
+            f"a query is a string of SQL, got {type(query).__name__}.", reason="parse"
+        )
+    if len(query) > MAX_QUERY_CHARS:
+        raise SQLRefusedError(
+            f"the query has {len(query)} characters, more than {MAX_QUERY_CHARS}; "
+            "shorten it (pass values as parameters).",
+            reason="size",
+        )
+    try:
+        stmts = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise SQLError(f"cannot parse the query: {_first_line(exc)}") from None
+    if len(stmts) != 1:
+        raise SQLRefusedError(
+            f"give exactly one statement, got {len(stmts)}; run them one at a time.",
+            reason="multiple",
+        )
+    kind = stmts[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise SQLRefusedError(
+            f"only SELECT queries run here, got {kind.name}; the read-only path cannot "
+            "change the store, its settings or its extensions (write through store.add).",
+            reason="statement",
+        )
+
+
+def check_sql(query: str, policy: Policy, con: duckdb.DuckDBPyConnection) -> None:
+    """Refuse ``query`` unless it is one SELECT that names only what ``policy`` allows.
+
+    Raises :class:`~geomstore.errors.SQLRefusedError` (an attack, ``reason`` says which
+    rule) or :class:`~geomstore.errors.SQLError` (an unknown table or function).
+    Nothing runs: ``con`` only parses.
+
+    Examples
+    --------
+    >>> import tempfile, geomstore
+    >>> from geomstore.store.sandbox import check_sql
+    >>> with geomstore.open(tempfile.mkdtemp()) as store:
+    ...     rp = store._read_path()
+    ...     check_sql("SELECT count(*) FROM regions", rp.policy, store.reader())
+    ...     try:
+    ...         check_sql("SELECT * FROM read_text('/etc/passwd')", rp.policy, store.reader())
+    ...     except geomstore.errors.SQLRefusedError as exc:
+    ...         print(exc.reason)
+    function
+    """
+    _one_statement(query)
+    raw = con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()
+    tree: dict[str, Any] = json.loads(raw[0]) if raw else {"error": True}
+    if tree.get("error"):
+        msg = str(tree.get("error_message", "not a SELECT"))
+        raise SQLRefusedError(
+            f"only plain SELECT queries run here ({msg.splitlines()[0]}).", reason="statement"
+        )
+    if len(tree.get("statements", [])) != 1:
+        raise SQLRefusedError("give exactly one statement.", reason="multiple")
+    _walk(tree["statements"][0], policy)
+
+
+def _walk(root: Any, policy: Policy) -> None:
+    # iterative: a deeply nested query must not overflow Python's stack
+    stack: list[tuple[Any, frozenset[str], bool]] = [(root, frozenset(), False)]
+    while stack:
+        node, ctes, is_table_fn = stack.pop()
+        if isinstance(node, list):
+            stack.extend((x, ctes, False) for x in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        cte_map = node.get("cte_map")
+        if isinstance(cte_map, dict) and cte_map.get("map"):
+            names = [str(e.get("key", "")) for e in cte_map["map"]]
+            for n in names:
+                if not _IDENT.match(n):
+                    raise SQLRefusedError(
+                        f"the common table expression name {n!r} is not a plain identifier; "
+                        "name it with letters, digits and underscores.",
+                        reason="table",
+                    )
+            ctes = ctes | {n.lower() for n in names}
+        kind = node.get("type")
+        if kind == "TABLE_FUNCTION":
+            fn = node.get("function") or {}
+            _check_table_function(str(fn.get("function_name", "")), policy)
+            stack.extend(
+                (v, ctes, False)
+                for k, v in node.items()
+                if k != "function" and isinstance(v, (dict, list))
+            )
+            stack.append((fn, ctes, True))
+            continue
+        if "table_name" in node:
+            _check_table(node, ctes, policy)
+        if "function_name" in node and not is_table_fn:
+            _check_function(str(node["function_name"]), policy)
+        if kind in ("PIVOT", "COLUMN_DATA", "DELIM_GET"):
+            raise SQLRefusedError(
+                f"{kind} table references are not run here; write the query as a plain SELECT.",
+                reason="statement",
+            )
+        stack.extend((v, ctes, False) for v in node.values() if isinstance(v, (dict, list)))
+
+
+def _check_table(node: dict[str, Any], ctes: frozenset[str], policy: Policy) -> None:
+    name = str(node.get("table_name", ""))
+    if not name:
+        return
+    catalog = str(node.get("catalog_name", "")).lower()
+    schema = str(node.get("schema_name", "")).lower()
+    low = name.lower()
+    if not catalog and not schema and low in ctes:
+        return
+    if catalog in _CATALOGS and schema in _SCHEMAS and low in policy.relations:
+        return
+    if _looks_like_path(name) or catalog not in _CATALOGS or schema not in _SCHEMAS:
+        shown = ".".join(p for p in (catalog, schema, name) if p)
+        raise SQLRefusedError(
+            f"{shown!r} is not a table of this store (files and other databases are not "
+            f"readable here); tables: {', '.join(sorted(policy.relations))}.",
+            reason="table",
+        )
+    raise SQLError(
+        f"no table or view named {name!r} in this store; tables: "
+        f"{', '.join(sorted(policy.relations))}."
+    )
+
+
+def _check_table_function(name: str, policy: Policy) -> None:
+    low = name.lower()
+    if low in policy.table_macros or (low in policy.extra_table_functions and not _denied(low)):
+        return
+    allowed = ", ".join(sorted(policy.extra_table_functions | policy.table_macros))
+    raise SQLRefusedError(
+        f"the table function {name}() is not allowed on the read-only path (it may read "
+        f"files, attach databases or inspect the host); allowed: {allowed}.",
+        reason="function",
+    )
+
+
+def _check_function(name: str, policy: Policy) -> None:
+    low = name.lower()
+    if low in policy.scalars:
+        return
+    if _denied(low) or low in policy.table_macros or low in TABLE_FUNCTIONS:
+        raise SQLRefusedError(
+            f"the function {name}() is not allowed on the read-only path (it reads files, "
+            "changes settings or inspects the host).",
+            reason="function",
+        )
+    raise SQLError(f"no function named {name!r}; see DuckDB's and spatial's function lists.")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# the hardened read connection ------------------------------------------------------------------
+#: Defaults of the read connection; a Store's ``sql_memory_limit`` / ``sql_threads`` override.
+MEMORY_LIMIT = "4GB"
+THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _allowed_paths(store: Store) -> list[str]:
+    """Where the read connection may still read: the store's own files and data path."""
+    out: list[str] = []
+    data = store.data_path
+    if data:
+        out.append(data if "://" in data else f"{Path(data).resolve()}/")
+    if store.kind == "ducklake":
+        out.append(f"{Path(store.target).resolve()}/")
+    if store.kind == "duckdb":
+        out.append(f"{Path(store.target).resolve().parent}/")
+    return list(dict.fromkeys(out))
+
+
+def harden(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    allowed: Sequence[str],
+    memory_limit: str = MEMORY_LIMIT,
+    threads: int = THREADS,
+) -> None:
+    """Disable external access (but ``allowed``), auto-loading; set limits; lock the config.
+
+    These settings hold for the whole DuckDB instance of ``con``: for a ``.duckdb`` store,
+    whose single instance also writes, they bound the writer too.
+    """
+    if allowed:
+        con.execute("SET allowed_directories = ?", [list(allowed)])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    with contextlib.suppress(duckdb.Error):  # not settable once the instance is running
+        con.execute("SET allow_community_extensions = false")
+    with contextlib.suppress(duckdb.Error):  # only in builds with the Python replacement scan
+        con.execute("SET python_enable_replacements = false")
+    con.execute("SET memory_limit = ?", [memory_limit])
+    con.execute("SET threads = ?", [int(threads)])
+    con.execute("SET lock_configuration = true")
+
+
+class ReadPath:
+    """A store's hardened read connection, its per-thread cursors and the SQL sandbox."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # one process owns a .duckdb file: read through a cursor of the writer's instance
+        base = store.con.cursor() if store.kind == "duckdb" else store._open(read_only=True)
+        try:
+            harden(
+                base,
+                allowed=_allowed_paths(store),
+                memory_limit=getattr(store, "sql_memory_limit", MEMORY_LIMIT),
+                threads=getattr(store, "sql_threads", THREADS),
+            )
+        except Exception:
+            base.close()
+            raise
+        self.base = base
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._policy: Policy | None = None
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            con = self.base.cursor()
+            self._cursors.append(con)
+        con.execute(f"USE {ALIAS}")
+        _sql_helpers(con)
+        return con
+
+    def reader(self) -> duckdb.DuckDBPyConnection:
+        """This thread's read connection (DuckDB connections are not shared across threads)."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._cursor()
+            self._local.con = con
+        return con
+
+    @property
+    def policy(self) -> Policy:
+        """What queries may name (read once; refreshed when a query names something new)."""
+        if self._policy is None:
+            self._policy = Policy.of(self.reader())
+        return self._policy
+
+    @contextlib.contextmanager
+    def _borrow(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, list[bool]]]:
+        with self._lock:
+            con = self._idle.pop() if self._idle else None
+        if con is None:
+            con = self._cursor()
+        broken = [False]
+        try:
+            yield con, broken
+        finally:
+            if broken[0]:
+                with self._lock:
+                    self._cursors.remove(con)
+                con.close()
+            else:
+                with self._lock:
+                    self._idle.append(con)
+
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] | dict[str, Any] | None,
+        *,
+        max_rows: int,
+        timeout: float | None,
+    ) -> QueryResult:
+        """Check ``query``, run it with a timeout and a row cap (see :meth:`Store.sql`)."""
+        from geomstore.store.store import QueryResult
+
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
+            raise SQLError(f"max_rows must be a whole number >= 0, got {max_rows!r}.")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise SQLError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}.")
+        with self._borrow() as (con, broken):
+            try:
+                check_sql(query, self.policy, con)
+            except SQLError:
+                # a table or macro made since the policy was read (a migration): read again
+                self._policy = Policy.of(con)
+                check_sql(query, self._policy, con)
+            fired = threading.Event()
+
+            def interrupt() -> None:
+                fired.set()
+                con.interrupt()
+
+            timer = threading.Timer(timeout, interrupt) if timeout is not None else None
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
+            try:
+                rel = con.sql(query, params=params)
+                # a relation, so the row cap reaches the plan and the run stays interruptible
+                table = pa.table({}) if rel is None else rel.limit(max_rows + 1).to_arrow_table()
+            except duckdb.InterruptException:
+                broken[0] = True
+                raise QueryTimeoutError(
+                    f"the query ran longer than its {timeout:g} s limit and was stopped; "
+                    "narrow it (WHERE partition_id = ..., LIMIT) or pass a longer timeout.",
+                    timeout=float(timeout or 0.0),
+                ) from None
+            except duckdb.OutOfMemoryException:
+                raise SQLError(
+                    "the query needs more memory than the read path allows "
+                    f"({getattr(self.store, 'sql_memory_limit', MEMORY_LIMIT)}); narrow it "
+                    "(fewer rows or columns, no huge joins)."
+                ) from None
+            except duckdb.PermissionException:
+                raise SQLRefusedError(
+                    "the query tried to reach files or settings outside the store and was refused.",
+                    reason="permission",
+                ) from None
+            except duckdb.Error as exc:
+                raise SQLError(_first_line(exc)) from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if fired.is_set():
+                    broken[0] = True
+        truncated = table.num_rows > max_rows
+        return QueryResult(table.slice(0, max_rows) if truncated else table, truncated)
+
+    def close(self) -> None:
+        """Close every cursor and the base connection."""
+        with self._lock:
+            cursors, self._cursors, self._idle = self._cursors, [], []
+        for con in cursors:
+            with contextlib.suppress(duckdb.Error):
+                con.close()
+        with contextlib.suppress(duckdb.Error):
+            self.base.close()
