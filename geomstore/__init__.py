@@ -10,6 +10,7 @@ Examples
 True
 """
 
+from geomstore.client import connect
 from geomstore.engine.partition import ENGINE_VERSION, Partition, partition
 from geomstore.engine.verify import VerifyReport, verify
 from geomstore.errors import (
@@ -43,6 +44,7 @@ __all__ = [
     "VerifyReport",
     "Worker",
     "__version__",
+    "connect",
     "load_model",
     "open",
     "partition",

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from geomstore.cli import compute, demo, queries, store_cmds
+from geomstore.cli import compute, demo, queries, serve, store_cmds
 from geomstore.cli.common import app, err
 from geomstore.errors import GeomstoreError
 
-__all__ = ["app", "compute", "demo", "main", "queries", "store_cmds"]
+__all__ = ["app", "compute", "demo", "main", "queries", "serve", "store_cmds"]
 
 
 def main() -> None:

@@ -1,0 +1,74 @@
+"""The serve command: the store as an HTTP query service with a map viewer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geomstore.cli.common import STORE, app, err
+
+
+@app.command()
+def serve(
+    store: str = STORE,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8765, help="Port to listen on (0: any free port)."),
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        help="Bearer tokens, one per line: '<token> ro|rw [name]' (rw may submit jobs).",
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Allow a non-loopback --host without tokens."
+    ),
+    cors_origin: list[str] = typer.Option(
+        [], "--cors-origin", help="Allow browser pages from this origin (repeatable; off)."
+    ),
+    timeout: float = typer.Option(30.0, help="Seconds before a query is interrupted."),
+    max_rows: int = typer.Option(100_000, help="Rows of a SQL answer (more are cut)."),
+    max_body: int = typer.Option(8 * 2**20, help="Request body size in bytes."),
+    max_points: int = typer.Option(10_000, help="Points in one per-point request."),
+    max_samples: int = typer.Option(100_000, help="Boundary samples per checkpoint."),
+    pool: int = typer.Option(4, help="Read connections shared by the request threads."),
+    log_level: str = typer.Option("warning", help="uvicorn's log level (info logs requests)."),
+) -> None:
+    """Serve the store over HTTP: JSON/Arrow/Parquet/CSV/GeoJSON API, viewer at /, docs at /docs.
+
+    Example: geomstore serve runs/moons --port 8765   (then open http://127.0.0.1:8765/)
+
+    With --token-file every request needs 'Authorization: Bearer <token>'; the file holds
+    lines '<token> ro|rw [name]' (make a token with python -c "import secrets;
+    print(secrets.token_urlsafe(32))"). Without tokens only loopback hosts are allowed
+    unless --insecure.
+    """
+    import os
+
+    import uvicorn
+
+    from geomstore.service import Limits, ServiceConfig, check_bind, create_app, load_tokens
+    from geomstore.store.store import Store
+
+    data_path = os.environ.get("GEOMSTORE_DATA_PATH")
+    Store(store, read_only=True, data_path=data_path).close()  # fail now, not per request
+    config = ServiceConfig(
+        store=store,
+        tokens=load_tokens(token_file) if token_file is not None else None,
+        cors_origins=tuple(cors_origin),
+        limits=Limits(
+            max_body=max_body, max_rows=max_rows, max_points=max_points, max_samples=max_samples
+        ),
+        timeout=timeout,
+        pool_size=pool,
+        data_path=data_path,
+    )
+    check_bind(host, config, insecure=insecure)
+    err.print(f"geomstore serving {store} on http://{host}:{port}/ (docs at /docs)")
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=log_level in ("debug", "trace", "info"),
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,319 @@
+"""The FastAPI application: routes, the access gate, error answers, metrics, the viewer.
+
+Every error is JSON, ``{"error": {"type": ..., "message": ..., "status": ...}}``, with
+fields of typed errors (``kind`` and ``name`` of a :class:`~geomstore.errors.NotFoundError`,
+``reason`` of a refused statement, ``timeout``); messages never carry tracebacks or file
+paths (the server log has the details of unexpected errors, under the ``id`` the answer
+gives).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from geomstore.errors import (
+    GeomstoreError,
+    NotFoundError,
+    QueryTimeoutError,
+    SQLRefusedError,
+)
+from geomstore.service.auth import AccessError
+from geomstore.service.routes import router
+from geomstore.service.state import ServiceConfig, ServiceState
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("geomstore.service")
+STATIC = Path(__file__).parent / "static"
+PUBLIC = ("/", "/healthz", "/docs", "/openapi.json", "/favicon.ico", "/docs/oauth2-redirect")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+_PATH = re.compile(r"(?<![\w<>.:/])/(?!api/|static/)(?:[\w.@+~-]+/)+[\w.@+~-]*")
+
+
+class BodyTooLarge(Exception):
+    """The request body passed the server's --max-body."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def scrub(message: str, store: str) -> str:
+    """One line without the store's path or any other absolute file path.
+
+    Examples
+    --------
+    >>> scrub("cannot open /srv/data/x.parquet\\nmore", "/srv/data")
+    'cannot open <store>/x.parquet'
+    >>> scrub("no file /etc/passwd here", "/srv")
+    'no file <path> here'
+    """
+    line = message.strip().splitlines()[0] if message.strip() else "error"
+    for root in {store, str(Path(store).resolve())}:
+        if len(root) > 1:
+            line = line.replace(root.rstrip("/"), "<store>")
+    return _PATH.sub("<path>", line)
+
+
+def _status(exc: GeomstoreError) -> int:
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, QueryTimeoutError):
+        return 408
+    if isinstance(exc, SQLRefusedError):
+        return 403
+    return 400
+
+
+def _error(status: int, error_type: str, message: str, /, **fields: Any) -> JSONResponse:
+    body = {"error": {"type": error_type, "message": message, "status": status, **fields}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Gate:
+    """ASGI middleware: bearer tokens, the body limit, and request metrics."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        s = self.state
+        t0 = time.perf_counter()
+        s.metrics.start()
+        status = [500]
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope)
+            if refusal is not None:
+                s.metrics.error(scope["path"] if scope["path"] in PUBLIC else "other", "access")
+                await refusal(scope, receive, sending)
+                return
+            await self.app(scope, self._counting(receive, scope), sending)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            s.metrics.request(endpoint, scope["method"], status[0], time.perf_counter() - t0)
+
+    def _refuse(self, scope: Scope) -> Response | None:
+        path: str = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length")
+        limit = self.state.limits.max_body
+        if path == "/api/jobs":
+            limit = max(limit, self.state.limits.max_upload * 4 // 3 + 4096)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _error(
+                413,
+                "LimitError",
+                f"the request body has {length} bytes, more than this server allows ({limit}); "
+                "send less, or start the server with a larger --max-body.",
+            )
+        tokens = self.state.config.tokens
+        public = path in PUBLIC or path.startswith("/static/")
+        access = None
+        if tokens is not None and not public:
+            found = tokens.check(headers.get("authorization"))
+            if found is None:
+                return _error(
+                    401,
+                    "AccessError",
+                    "this server needs a token: send 'Authorization: Bearer <token>' "
+                    "(geomstore.connect(url, token=...)).",
+                )
+            access = found[0]
+        if path.startswith("/api/jobs") and scope["method"] != "GET" and access != "rw":
+            return _error(
+                403,
+                "AccessError",
+                "submitting jobs needs a read-write token (a 'rw' line of the server's "
+                "--token-file).",
+            )
+        return None
+
+    def _counting(self, receive: Receive, scope: Scope) -> Receive:
+        limit = self.state.limits.max_body
+        if scope["path"] == "/api/jobs":
+            limit = max(limit, self.state.limits.max_upload * 4 // 3 + 4096)
+        seen = [0]
+
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return counted
+
+
+def _handlers(app: FastAPI, state: ServiceState) -> None:
+    store = state.config.store
+
+    def named(request: Request) -> str:
+        route = request.scope.get("route")
+        return getattr(route, "path", None) or "other"
+
+    @app.exception_handler(GeomstoreError)
+    async def geomstore_error(request: Request, exc: GeomstoreError) -> JSONResponse:
+        fields = {
+            k: v
+            for k, v in vars(exc).items()
+            if k in ("kind", "name", "reason", "timeout") and isinstance(v, str | int | float)
+        }
+        state.metrics.error(named(request), type(exc).__name__)
+        return _error(_status(exc), type(exc).__name__, scrub(str(exc), store), **fields)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        state.metrics.error(named(request), "LimitError")
+        return _error(
+            413,
+            "LimitError",
+            f"the request body is larger than this server allows ({exc.limit} bytes); send "
+            "less, or start the server with a larger --max-body.",
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        state.metrics.error(named(request), "ValidationError")
+        if first.get("type") == "json_invalid":
+            return _error(400, "ValidationError", "the body is not valid JSON; send a JSON object.")
+        msg = scrub(str(first.get("msg", "invalid request")), store)
+        return _error(
+            422,
+            "ValidationError",
+            f"{where}: {msg} (see /docs for this endpoint's parameters).",
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        state.metrics.error(named(request), "HTTPError")
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 404:
+            detail = f"no endpoint {request.url.path!r}; see /docs for the API."
+        return _error(exc.status_code, "HTTPError", scrub(detail, store))
+
+    @app.exception_handler(duckdb.InterruptException)
+    async def interrupted(request: Request, exc: duckdb.InterruptException) -> JSONResponse:
+        state.metrics.error(named(request), "QueryTimeoutError")
+        return _error(408, "QueryTimeoutError", "the query was interrupted; ask for less.")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        ident = uuid.uuid4().hex[:12]
+        log.exception("error %s answering %s %s", ident, request.method, request.url.path)
+        state.metrics.error(named(request), "InternalError")
+        return _error(
+            500,
+            "InternalError",
+            f"the server failed to answer; its log has the details under id {ident}.",
+            id=ident,
+        )
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The service over one store (``geomstore serve`` runs it on uvicorn).
+
+    Examples
+    --------
+    >>> import tempfile, geomstore
+    >>> from fastapi.testclient import TestClient
+    >>> from geomstore.service import ServiceConfig, create_app
+    >>> path = tempfile.mkdtemp()
+    >>> geomstore.open(path).close()
+    >>> with TestClient(create_app(ServiceConfig(path))) as client:
+    ...     client.get("/api/models").json()["num_rows"]
+    0
+    """
+    state = ServiceState(config)
+    app = FastAPI(
+        title="geomstore",
+        summary="Exact linear regions of piecewise-linear networks on 2-D slices, over HTTP.",
+        description=(
+            "Tables answer JSON by default; Arrow IPC, Parquet, CSV and GeoJSON by `?format=` "
+            'or the Accept header. Errors are JSON `{"error": {type, message, status}}`. '
+            "With a token file every request needs `Authorization: Bearer <token>`."
+        ),
+        version=_version(),
+    )
+    app.state.geomstore = state
+    app.include_router(router)
+    _handlers(app, state)
+
+    @app.get("/healthz", tags=["service"], summary="Liveness and store readability")
+    def healthz() -> dict[str, Any]:
+        with state.reading("/healthz") as st:
+            n = st.reader().execute("SELECT count(*) FROM partitions").fetchone()
+        return {"status": "ok", "store_kind": st.kind, "partitions": n[0] if n else 0}
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (text format 0.0.4)")
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.get("/", include_in_schema=False)
+    def viewer() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["X-Geomstore-Truncated"],
+        )
+    app.add_middleware(Gate, state=state)  # outermost: every request passes the gate
+    app.router.add_event_handler("shutdown", state.close)
+    return app
+
+
+def _version() -> str:
+    from geomstore import __version__
+
+    return __version__
+
+
+def check_bind(host: str, config: ServiceConfig, *, insecure: bool) -> None:
+    """Refuse to listen beyond loopback without tokens (unless ``insecure``)."""
+    from geomstore.service.auth import is_loopback
+
+    if config.tokens is None and not insecure and not is_loopback(host):
+        raise AccessError(
+            f"refusing to serve on {host} without tokens: anyone who can reach it could read "
+            "the store. Give --token-file FILE, bind 127.0.0.1, or pass --insecure."
+        )

@@ -1,0 +1,226 @@
+"""Result tables as HTTP bodies: JSON (default), Arrow IPC, Parquet, CSV and GeoJSON.
+
+The format comes from ``?format=`` or else the ``Accept`` header. JSON is an object::
+
+    {"columns": ["a", ...], "rows": [{"a": 1, ...}, ...], "num_rows": n, "truncated": false}
+
+with binary cells as hex strings, WKB ``geometry`` cells as WKT, and tensors and lists as
+nested lists. Arrow IPC is one stream (``application/vnd.apache.arrow.stream``) whose
+schema metadata ``geomstore.truncated`` says whether rows were left out; every format
+also sets the ``X-Geomstore-Truncated`` header. GeoJSON is a FeatureCollection in slice
+coordinates with the table's WKB ``geometry`` column as each feature's geometry.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any, Literal, get_args
+
+import numpy as np
+import pyarrow as pa
+
+from geomstore.errors import GeomstoreError
+
+__all__ = [
+    "ARROW",
+    "FORMATS",
+    "Format",
+    "FormatError",
+    "choose_format",
+    "encode_table",
+    "json_ready",
+]
+
+Format = Literal["json", "arrow", "parquet", "csv", "geojson"]
+FORMATS: tuple[str, ...] = get_args(Format)
+ARROW = "application/vnd.apache.arrow.stream"
+MEDIA: dict[str, str] = {
+    "json": "application/json",
+    "arrow": ARROW,
+    "parquet": "application/vnd.apache.parquet",
+    "csv": "text/csv; charset=utf-8",
+    "geojson": "application/geo+json",
+}
+_BY_MEDIA = {
+    "application/json": "json",
+    ARROW: "arrow",
+    "application/vnd.apache.arrow.file": "arrow",
+    "application/x-apache-arrow-stream": "arrow",
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
+    "text/csv": "csv",
+    "application/geo+json": "geojson",
+}
+
+
+class FormatError(GeomstoreError, ValueError):
+    """An unknown output format, or one the result cannot be written in."""
+
+
+def choose_format(query_format: str | None, accept: str | None) -> Format:
+    """The output format: ``?format=`` wins, then the first known type in ``Accept``.
+
+    Examples
+    --------
+    >>> choose_format(None, "application/vnd.apache.arrow.stream")
+    'arrow'
+    >>> choose_format("csv", "application/json")
+    'csv'
+    >>> choose_format(None, "text/html,*/*")
+    'json'
+    """
+    if query_format:
+        fmt = query_format.strip().lower()
+        if fmt not in FORMATS:
+            raise FormatError(f"format must be one of {', '.join(FORMATS)}; got {query_format!r}.")
+        return fmt  # type: ignore[return-value]
+    for part in (accept or "").split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in _BY_MEDIA:
+            return _BY_MEDIA[media]  # type: ignore[return-value]
+    return "json"
+
+
+def _wkt(values: list[Any]) -> list[str | None]:
+    import shapely
+
+    arr = np.asarray(values, dtype=object)
+    geoms = shapely.from_wkb(arr)
+    return [None if g is None else g.wkt for g in geoms]
+
+
+def json_ready(value: Any) -> Any:
+    """A cell as JSON: bytes as hex, non-finite floats as null, other objects as text."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    return str(value)
+
+
+def _plain_columns(table: pa.Table) -> dict[str, list[Any]]:
+    """Each column as Python values; WKB geometry as WKT, tensors as nested lists."""
+    cols: dict[str, list[Any]] = {}
+    for name, col in zip(table.column_names, table.columns):
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            arr = col.combine_chunks()
+            cols[name] = arr.to_numpy_ndarray().tolist() if len(arr) else []
+        elif name == "geometry" and pa.types.is_binary(col.type):
+            cols[name] = _wkt(col.to_pylist())
+        else:
+            cols[name] = col.to_pylist()
+    return cols
+
+
+def _rows(table: pa.Table) -> list[dict[str, Any]]:
+    cols = _plain_columns(table)
+    names = list(cols)
+    return [{k: json_ready(cols[k][i]) for k in names} for i in range(table.num_rows)]
+
+
+def _json(table: pa.Table, truncated: bool, extra: dict[str, Any] | None) -> bytes:
+    body: dict[str, Any] = {
+        "columns": table.column_names,
+        "rows": _rows(table),
+        "num_rows": table.num_rows,
+        "truncated": truncated,
+    }
+    body.update(extra or {})
+    return json.dumps(body, allow_nan=False).encode()
+
+
+def _arrow(table: pa.Table, truncated: bool, extra: dict[str, Any] | None) -> bytes:
+    meta = dict(table.schema.metadata or {})
+    meta[b"geomstore.truncated"] = b"true" if truncated else b"false"
+    for key, value in (extra or {}).items():
+        meta[f"geomstore.{key}".encode()] = json.dumps(json_ready(value)).encode()
+    table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
+def _parquet(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return bytes(sink.getvalue())
+
+
+def _csv(table: pa.Table) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(table.column_names)
+    for row in _rows(table):
+        writer.writerow(
+            json.dumps(v) if isinstance(v, list | dict) else ("" if v is None else v)
+            for v in row.values()
+        )
+    return buf.getvalue().encode()
+
+
+def _geojson(table: pa.Table) -> bytes:
+    import shapely
+
+    if "geometry" not in table.column_names or not pa.types.is_binary(
+        table.schema.field("geometry").type
+    ):
+        raise FormatError(
+            "format geojson needs a WKB geometry column named 'geometry' in the result; "
+            "ask for regions, edges or boundary (with the geometry column), or use json."
+        )
+    geoms = shapely.from_wkb(np.asarray(table.column("geometry").to_pylist(), dtype=object))
+    props = _plain_columns(table.drop_columns(["geometry"]))
+    features = []
+    for i, g in enumerate(geoms):
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": None if g is None else json.loads(shapely.to_geojson(g)),
+                "properties": {k: json_ready(v[i]) for k, v in props.items()},
+            }
+        )
+    return json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+
+def encode_table(
+    table: pa.Table,
+    fmt: Format,
+    *,
+    truncated: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> tuple[bytes, str]:
+    """The body and media type of ``table`` in ``fmt``.
+
+    ``extra`` adds top-level keys to JSON and ``geomstore.<key>`` schema metadata to Arrow.
+
+    Examples
+    --------
+    >>> body, media = encode_table(pa.table({"a": [1, 2]}), "json")
+    >>> media, json.loads(body)["rows"]
+    ('application/json', [{'a': 1}, {'a': 2}])
+    """
+    if fmt == "json":
+        return _json(table, truncated, extra), MEDIA["json"]
+    if fmt == "arrow":
+        return _arrow(table, truncated, extra), MEDIA["arrow"]
+    if fmt == "parquet":
+        return _parquet(table), MEDIA["parquet"]
+    if fmt == "csv":
+        return _csv(table), MEDIA["csv"]
+    if fmt == "geojson":
+        return _geojson(table), MEDIA["geojson"]
+    raise FormatError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}.")

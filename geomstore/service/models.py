@@ -1,0 +1,87 @@
+"""Request bodies of the service's POST endpoints (pydantic models, shown at ``/docs``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "CompareRequest",
+    "JobRequest",
+    "PointsRequest",
+    "SQLRequest",
+    "SampleRequest",
+    "Selection",
+]
+
+
+class Selection(BaseModel):
+    """Which partitions: a model by name, a slice (name or id), some checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The model's name.", examples=["moons-mlp"])
+    slice: str | None = Field(None, description="A slice name or id; default: the only one.")
+    checkpoints: list[str] | None = Field(None, description="Checkpoint names; default: all.")
+
+
+class SQLRequest(BaseModel):
+    """One read-only SELECT, run in the store's SQL sandbox."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sql: str = Field(description="One SELECT statement.", examples=["SELECT * FROM gs_partitions"])
+    params: list[Any] | dict[str, Any] | None = Field(
+        None, description="Values for ? or $name placeholders."
+    )
+    max_rows: int | None = Field(None, ge=0, description="Row cap (at most the server's).")
+    timeout: float | None = Field(None, gt=0, description="Seconds (at most the server's).")
+
+
+class PointsRequest(Selection):
+    """Points in slice coordinates, or a stored data set, for per-point queries."""
+
+    points: list[tuple[float, float]] | None = Field(
+        None, description="Slice coordinates [[u0, u1], ...].", examples=[[[0.1, 0.2]]]
+    )
+    dataset: str | None = Field(None, description="Instead of points: a stored data set.")
+    radius: float | None = Field(None, gt=0, description="LC: the neighbourhood radius.")
+    shape: Literal["disk", "diamond"] = Field("disk", description="LC: the neighbourhood.")
+
+
+class SampleRequest(Selection):
+    """Decision-boundary samples per checkpoint (uniform by length)."""
+
+    n: int = Field(100, ge=0, description="Samples per checkpoint.")
+    seed: int = 0
+    pair: tuple[int, int] | None = Field(None, description="Only this class pair.")
+    near: list[tuple[float, float]] | None = Field(
+        None, description="Only boundary within `within` of these points (slice coordinates)."
+    )
+    within: float | None = Field(None, gt=0)
+    offset: float = Field(0.0, description="Push samples along the normal (towards class_b).")
+
+
+class CompareRequest(Selection):
+    """Consecutive checkpoints compared: agreement and boundary movement, or churn."""
+
+    spacing: float | None = Field(None, gt=0, description="Boundary distance sampling step.")
+    points: list[tuple[float, float]] | None = Field(None, description="Churn: these points.")
+    dataset: str | None = Field(None, description="Churn: this stored data set.")
+
+
+class JobRequest(BaseModel):
+    """A checkpoint file (torch.export ``.pt2`` or TorchScript) queued for the workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    slice: dict[str, Any] = Field(description="A slice as Slice.to_dict() writes it.")
+    file: str = Field(description="The checkpoint file's bytes, base64-encoded.")
+    filename: str = Field("checkpoint.pt2", description="Its name (the suffix says its kind).")
+    checkpoint: str | None = None
+    step: int | None = None
+    metrics: dict[str, float] | None = None
+    options: dict[str, Any] | None = None
+    verify: bool = False

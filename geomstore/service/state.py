@@ -1,0 +1,214 @@
+"""What a running service holds: its settings, its limits and a pool of read-only stores.
+
+DuckDB connections are not shared between threads: each request borrows one read-only
+:class:`~geomstore.Store` from the pool (waiting at most the query timeout for one), so a
+slow query holds one store while the others go on. Every query function runs under a
+deadline that interrupts the store's read connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import duckdb
+
+from geomstore.errors import GeomstoreError, QueryTimeoutError
+from geomstore.service.auth import Tokens
+from geomstore.service.metrics import Metrics
+from geomstore.store.store import Store
+
+__all__ = ["LimitError", "Limits", "ServiceConfig", "ServiceState", "StorePool"]
+
+
+class LimitError(GeomstoreError, ValueError):
+    """A request asks for more than the server allows (body, rows, points or samples)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The most a single request may ask for; each has a ``geomstore serve`` option."""
+
+    max_body: int = 8 * 2**20
+    """Request body size in bytes."""
+    max_rows: int = 100_000
+    """Rows of a SQL answer (more rows are cut and reported as truncated)."""
+    max_partition_rows: int = 2_000_000
+    """Rows of one partition table (regions, edges, boundary)."""
+    max_points: int = 10_000
+    """Points in one LC / region-at-point / churn request."""
+    max_samples: int = 100_000
+    """Boundary samples per checkpoint."""
+    max_upload: int = 256 * 2**20
+    """A checkpoint file submitted as a job, in bytes."""
+
+    def check(self, what: str, n: int, most: int, option: str) -> None:
+        """Refuse ``n`` above ``most`` with a message naming the server option."""
+        if n > most:
+            raise LimitError(
+                f"{what}: {n} is more than this server allows ({most}); ask for fewer, "
+                f"or start the server with a larger {option}."
+            )
+
+
+@dataclass
+class ServiceConfig:
+    """How ``geomstore serve`` was started."""
+
+    store: str
+    tokens: Tokens | None = None
+    cors_origins: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    timeout: float = 30.0
+    """Seconds before a query is interrupted."""
+    pool_size: int = 4
+    """Read-only stores (connections) shared by the request threads."""
+    data_path: str | None = None
+
+
+class StorePool:
+    """Read-only stores handed out one request at a time (opened lazily, reused)."""
+
+    def __init__(self, target: str, size: int, *, data_path: str | None = None) -> None:
+        if size < 1:
+            raise GeomstoreError(f"the pool needs at least one store; got {size}.")
+        self.target = target
+        self.data_path = data_path
+        self.size = size
+        self._free: queue.LifoQueue[Store] = queue.LifoQueue()
+        self._opened = 0
+        self._lock = threading.Lock()
+        self._all: list[Store] = []
+
+    def _open(self) -> Store:
+        return Store(self.target, read_only=True, data_path=self.data_path)
+
+    @contextlib.contextmanager
+    def store(self, wait: float) -> Iterator[Store]:
+        """Borrow a store for one request; wait at most ``wait`` seconds for a free one."""
+        st: Store | None = None
+        with self._lock:
+            with contextlib.suppress(queue.Empty):
+                st = self._free.get_nowait()
+            if st is None and self._opened < self.size:
+                self._opened += 1
+                opening = True
+            else:
+                opening = False
+        if st is None and opening:
+            try:
+                st = self._open()
+            except BaseException:
+                with self._lock:
+                    self._opened -= 1
+                raise
+            with self._lock:
+                self._all.append(st)
+        if st is None:
+            try:
+                st = self._free.get(timeout=wait)
+            except queue.Empty:
+                raise QueryTimeoutError(
+                    f"the server is busy: no free store connection within {wait:g} s; "
+                    "retry, or start the server with a larger --pool.",
+                    timeout=wait,
+                ) from None
+        broken = False
+        try:
+            yield st
+        except duckdb.ConnectionException:
+            broken = True
+            raise
+        finally:
+            if broken:
+                self._discard(st)
+            else:
+                self._free.put(st)
+
+    def _discard(self, st: Store) -> None:
+        with self._lock:
+            self._opened -= 1
+            if st in self._all:
+                self._all.remove(st)
+        with contextlib.suppress(Exception):
+            st.close()
+
+    def close(self) -> None:
+        """Close every store of the pool."""
+        with self._lock:
+            stores, self._all = self._all, []
+            self._opened = 0
+        for st in stores:
+            with contextlib.suppress(Exception):
+                st.close()
+
+
+@contextlib.contextmanager
+def deadline(st: Store, seconds: float | None) -> Iterator[None]:
+    """Interrupt the store's read connection when the block runs past ``seconds``."""
+    if seconds is None:
+        yield
+        return
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        with contextlib.suppress(Exception):
+            st.reader().interrupt()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except (duckdb.InterruptException, QueryTimeoutError) as exc:
+        if fired.is_set() or isinstance(exc, QueryTimeoutError):
+            raise QueryTimeoutError(
+                f"the query ran past its time limit of {seconds:g} s and was stopped; "
+                "ask for fewer checkpoints or points, or a smaller radius.",
+                timeout=seconds,
+            ) from exc
+        raise
+    finally:
+        timer.cancel()
+
+
+class ServiceState:
+    """The pool, the settings and the metrics of one running service."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.pool = StorePool(config.store, config.pool_size, data_path=config.data_path)
+        self.metrics = Metrics()
+        self.started = time.time()
+        self._writer_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reading(self, endpoint: str, timeout: float | None = None) -> Iterator[Store]:
+        """A read-only store under the query deadline; the time spent counts as query time."""
+        seconds = self.config.timeout if timeout is None else min(timeout, self.config.timeout)
+        t0 = time.perf_counter()
+        try:
+            with self.pool.store(wait=seconds) as st, deadline(st, seconds):
+                yield st
+        finally:
+            self.metrics.query(endpoint, time.perf_counter() - t0)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Store]:
+        """The store opened for writing (job submission), one writer at a time."""
+        with self._writer_lock:
+            st = Store(self.config.store, data_path=self.config.data_path)
+            try:
+                yield st
+            finally:
+                st.close()
+
+    def close(self) -> None:
+        """Close the pool."""
+        self.pool.close()
