@@ -59,8 +59,8 @@ MARGIN = typer.Option(0.2, help="With --through: grow the triangle's bounding bo
 
 
 def open_store(target: str, *, read_only: bool = False) -> Any:
-    """Open the store named on the command line; a PostgreSQL catalog takes its data path
-    (where the Parquet files live, shared by every host) from $GEOMSTORE_DATA_PATH."""
+    """Open the store named on the command line; its data path (where the Parquet files
+    live: a shared folder or s3://bucket/prefix/) comes from $GEOMSTORE_DATA_PATH."""
     import os
 
     import geomstore
@@ -73,7 +73,10 @@ def open_store(target: str, *, read_only: bool = False) -> Any:
                 "GEOMSTORE_DATA_PATH=/shared/path (the same on every host)."
             )
         return geomstore.open(target, read_only=read_only, data_path=data)
-    return geomstore.open(target, read_only=read_only)
+    # used or refused, never ignored: a directory store records its data path (the
+    # variable must then agree with it); a .duckdb file has none and refuses one
+    data = os.environ.get("GEOMSTORE_DATA_PATH") or None
+    return geomstore.open(target, read_only=read_only, data_path=data)
 
 
 def progress() -> Progress:
@@ -209,7 +212,7 @@ def emit(
     else:
         raise GeomstoreError(f"--format must be table, csv, json or parquet; got {fmt!r}.")
     if truncated:
-        err.print("(result truncated at --limit rows)")
+        err.print("(result truncated at --max-rows rows)")
 
 
 def _write_text(text: str, output: Path | None) -> None:

@@ -22,11 +22,14 @@ EXTENSIONS = {
 
 OPTIONAL_EXTENSIONS = {
     "postgres_scanner": "duckdb-extension-postgres-scanner==1.5.5",
+    "httpfs": "duckdb-extension-httpfs==1.5.5",
 }
+# optional extensions that come with one of geomstore's extras
+_EXTRAS = {"httpfs": "geomstore[s3]"}
 
 
 def load_optional(con: duckdb.DuckDBPyConnection, name: str) -> None:
-    """Load an extension needed only by some stores (a PostgreSQL catalog)."""
+    """Load an extension needed only by some stores (a PostgreSQL catalog, S3 data)."""
     _load(con, name, OPTIONAL_EXTENSIONS[name])
 
 
@@ -42,9 +45,13 @@ def _load(con: duckdb.DuckDBPyConnection, name: str, package: str | None = None)
         duckdb_extensions.import_extension(name, con=con)
         con.execute(f"LOAD {name}")
     except Exception as exc:
+        fix = (
+            f"pip install {_EXTRAS[name]}"
+            if name in _EXTRAS
+            else f"pip install {package or EXTENSIONS[name]} duckdb-extensions==1.5.5"
+        )
         raise MissingExtensionError(
-            f"the DuckDB extension {name!r} is not available ({exc}); "
-            f"install it with: pip install {package or EXTENSIONS[name]} duckdb-extensions==1.5.5"
+            f"the DuckDB extension {name!r} is not available ({exc}); install it with: {fix}"
         ) from None
 
 

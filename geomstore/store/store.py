@@ -11,16 +11,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from geomstore.engine.partition import Partition
-from geomstore.errors import AbortedWriteError, SchemaVersionError, StoreError
+from geomstore.errors import (
+    AbortedWriteError,
+    DataPathError,
+    ReadOnlyQueryError,
+    SchemaVersionError,
+    StoreError,
+)
 from geomstore.store.connection import connect
 from geomstore.store.schema import LEDGER, apply_migrations, current_version, migrations
 from geomstore.store.sqlutil import (
@@ -32,9 +39,6 @@ from geomstore.store.sqlutil import (
     _wal_catalog,
     _wkt_polygon,
 )
-
-if TYPE_CHECKING:
-    from geomstore.store.sandbox import ReadPath
 
 __all__ = ["QueryResult", "Store", "open_store"]
 
@@ -74,8 +78,6 @@ class Store:
     True
     """
 
-    _read: ReadPath | None = None  # the hardened read connection, made on first read
-
     def __init__(
         self,
         target: str,
@@ -88,6 +90,15 @@ class Store:
         self.data_path = data_path
         self.read_only = read_only
         self.kind, self._attach = self._describe(target)
+        if data_path is not None:
+            if self.kind == "duckdb":
+                raise DataPathError(
+                    f"a .duckdb store keeps its data inside the file, so data_path={data_path!r} "
+                    "cannot be used; give a store directory or a postgres: catalog instead."
+                )
+            from geomstore.store.objectstore import normalize_data_path
+
+            self.data_path = normalize_data_path(data_path)
         self.con = self._open(read_only=read_only)
         self._ro: duckdb.DuckDBPyConnection | None = None
         try:
@@ -95,14 +106,15 @@ class Store:
             latest = migrations()[-1].version
             if have > latest:
                 raise SchemaVersionError(
-                    f"the store at {target} has schema version {have}, newer than this "
+                    f"the store at {self.shown} has schema version {have}, newer than this "
                     f"geomstore knows ({latest}); upgrade geomstore."
                 )
             if have < latest and upgrade:
                 if read_only:
                     raise SchemaVersionError(
-                        f"the store at {target} has schema version {have} and needs {latest}; "
-                        f"open it for writing once (geomstore.open({target!r})) to upgrade it."
+                        f"the store at {self.shown} has schema version {have} and needs "
+                        f"{latest}; open it for writing once (geomstore.open({self.shown!r})) "
+                        "to upgrade it."
                     )
                 _retry(lambda: apply_migrations(self.con))
         except Exception:
@@ -135,44 +147,15 @@ class Store:
     def _open(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
         con = connect()
         try:
-            if self.kind == "ducklake":
-                root = Path(self.target)
-                if read_only and not (root / CATALOG).exists():
-                    raise StoreError(f"no store at {self.target}; create it with geomstore.open.")
-                if (root / CATALOG).exists() and not os.access(root, os.W_OK):
-                    raise StoreError(
-                        f"the store at {self.target} is on a read-only file system (or its "
-                        "directory is not writable); its SQLite catalog (WAL mode) needs to "
-                        "write beside itself even to be read: copy the store to a writable "
-                        "place, or export it (store.export) where it is written."
-                    )
-                if not read_only:
-                    (root / "data").mkdir(parents=True, exist_ok=True)
-                    _wal_catalog(root / CATALOG)
-                opts = f"DATA_PATH '{root / 'data'}/'" + (", READ_ONLY" if read_only else "")
-                _retry(lambda: con.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})"))
-            elif self.kind == "ducklake-postgres":
-                if not self.data_path:
-                    raise StoreError(
-                        "a PostgreSQL catalog needs data_path= (a directory or object-store URL "
-                        "for the Parquet files): geomstore.open('postgres:...', data_path=DIR)."
-                    )
-                from geomstore.store.connection import load_optional
-
-                load_optional(con, "postgres_scanner")
-                if not read_only:
-                    Path(self.data_path).mkdir(parents=True, exist_ok=True)
-                opts = f"DATA_PATH '{self.data_path.rstrip('/')}/'" + (
-                    ", READ_ONLY" if read_only else ""
-                )
-                _retry(lambda: con.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})"))
-            else:
+            if self.kind == "duckdb":
                 ro = " (READ_ONLY)" if read_only else ""
                 con.execute(f"ATTACH '{self._attach}' AS {ALIAS}{ro}")
+            else:
+                self._attach_lake(con, read_only=read_only)
             con.execute(f"USE {ALIAS}")
         except duckdb.Error as exc:
             con.close()
-            raise StoreError(f"cannot open the store at {self.target}: {exc}") from None
+            raise StoreError(f"cannot open the store at {self.shown}: {exc}") from None
         except Exception:
             con.close()
             raise
@@ -180,11 +163,73 @@ class Store:
             _sql_helpers(con)
         return con
 
+    def _attach_lake(self, con: duckdb.DuckDBPyConnection, *, read_only: bool) -> None:
+        """Attach a DuckLake catalog with its data path (given, recorded, or the default).
+
+        A new catalog records its data path; an existing one is opened at the recorded
+        path, and a different ``data_path=`` is refused rather than ignored. S3 data paths
+        get an in-memory secret from the environment (:mod:`geomstore.store.objectstore`).
+        """
+        from geomstore.store import objectstore
+
+        given = self.data_path
+        path: str | None = given
+        if self.kind == "ducklake":
+            root = Path(self.target)
+            exists = (root / CATALOG).exists()
+            if read_only and not exists:
+                raise StoreError(f"no store at {self.target}; create it with geomstore.open.")
+            if exists and not os.access(root, os.W_OK):
+                raise StoreError(
+                    f"the store at {self.target} is on a read-only file system (or its "
+                    "directory is not writable); its SQLite catalog (WAL mode) needs to "
+                    "write beside itself even to be read: copy the store to a writable "
+                    "place, or export it (store.export) where it is written."
+                )
+            if not read_only:
+                root.mkdir(parents=True, exist_ok=True)
+                _wal_catalog(root / CATALOG)
+            if not exists and given is None:
+                path = f"{(root / 'data').resolve()}/"
+        elif given is None:
+            raise StoreError(
+                "a PostgreSQL catalog needs data_path= (a directory or s3:// URL for the "
+                "Parquet files): geomstore.open('postgres:...', data_path=DIR)."
+            )
+        if path is not None:
+            if objectstore.is_url(path):
+                objectstore.configure(con, path)
+            elif not read_only:
+                Path(path).mkdir(parents=True, exist_ok=True)
+        opts = [f"DATA_PATH '{path}'"] if path is not None else []
+        opts += ["READ_ONLY"] if read_only else []
+        attach = f"ATTACH '{self._attach}' AS {ALIAS}" + (f" ({', '.join(opts)})" if opts else "")
+        try:
+            _retry(lambda: con.execute(attach))
+        except duckdb.Error as exc:
+            m = re.search(r'existing data path in the catalog "([^"]*)"', str(exc))
+            if m is None:
+                raise
+            raise DataPathError(
+                f"the store at {self.shown} keeps its data files at {m.group(1)}, not {given}: "
+                f"open it with data_path={m.group(1)!r}, or without data_path=."
+            ) from None
+        row = con.execute(
+            f"SELECT value FROM __ducklake_metadata_{ALIAS}.ducklake_metadata "
+            "WHERE key = 'data_path'"
+        ).fetchone()
+        recorded = str(row[0]) if row and row[0] else path
+        if recorded is not None and recorded != path and objectstore.is_url(recorded):
+            objectstore.configure(con, recorded)
+        self.data_path = recorded
+
+    @property
+    def shown(self) -> str:
+        """The store's target as messages show it: a catalog DSN's password is masked."""
+        return _mask_password(self.target)
+
     def close(self) -> None:
         """Close the store's connections."""
-        if self._read is not None:
-            self._read.close()
-            self._read = None
         if self._ro is not None:
             self._ro.close()
             self._ro = None
@@ -299,7 +344,14 @@ class Store:
                 raise
             return partition_id
 
-        return _retry(write)
+        try:
+            return _retry(write)
+        except (duckdb.IOException, duckdb.HTTPException) as exc:
+            raise StoreError(
+                f"cannot write partition {partition_id} to the data path {self.data_path} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check that it exists "
+                "and that the credentials may write there."
+            ) from exc
 
     def _insert_catalog(
         self,
@@ -388,94 +440,58 @@ class Store:
                 con.unregister(name)
 
     # reading ---------------------------------------------------------------------------------
-    def reader(self) -> duckdb.DuckDBPyConnection:
-        """The store's read connection: read-only, no file access outside the store.
+    def _reader(self) -> duckdb.DuckDBPyConnection:
+        if self._ro is None:
+            if self.kind == "duckdb":
+                # one process owns a .duckdb file: read through a cursor of the writer
+                con = self.con.cursor()
+                con.execute(f"USE {ALIAS}")
+                _sql_helpers(con)
+            else:
+                con = self._open(read_only=True)
+            if self.kind in ("ducklake", "ducklake-postgres"):
+                con.execute(f"SET allowed_directories={self._data_paths()!r}")
+                con.execute("SET enable_external_access=false")
+            self._ro = con
+        return self._ro
 
-        Query functions (``geomstore.queries``) run their own SQL here; user SQL goes
-        through :meth:`sql`, which checks it first. Each statement reads the latest
-        committed snapshot.
-
-        Examples
-        --------
-        >>> import tempfile, geomstore
-        >>> with geomstore.open(tempfile.mkdtemp()) as store:
-        ...     store.reader().execute("SELECT count(*) FROM partitions").fetchone()
-        (0,)
-        """
-        return self._read_path().reader()
-
-    def _read_path(self) -> ReadPath:
-        if self._read is None:
-            from geomstore.store.sandbox import ReadPath
-
-            self._read = ReadPath(self)
-        return self._read
-
-    _reader = reader  # the old private name, kept for code written against it
+    def _data_paths(self) -> list[str]:
+        """Where the read connection may read: the data path (and a directory store's root)."""
+        paths = [] if self.data_path is None else [self.data_path]
+        if self.kind == "ducklake":
+            paths.append(f"{Path(self.target).resolve()}/")
+        return paths
 
     def sql(
         self,
         query: str,
         params: Sequence[Any] | dict[str, Any] | None = None,
         *,
-        max_rows: int = 100_000,
-        timeout: float | None = 30.0,
-        limit: int | None = None,
+        limit: int = 100_000,
     ) -> QueryResult:
-        """Run one read-only SELECT through the SQL sandbox; at most ``max_rows`` rows return.
+        """Run one read-only SQL statement; at most ``limit`` rows come back.
 
-        Parameters
-        ----------
-        query : str
-            One SELECT over the store's tables, views (``gs_partitions``) and macros
-            (``gs_lc``); file readers, ATTACH, settings and writes are refused.
-        params : sequence or dict, optional
-            Values for ``?`` / ``$name`` placeholders.
-        max_rows : int
-            Row cap; ``QueryResult.truncated`` says whether rows were left out.
-        timeout : float or None
-            Seconds before the query is interrupted (:class:`QueryTimeoutError`).
-        limit : int, optional
-            Deprecated spelling of ``max_rows``.
-
-        Examples
-        --------
-        >>> import tempfile, geomstore
-        >>> with geomstore.open(tempfile.mkdtemp()) as store:
-        ...     res = store.sql("SELECT * FROM range(5)", max_rows=3)
-        >>> res.table.num_rows, res.truncated
-        (3, True)
+        Writes, file reads and extension loading are refused on this path.
         """
-        if limit is not None:
-            import warnings
-
-            warnings.warn(
-                "Store.sql(limit=...) is deprecated; use max_rows=...",
-                DeprecationWarning,
-                stacklevel=2,
+        try:
+            stmts = duckdb.extract_statements(query)
+        except duckdb.Error as exc:
+            raise ReadOnlyQueryError(f"cannot parse the query: {exc}") from None
+        if len(stmts) != 1:
+            raise ReadOnlyQueryError(f"give exactly one statement, got {len(stmts)}.")
+        if stmts[0].type != duckdb.StatementType.SELECT:
+            raise ReadOnlyQueryError(
+                f"only SELECT queries run here, got {stmts[0].type.name}; "
+                "write through the Python API (store.add)."
             )
-            max_rows = limit
-        return self._read_path().sql(query, params, max_rows=max_rows, timeout=timeout)
-
-    def partitions(
-        self,
-        *,
-        model: str | None = None,
-        slice: str | None = None,
-        checkpoints: Sequence[str] | None = None,
-    ) -> pa.Table:
-        """One row per stored partition (see :func:`geomstore.queries.partitions`).
-
-        Examples
-        --------
-        >>> import tempfile, geomstore
-        >>> with geomstore.open(tempfile.mkdtemp()) as store:
-        ...     store.partitions().num_rows
-        0
-        """
-        from geomstore.queries.catalog import partitions
-
-        return partitions(self, model=model, slice=slice, checkpoints=checkpoints)
+        con = self._reader()  # each query reads the latest committed snapshot
+        wrapped = f"SELECT * FROM ({stmts[0].query}) AS q LIMIT {int(limit) + 1}"
+        try:
+            table = con.execute(wrapped, params).to_arrow_table()
+        except duckdb.PermissionException as exc:
+            raise ReadOnlyQueryError(f"refused on the read-only path: {exc}") from None
+        truncated = table.num_rows > limit
+        return QueryResult(table.slice(0, limit) if truncated else table, truncated)
 
     def load_partition(self, partition_id: str) -> Partition:
         """Rebuild a stored partition (tables, slice, model summary, settings).
@@ -510,6 +526,7 @@ class Store:
         import sqlalchemy
         from sqlalchemy import event
 
+        from geomstore.store import objectstore
         from geomstore.store.connection import EXTENSIONS, _load
 
         if self.kind != "ducklake":
@@ -518,14 +535,16 @@ class Store:
                 "belongs to one process at a time. Use a directory store (geomstore.open(DIR))."
             )
         eng = sqlalchemy.create_engine("duckdb:///:memory:")
-        root = Path(self.target)
+        data = self.data_path or f"{Path(self.target) / 'data'}/"
 
         @event.listens_for(eng, "connect")
         def _attach(dbapi_conn: Any, _record: Any) -> None:
             raw = getattr(dbapi_conn, "_ConnectionWrapper__c", dbapi_conn)
             for name in EXTENSIONS:
                 _load(raw, name)
-            opts = f"DATA_PATH '{root / 'data'}/', READ_ONLY"
+            if self.data_path is not None and objectstore.is_url(self.data_path):
+                objectstore.configure(raw, self.data_path)
+            opts = f"DATA_PATH '{data}', READ_ONLY"
             raw.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})")
             raw.execute(f"USE {ALIAS}")
             _sql_helpers(raw)
@@ -613,6 +632,12 @@ class Store:
         return files
 
 
+def _mask_password(target: str) -> str:
+    """Hide a password in a libpq DSN or URL (``password=...``, ``user:pw@host``)."""
+    masked = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", target, flags=re.I)
+    return re.sub(r"(://[^/:@\s]+:)[^@\s]+@", r"\1***@", masked)
+
+
 def open_store(
     target: str | Path, *, read_only: bool = False, data_path: str | Path | None = None
 ) -> Store:
@@ -627,7 +652,18 @@ def open_store(
     read_only : bool
         Open for reading only (never upgrades the schema).
     data_path : str or Path, optional
-        With a PostgreSQL catalog: where the Parquet data files live.
+        Where the Parquet data files live: a directory or an ``s3://bucket/prefix/`` URL
+        (S3 settings from the AWS environment, see :mod:`geomstore.store.objectstore`).
+        Needed by a PostgreSQL catalog; a new directory store records it (default: its
+        ``data/`` folder) and is reopened there, so it may be left out later; a different
+        one is refused. A ``.duckdb`` store has no data path.
+
+    Examples
+    --------
+    >>> import tempfile, geomstore
+    >>> with geomstore.open(tempfile.mkdtemp()) as store:
+    ...     store.data_path.endswith("/data/")
+    True
     """
     return Store(
         str(target),
