@@ -1,12 +1,21 @@
 """Partition speed: prints one JSON object per network (regions, seconds, regions/s, memory).
 
-Usage: python benchmarks/partition.py [--device auto|cpu|cuda] [--repeat 3] [--quick] [--large]
+Usage: python benchmarks/partition.py [--device auto|cpu|cuda] [--repeat 3] [--quick]
+       [--large] [--compare-cpu] [--no-ops]
 
 Networks: seeded, PyTorch-default-initialised ReLU MLPs on [-1, 1]^2 and a small CNN
 (conv, batch norm, max-pooling) on the plane through three 8x8 images. Seconds are the
 best of ``--repeat`` runs and include affine maps, edges and the decision boundary.
 ``--large`` runs only 2-1210-1210-1, a partition of about 10^6 regions, once: its peak
 memory shows that chunking bounds the descent.
+
+``ops_per_1k_regions`` counts the tensor operations one partition dispatches (every ATen
+call, views included, seen by a ``TorchDispatchMode``) per 1,000 regions, in a separate
+untimed run. It is deterministic, so it compares versions on a noisy machine; on a GPU it
+is what bounds small networks (each operation is a kernel launch). On CUDA,
+``gpu_busy_share`` is the GPU kernel time (profiler) over the wall time of one run.
+``--compare-cpu`` also runs each network on the CPU in the same process and prints
+``cpu_over_device``, the ratio of CPU seconds to device seconds.
 """
 
 from __future__ import annotations
@@ -17,13 +26,15 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geomstore import Slice, partition
+from geomstore import Partition, Slice, partition
 
 MLPS = [(100, 100), (64, 64, 64, 64), (256, 256), (256, 256, 256)]
 LARGE = (1210, 1210)
@@ -63,7 +74,19 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(name: str, model: nn.Module, sl: Slice, device: str, repeat: int) -> dict[str, object]:
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _timed(model: nn.Module, sl: Slice, device: str, repeat: int) -> tuple[float, Partition]:
     best = float("inf")
     part = None
     for _ in range(repeat):
@@ -75,9 +98,42 @@ def run(name: str, model: nn.Module, sl: Slice, device: str, repeat: int) -> dic
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     assert part is not None
-    return {
+    return best, part
+
+
+def _gpu_busy_share(model: nn.Module, sl: Slice, device: str) -> float:
+    """Kernel time over wall time of one partition on CUDA (kernels of one stream)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        partition(model, sl, device=device)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    busy_us = 0.0
+    for e in prof.key_averages():
+        busy_us += float(
+            getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+        )
+    return busy_us / 1e6 / wall
+
+
+def run(
+    name: str,
+    model: nn.Module,
+    sl: Slice,
+    device: str,
+    repeat: int,
+    *,
+    ops: bool = True,
+    compare_cpu: bool = False,
+) -> dict[str, object]:
+    best, part = _timed(model, sl, device, repeat)
+    dev = str(part.settings["device"])
+    res: dict[str, object] = {
         "network": name,
-        "device": part.settings["device"],
+        "device": dev,
         "regions": part.n_regions,
         "edges": part.edges.num_rows,
         "boundary_segments": part.boundary.num_rows,
@@ -85,6 +141,19 @@ def run(name: str, model: nn.Module, sl: Slice, device: str, repeat: int) -> dic
         "regions_per_second": round(part.n_regions / best),
         "peak_rss_mib": round(_peak_mib(), 1),
     }
+    if ops:
+        with OpCounter() as counter:
+            partition(model, sl, device=device)
+        res["ops"] = counter.count
+        res["ops_per_1k_regions"] = round(1000 * counter.count / part.n_regions, 1)
+    if dev.startswith("cuda"):
+        res["gpu_busy_share"] = round(_gpu_busy_share(model, sl, device), 3)
+    if compare_cpu:
+        cpu_best, cpu_part = _timed(model, sl, "cpu", repeat)
+        res["cpu_seconds"] = round(cpu_best, 4)
+        res["cpu_regions"] = cpu_part.n_regions
+        res["cpu_over_device"] = round(cpu_best / best, 2)
+    return res
 
 
 def main() -> None:
@@ -93,20 +162,28 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smallest networks only, one run")
     ap.add_argument("--large", action="store_true", help="one 10^6-region MLP, one run")
+    ap.add_argument(
+        "--compare-cpu", action="store_true", help="also run on the CPU, print the ratio"
+    )
+    ap.add_argument("--no-ops", action="store_true", help="skip the operation count")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     box = Slice.box((-1, -1), (1, 1))
+    opts = {"ops": not args.no_ops and not args.large, "compare_cpu": args.compare_cpu}
     if args.large:
-        print(json.dumps(run(mlp_name(LARGE), mlp(LARGE), box, args.device, 1)), flush=True)
+        res = run(mlp_name(LARGE), mlp(LARGE), box, args.device, 1, **opts)
+        print(json.dumps(res), flush=True)
         return
     nets = MLPS[:1] if args.quick else MLPS
     repeat = 1 if args.quick else args.repeat
     for widths in nets:
-        print(json.dumps(run(mlp_name(widths), mlp(widths), box, args.device, repeat)), flush=True)
+        res = run(mlp_name(widths), mlp(widths), box, args.device, repeat, **opts)
+        print(json.dumps(res), flush=True)
     g = torch.Generator().manual_seed(0)
     imgs = [torch.rand((1, 8, 8), generator=g, dtype=torch.float64).numpy() for _ in range(3)]
     plane = Slice.through(*imgs, margin=0.1)
-    print(json.dumps(run("cnn-8x8", CNN().eval(), plane, args.device, repeat)), flush=True)
+    res = run("cnn-8x8", CNN().eval(), plane, args.device, repeat, **opts)
+    print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":
