@@ -1,11 +1,21 @@
 """Exact local complexity on a slice (Humayun et al.): neurons whose boundary meets a
-neighbourhood of each point, regions meeting it, and boundary length per area."""
+neighbourhood of each point, regions meeting it, and boundary length per area.
+
+The stored edges hold the zero sets of the *hidden* units (the cuts of every nonlinearity)
+and the domain's border; they do not hold the zero sets of the output units (the logits),
+which cut no region, nor does the ``boundary`` table (it holds where the top two logits
+tie). With ``layers="all"`` the logits' zero sets are computed here from the regions'
+stored affine maps ``A u + c``: inside each region the zero set of logit ``j`` is the line
+``A[j] u + c[j] = 0`` clipped to the region's polygon.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -13,40 +23,96 @@ from geomstore.errors import GeomstoreError
 from geomstore.queries.stats import resolve_partitions
 from geomstore.store.store import Store
 
-__all__ = ["clipped_length", "local_complexity"]
+__all__ = ["Layers", "Shape", "clipped_length", "local_complexity"]
 
-_SHAPES = ("disk", "diamond")
+Shape = Literal["disk", "diamond"]
+"""Neighbourhood of a point: the Euclidean disk or the L1 diamond ``|u0| + |u1| <= r``."""
+Layers = Literal["hidden", "all"]
+"""Which units count: the hidden nonlinearities' units, or those and the output units."""
+
+_SHAPES: tuple[str, ...] = get_args(Shape)
+_LAYERS: tuple[str, ...] = get_args(Layers)
+_BITMAP_MAX = 1 << 27  # distinct (cell, unit) pairs by a bitmap up to this many bits
+
+
+class LCArgumentError(GeomstoreError, ValueError):
+    """An argument of a local-complexity query is out of its domain."""
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise :class:`LCArgumentError` naming the valid choices unless ``value`` is one."""
+    if value not in choices:
+        raise LCArgumentError(f"{name} must be one of {choices}; got {value!r}.")
 
 
 def clipped_length(
-    a: np.ndarray, b: np.ndarray, c: np.ndarray, r: float, shape: str = "disk"
+    a: np.ndarray, b: np.ndarray, c: np.ndarray, r: float, shape: Shape = "disk"
 ) -> np.ndarray:
-    """Exact length of segments [a, b] inside the disk (or L1 diamond) of radius r at c."""
-    d = b - a
-    f = a - c
+    """Exact length of segments [a, b] inside the disk (or L1 diamond) of radius r at c.
+
+    ``a``, ``b`` and ``c`` are (n, 2) arrays of points (``c`` may be one point); float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a, b, c = np.array([[-2.0, 0.0]]), np.array([[2.0, 0.0]]), np.zeros((1, 2))
+    >>> clipped_length(a, b, c, 1.0), clipped_length(a, b, c, 1.0, "diamond")
+    (array([2.]), array([2.]))
+    """
+    check_choice("shape", shape, _SHAPES)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    c = np.broadcast_to(np.asarray(c, dtype=np.float64), a.shape)
+    return _clipped(a[:, 0], a[:, 1], b[:, 0], b[:, 1], c[:, 0], c[:, 1], r, shape)
+
+
+def _clipped(
+    ax: np.ndarray,
+    ay: np.ndarray,
+    bx: np.ndarray,
+    by: np.ndarray,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    r: float,
+    shape: str,
+) -> np.ndarray:
+    """:func:`clipped_length` on coordinate columns (no (n, 2) temporaries: the hot path)."""
+    dx, dy = bx - ax, by - ay
+    fx, fy = ax - cx, ay - cy
     if shape == "disk":
-        qa = (d * d).sum(1)
-        qb = 2 * (f * d).sum(1)
-        qc = (f * f).sum(1) - r * r
-        disc = qb * qb - 4 * qa * qc
+        # |f + t d| = r: qa t^2 + qb t + qc = 0, kept to the segment's t in [0, 1]
+        qa = dx * dx
+        qa += dy * dy
+        qb = fx * dx
+        qb += fy * dy
+        qb *= 2
+        qc = fx * fx
+        qc += fy * fy
+        qc -= r * r
+        disc = qb * qb
+        disc -= 4 * qa * qc
         ok = (disc > 0) & (qa > 0)
         sq = np.sqrt(np.where(ok, disc, 0.0))
-        safe = np.where(qa > 0, qa, 1.0)
-        t0 = np.clip((-qb - sq) / (2 * safe), 0, 1)
-        t1 = np.clip((-qb + sq) / (2 * safe), 0, 1)
-        return np.where(ok, (t1 - t0) * np.sqrt(qa), 0.0)
+        den = 2 * np.where(qa > 0, qa, 1.0)
+        t0 = np.minimum(np.maximum((-qb - sq) / den, 0.0), 1.0)
+        t1 = np.minimum(np.maximum((sq - qb) / den, 0.0), 1.0)
+        t1 -= t0
+        t1 *= np.sqrt(qa)
+        return np.where(ok, t1, 0.0)
     # diamond |x| + |y| <= r: clip by its four half-planes (Cyrus-Beck)
-    lo = np.zeros(len(a))
-    hi = np.ones(len(a))
+    lo = np.zeros(len(ax))
+    hi = np.ones(len(ax))
+    empty = np.zeros(len(ax), dtype=bool)
     for nx, ny in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
-        num = r - (nx * f[:, 0] + ny * f[:, 1])
-        den = nx * d[:, 0] + ny * d[:, 1]
+        num = r - (nx * fx + ny * fy)
+        den = nx * dx + ny * dy
         with np.errstate(divide="ignore", invalid="ignore"):
             t = num / den
-        lo = np.where(den < 0, np.maximum(lo, t), lo)
-        hi = np.where(den > 0, np.minimum(hi, t), hi)
-        lo = np.where((den == 0) & (num < 0), 2.0, lo)
-    return np.where(hi > lo, (hi - lo) * np.linalg.norm(d, axis=1), 0.0)
+        np.maximum(lo, t, out=lo, where=den < 0)
+        np.minimum(hi, t, out=hi, where=den > 0)
+        empty |= (den == 0) & (num < 0)
+    hi -= lo
+    hi *= np.sqrt(dx * dx + dy * dy)
+    return np.where((hi > 0) & ~empty, hi, 0.0)
 
 
 def local_complexity(
@@ -57,9 +123,13 @@ def local_complexity(
     radius: float,
     slice: str | None = None,
     checkpoints: Sequence[str] | None = None,
-    shape: str = "disk",
+    shape: Shape = "disk",
+    layers: Layers = "hidden",
 ) -> pa.Table:
     """Local complexity at points, for every checkpoint of a model on one slice.
+
+    A unit counts at a point when its zero set meets the neighbourhood in a piece of
+    positive length (a zero set that only touches it at one point does not count).
 
     Parameters
     ----------
@@ -67,76 +137,235 @@ def local_complexity(
     radius : float
         Radius of the neighbourhood in slice coordinates.
     shape : {"disk", "diamond"}
+        The Euclidean disk, or the L1 diamond ``|u0 - p0| + |u1 - p1| <= radius``: the
+        cross-polytope of :func:`~geomstore.queries.approximate_lc` with ``directions``
+        the two slice axes, when the slice's basis is orthonormal.
+    layers : {"hidden", "all"}
+        ``"hidden"`` (the default) counts the units of the hidden nonlinearities (the
+        stored edges). ``"all"`` also counts the output units, whose zero sets are computed
+        from the regions' affine maps: this is what the reference code of Humayun et al.
+        counts for the MLP figures of "Deep networks always grok" (it hooks every
+        ``nn.Linear``, the logits included), and adds one entry to ``neurons_per_layer``.
 
     Returns
     -------
-    pyarrow.Table with checkpoint, step, point_id, split, n_neurons (distinct neurons whose
-    edges meet the neighbourhood), neurons_per_layer (list), n_regions (regions meeting it)
-    and boundary_density (edge length inside / area of the neighbourhood).
+    pyarrow.Table
+        checkpoint, step, point_id, split, n_neurons (distinct units whose zero sets meet
+        the neighbourhood), neurons_per_layer (list: one entry per nonlinearity, then the
+        output layer with ``layers="all"``), n_regions (regions meeting it) and
+        boundary_density (length inside the neighbourhood of the counted zero sets and of
+        the domain's border, divided by the neighbourhood's area).
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, torch, geomstore
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> part = geomstore.partition(net, geomstore.Slice.box((-1, -1), (1, 1)), device="cpu")
+    >>> with geomstore.open(tempfile.mkdtemp()) as store:
+    ...     _ = store.add(part, model="toy", checkpoint="init", step=0)
+    ...     lc = local_complexity(store, model="toy", points=np.zeros((1, 2)), radius=0.5,
+    ...                           layers="all")
+    >>> row = lc.to_pylist()[0]
+    >>> sum(row["neurons_per_layer"]) == row["n_neurons"], len(row["neurons_per_layer"])
+    (True, 2)
     """
-    if shape not in _SHAPES:
-        raise GeomstoreError(f"shape must be one of {_SHAPES}; got {shape!r}.")
-    if not radius > 0:
-        raise GeomstoreError(f"radius must be > 0; got {radius!r}.")
+    check_choice("shape", shape, _SHAPES)
+    check_choice("layers", layers, _LAYERS)
+    if not (isinstance(radius, (int, float, np.floating)) and np.isfinite(radius) and radius > 0):
+        raise LCArgumentError(f"radius must be a finite number > 0; got {radius!r}.")
+    radius = float(radius)
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
+    con = store.reader()
     u, split = _points(store, points, parts.column("slice_id")[0].as_py())
-    pts = pa.table({"point_id": np.arange(len(u), dtype=np.int64), "pu0": u[:, 0], "pu1": u[:, 1]})
     ids = parts.column("partition_id").to_pylist()
-    near = (
-        "ST_DWithin(e.geometry, ST_Point(p.pu0, p.pu1), ?)"
-        if shape == "disk"
-        else "ST_Intersects(e.geometry, ST_GeomFromText(printf('POLYGON((%f %f, %f %f, %f %f, "
-        "%f %f, %f %f))', p.pu0 + ?1, p.pu1, p.pu0, p.pu1 + ?1, p.pu0 - ?1, p.pu1, p.pu0, "
-        "p.pu1 - ?1, p.pu0 + ?1, p.pu1)))"
-    )
-    con = store._reader()
-    con.register("_gs_pts", pts)
+    units, n_outputs = _architecture(con, ids)
+    if layers == "all":
+        units = [*units, n_outputs]
+    names = {
+        "_gs_pts": pa.table(
+            {"point_id": np.arange(len(u), dtype=np.int32), "pu0": u[:, 0], "pu1": u[:, 1]}
+        ),
+        "_gs_parts": pa.table(
+            {
+                "partition_id": pa.array(ids, pa.string()),
+                "pidx": np.arange(len(ids), dtype=np.int32),
+            }
+        ),
+    }
+    for name, table in names.items():
+        con.register(name, table)
     try:
-        sql = (
-            "SELECT list_position($ids, e.partition_id) - 1 AS pidx, p.point_id, e.layer, "
-            "e.unit, e.region_left, "
-            "e.region_right, e.u0_a, e.u1_a, e.u0_b, e.u1_b "
-            "FROM edges e JOIN _gs_pts p ON "
-            + near.replace("?1", "$r").replace("?", "$r")
-            + " WHERE list_contains($ids, e.partition_id)"
+        zero_sets = "SELECT g.pidx, e.geometry, coalesce(e.unit, -1)::INTEGER AS unit, " + (
+            "coalesce(e.region_left, -1)::INTEGER AS rl, coalesce(e.region_right, -1)::INTEGER"
+            " AS rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g USING "
+            "(partition_id)"
         )
-        hits = con.execute(sql, {"r": float(radius), "ids": ids}).to_arrow_table()
+        if layers == "all":
+            segs = _logit_segments(con, len(ids), sum(units[:-1]), n_outputs)
+            con.register("_gs_logits", segs)
+            names["_gs_logits"] = segs
+            zero_sets += (
+                " UNION ALL SELECT pidx, ST_MakeLine(ST_Point(u0_a, u1_a), ST_Point(u0_b, u1_b)),"
+                " unit, -1, -1, u0_a, u1_a, u0_b, u1_b FROM _gs_logits"
+            )
+        # Candidates within the radius (the diamond lies inside the disk), slightly widened
+        # so that rounding in ST_DWithin drops nothing; the exact test is clipped_length.
+        hits = con.execute(
+            f"SELECT e.pidx, p.point_id, e.unit, e.rl, e.rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b "
+            f"FROM ({zero_sets}) e JOIN _gs_pts p "
+            "ON ST_DWithin(e.geometry, ST_Point(p.pu0, p.pu1), $r)",
+            {"r": radius * (1 + 1e-9) + 1e-300},
+        ).to_arrow_table()
     finally:
-        con.unregister("_gs_pts")
-    return _assemble(parts, hits, u, split, radius, shape)
+        for name in names:
+            con.unregister(name)
+    return _assemble(parts, hits, u, split, radius, shape, units)
 
 
 def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[str | None]]:
+    """Points as (n, 2) slice coordinates and their splits (a stored dataset, or an array)."""
     if isinstance(points, str):
-        t = store.sql(
-            "SELECT u0, u1, split FROM points JOIN datasets USING (dataset_id) "
-            "WHERE datasets.name = ? AND datasets.slice_id = ? ORDER BY split, point_id",
-            [points, slice_id],
-            limit=10_000_000,
-        ).table
+        t = (
+            store.reader()
+            .execute(
+                "SELECT u0, u1, split FROM points JOIN datasets USING (dataset_id) "
+                "WHERE datasets.name = ? AND datasets.slice_id = ? ORDER BY split, point_id",
+                [points, slice_id],
+            )
+            .to_arrow_table()
+        )
         if t.num_rows == 0:
             raise GeomstoreError(
                 f"no stored points named {points!r} on this slice; "
                 "add them with store.add_points(name, slice, x)."
             )
         u = np.stack([t.column("u0").to_numpy(), t.column("u1").to_numpy()], 1)
-        return u, t.column("split").to_pylist()
-    u = np.asarray(points, dtype=np.float64)
+        return u.astype(np.float64), t.column("split").to_pylist()
+    try:
+        u = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        u = np.empty((0, 0))
     if u.ndim != 2 or u.shape[1] != 2 or not np.all(np.isfinite(u)):
-        raise GeomstoreError(
+        raise LCArgumentError(
             "points must be finite slice coordinates of shape (n, 2), or a "
             "stored dataset name; project inputs with slice.project(x)."
         )
     return u, [None] * len(u)
 
 
-def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct int64 keys and the index of one occurrence of each (sort-based)."""
-    order = np.argsort(keys, kind="stable")
-    srt = keys[order]
+def _architecture(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[list[int], int]:
+    """Units per nonlinearity and number of outputs of the partitions' model."""
+    rows = con.execute(
+        "SELECT DISTINCT m.units_per_layer, m.n_outputs FROM partitions p "
+        "JOIN checkpoints c USING (checkpoint_id) JOIN models m USING (model_id) "
+        "WHERE list_contains($ids, p.partition_id)",
+        {"ids": ids},
+    ).fetchall()
+    shapes = {(tuple(json.loads(r[0] or "[]")), int(r[1] or 0)) for r in rows}
+    if len(shapes) != 1:
+        raise GeomstoreError(
+            "the chosen checkpoints come from models with different layers; "
+            "pass checkpoints= of one architecture."
+        )
+    units, k = shapes.pop()
+    return [int(x) for x in units], k
+
+
+def _logit_segments(con: duckdb.DuckDBPyConnection, n_parts: int, offset: int, k: int) -> pa.Table:
+    """The zero set of every output unit inside every region, as segments.
+
+    Inside a convex region the zero set of logit j is the line A[j] u + c[j] = 0 clipped to
+    the polygon: the segment between the extreme points where the line meets the region's
+    boundary, which the stored edges tile (each edge lists the regions on its two sides).
+    A logit that is identically zero on a region has no line there and is skipped.
+    """
+    reg = con.execute(
+        "SELECT g.pidx, r.region_id, r.A, r.c FROM regions r JOIN _gs_parts g "
+        "USING (partition_id) ORDER BY g.pidx, r.region_id"
+    ).to_arrow_table()
+    edg = con.execute(
+        "SELECT g.pidx, e.region_left AS rl, coalesce(e.region_right, -1) AS rr, "
+        "e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g USING (partition_id)"
+    ).to_arrow_table()
+    cols = ("pidx", "unit", "u0_a", "u1_a", "u0_b", "u1_b")
+    if reg.num_rows == 0 or edg.num_rows == 0 or k == 0:
+        return pa.table(
+            {c: pa.array([], pa.int32() if c[0] != "u" else pa.float64()) for c in cols}
+        )
+
+    def np_col(t: pa.Table, name: str) -> np.ndarray:
+        return np.asarray(t.column(name).to_numpy())
+
+    rpid = np_col(reg, "pidx").astype(np.int64)
+    rid = np_col(reg, "region_id").astype(np.int64)
+    rspan = int(rid.max()) + 1
+    rkey = rpid * rspan + rid  # sorted by the ORDER BY
+    amap = reg.column("A").combine_chunks().flatten().to_numpy().reshape(-1, k, 2)
+    cvec = reg.column("c").combine_chunks().flatten().to_numpy().reshape(-1, k)
+    epid = np_col(edg, "pidx").astype(np.int64)
+    rl, rr = np_col(edg, "rl").astype(np.int64), np_col(edg, "rr").astype(np.int64)
+    a = np.stack([np_col(edg, "u0_a"), np_col(edg, "u1_a")], 1)
+    b = np.stack([np_col(edg, "u0_b"), np_col(edg, "u1_b")], 1)
+    two = rr >= 0
+    side_reg = np.concatenate([rl, rr[two]])
+    side_row = np.searchsorted(rkey, np.concatenate([epid, epid[two]]) * rspan + side_reg)
+    side_row = np.minimum(side_row, len(rkey) - 1)
+    a, b = np.concatenate([a, a[two]]), np.concatenate([b, b[two]])
+    out: dict[str, list[np.ndarray]] = {c: [] for c in cols}
+    for j in range(k):
+        aj, cj = amap[side_row, j], cvec[side_row, j]
+        fa = (aj * a).sum(1) + cj
+        fb = (aj * b).sum(1) + cj
+        cross = (np.minimum(fa, fb) <= 0) & (np.maximum(fa, fb) >= 0) & (fa != fb)
+        on = (fa == 0) & (fb == 0) & (np.abs(aj).sum(1) > 0)  # the edge lies on the line
+        t = fa[cross] / (fa[cross] - fb[cross])
+        pts = np.concatenate([a[cross] + t[:, None] * (b[cross] - a[cross]), a[on], b[on]])
+        row = np.concatenate([side_row[cross], side_row[on], side_row[on]])
+        if len(row) == 0:
+            continue
+        slope = amap[row, j]
+        s = pts[:, 0] * -slope[:, 1] + pts[:, 1] * slope[:, 0]  # position along the line
+        order = np.lexsort((s, row))
+        row, s = row[order], s[order]
+        first = np.ones(len(row), dtype=bool)
+        first[1:] = row[1:] != row[:-1]
+        start = np.flatnonzero(first)
+        end = np.append(start[1:], len(row)) - 1
+        keep = s[end] > s[start]
+        start, end, grp = start[keep], end[keep], row[start[keep]]
+        aa, cc = amap[grp, j], cvec[grp, j]
+        n2 = (aa * aa).sum(1)
+        base = -cc[:, None] * aa / n2[:, None]  # the line's point nearest the origin
+        along = np.stack([-aa[:, 1], aa[:, 0]], 1) / n2[:, None]
+        out["pidx"].append(rpid[grp].astype(np.int32))
+        out["unit"].append(np.full(len(grp), offset + j, dtype=np.int32))
+        pa_, pb_ = base + s[start, None] * along, base + s[end, None] * along
+        out["u0_a"].append(pa_[:, 0])
+        out["u1_a"].append(pa_[:, 1])
+        out["u0_b"].append(pb_[:, 0])
+        out["u1_b"].append(pb_[:, 1])
+    return pa.table(
+        {
+            c: pa.array(
+                np.concatenate(v) if v else np.zeros(0, np.int32 if c[0] != "u" else np.float64)
+            )
+            for c, v in out.items()
+        }
+    )
+
+
+def _distinct(keys: np.ndarray, span: int) -> np.ndarray:
+    """Sorted distinct non-negative int64 keys below ``span``: a bitmap when it is small."""
+    if span <= _BITMAP_MAX:
+        mark = np.zeros(span, dtype=bool)
+        mark[keys] = True
+        return np.flatnonzero(mark)
+    srt = np.sort(keys)
     first = np.ones(len(srt), dtype=bool)
     first[1:] = srt[1:] != srt[:-1]
-    return srt[first], order[first]
+    return srt[first]
 
 
 def _assemble(
@@ -146,55 +375,57 @@ def _assemble(
     split: list[str | None],
     radius: float,
     shape: str,
+    units: list[int],
 ) -> pa.Table:
     area = np.pi * radius**2 if shape == "disk" else 2 * radius**2
     n = len(u)
-    ids = parts.column("partition_id").to_pylist()
-    k = len(ids)
+    k = parts.num_rows
+    cells = k * n
 
-    def col(t: pa.Table, name: str, fill: float = -1) -> np.ndarray:
-        return np.asarray(t.column(name).fill_null(fill).to_numpy(zero_copy_only=False))
+    def col(name: str) -> np.ndarray:
+        return np.asarray(hits.column(name).to_numpy())
 
-    hp = col(hits, "pidx").astype(np.int64)
-    pt = col(hits, "point_id").astype(np.int64)
-    layer = col(hits, "layer").astype(np.int64)
-    unit = col(hits, "unit").astype(np.int64)
-    a = np.stack([col(hits, "u0_a"), col(hits, "u1_a")], 1).astype(float)
-    b = np.stack([col(hits, "u0_b"), col(hits, "u1_b")], 1).astype(float)
-    c = u[pt]
-    length = clipped_length(a, b, c, radius, shape) if len(hp) else np.zeros(0)
+    cell = col("pidx").astype(np.int64) * n + col("point_id")
+    unit = col("unit")
+    pt = col("point_id")
+    ux, uy = u[:, 0].copy(), u[:, 1].copy()
+    length = _clipped(
+        col("u0_a"), col("u1_a"), col("u0_b"), col("u1_b"), ux[pt], uy[pt], radius, shape
+    )
     # every segment is stored once (edges hold each shared segment once)
-    cell = hp * n + pt
-    density = np.bincount(cell, weights=length, minlength=k * n) / area
-    neur = (layer >= 0) & (length > 0)
-    n_layers = int(layer.max()) + 1 if neur.any() else 0
-    # distinct (cell, unit) pairs via one int64 key: 1-D unique is fast, axis=0 is not
-    span = int(unit.max()) + 1 if len(unit) else 1
-    key, first = _unique(cell[neur] * span + unit[neur])
-    n_neurons = np.bincount(key // span, minlength=k * n)
-    per_layer = np.zeros((k * n, max(n_layers, 0)), dtype=np.int64)
-    np.add.at(per_layer, (key // span, layer[neur][first]), 1)
+    density = np.bincount(cell, weights=length, minlength=cells) / area
+    met = length > 0
+    # distinct (cell, unit) pairs as one int64 key; per layer by the unit's layer
+    offsets = np.concatenate([[0], np.cumsum(units)]).astype(np.int64)
+    span = max(int(offsets[-1]), 1)
+    neur = met & (unit >= 0) & (unit < span)
+    key = _distinct(cell[neur] * span + unit[neur], cells * span)
+    layer = np.searchsorted(offsets, key % span, side="right") - 1
+    per_layer = np.bincount((key // span) * len(units) + layer, minlength=cells * len(units))
+    per_layer = per_layer.reshape(cells, len(units))
     # A region meets the neighbourhood iff an edge of it does, or it holds all of it:
     # count the distinct regions beside the edges that meet it (at least the one region).
-    met = length > 0
-    left, right = col(hits, "region_left").astype(np.int64), col(hits, "region_right")
-    right = right.astype(np.int64)
-    both = right >= 0
+    left, right = col("rl").astype(np.int64), col("rr").astype(np.int64)
     rspan = int(max(left.max(initial=0), right.max(initial=0))) + 1
     sides = np.concatenate(
-        [cell[met] * rspan + left[met], cell[met & both] * rspan + right[met & both]]
+        [
+            cell[met & (left >= 0)] * rspan + left[met & (left >= 0)],
+            cell[met & (right >= 0)] * rspan + right[met & (right >= 0)],
+        ]
     )
-    regions = np.maximum(np.bincount(_unique(sides)[0] // rspan, minlength=k * n), 1)
-    steps = parts.column("step").to_pylist()
-    names = parts.column("checkpoint").to_pylist()
+    regions = np.maximum(np.bincount(_distinct(sides, cells * rspan) // rspan, minlength=cells), 1)
+    take = np.repeat(np.arange(k), n)
+    flat = per_layer.reshape(-1).astype(np.int64)
     return pa.table(
         {
-            "checkpoint": pa.array([names[i // n] for i in range(k * n)]),
-            "step": pa.array([steps[i // n] for i in range(k * n)], type=pa.int64()),
+            "checkpoint": parts.column("checkpoint").combine_chunks().take(take),
+            "step": parts.column("step").combine_chunks().cast(pa.int64()).take(take),
             "point_id": pa.array(np.tile(np.arange(n, dtype=np.int64), k)),
             "split": pa.array(split * k, type=pa.string()),
-            "n_neurons": pa.array(n_neurons.astype(np.int64)),
-            "neurons_per_layer": pa.array(per_layer.tolist(), type=pa.list_(pa.int64())),
+            "n_neurons": pa.array(per_layer.sum(1).astype(np.int64)),
+            "neurons_per_layer": pa.ListArray.from_arrays(
+                pa.array(np.arange(cells + 1, dtype=np.int32) * len(units)), pa.array(flat)
+            ),
             "n_regions": pa.array(regions.astype(np.int64)),
             "boundary_density": pa.array(density),
         }

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from geomstore.queries.complexity import local_complexity
+from geomstore.queries.complexity import Layers, Shape, local_complexity
 from geomstore.store.store import Store
 
 __all__ = ["lc_trajectory", "turning_points"]
@@ -46,9 +46,13 @@ def lc_trajectory(
     radius: float,
     slice: str | None = None,
     checkpoints: Sequence[str] | None = None,
-    shape: str = "disk",
+    shape: Shape = "disk",
+    layers: Layers = "hidden",
 ) -> tuple[pa.Table, dict[str, dict[str, int | None]]]:
     """Mean and quartiles of local complexity per checkpoint and point set.
+
+    The arguments are those of :func:`~geomstore.queries.local_complexity`; ``layers="all"``
+    also counts the output units, as the curves of "Deep networks always grok" do for MLPs.
 
     Returns the table (checkpoint, step, split, n_points, lc_mean, lc_q25, lc_q50, lc_q75,
     density_mean, metrics) and, per split, the steps of the curve's turning points.
@@ -61,8 +65,9 @@ def lc_trajectory(
         slice=slice,
         checkpoints=checkpoints,
         shape=shape,
+        layers=layers,
     )
-    con = store._reader()
+    con = store.reader()
     con.register("_gs_lc", lc)
     try:
         table = con.execute(
