@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AbortedWriteError",
     "DataPathError",
@@ -9,7 +11,11 @@ __all__ = [
     "InvalidSliceError",
     "MissingExtensionError",
     "ModelShapeError",
+    "NotFoundError",
+    "QueryTimeoutError",
     "ReadOnlyQueryError",
+    "SQLError",
+    "SQLRefusedError",
     "SchemaVersionError",
     "StoreError",
     "UnsupportedModelError",
@@ -54,3 +60,45 @@ class AbortedWriteError(StoreError):
 
 class DataPathError(StoreError, ValueError):
     """A store's data path (a directory or ``s3://`` URL) or its S3 settings cannot be used."""
+
+
+class SQLRefusedError(ReadOnlyQueryError, ValueError):
+    """The SQL sandbox refused a statement before running it (``reason`` says which rule).
+
+    ``reason`` names the rule: "statement" (not a SELECT), "multiple", "table" (not the
+    store's), "function" (reads files or the host), "size", "parse" or "permission".
+    """
+
+    def __init__(self, message: str, *, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the field across pickling (workers)
+        return (type(self), (str(self),), self.__dict__)
+
+
+class SQLError(StoreError, ValueError):
+    """A read-only query is wrong (unknown table or column, bad types, bad parameters)."""
+
+
+class QueryTimeoutError(StoreError, TimeoutError):
+    """A read-only query ran past its time limit and was interrupted (``timeout`` in s)."""
+
+    def __init__(self, message: str, *, timeout: float = 0.0) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self),), self.__dict__)
+
+
+class NotFoundError(StoreError, LookupError):
+    """An unknown model, slice, checkpoint, partition or data set (``kind``, ``name``)."""
+
+    def __init__(self, message: str, *, kind: str = "", name: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self),), self.__dict__)

@@ -15,19 +15,13 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
 from geomstore.engine.partition import Partition
-from geomstore.errors import (
-    AbortedWriteError,
-    DataPathError,
-    ReadOnlyQueryError,
-    SchemaVersionError,
-    StoreError,
-)
+from geomstore.errors import AbortedWriteError, DataPathError, SchemaVersionError, StoreError
 from geomstore.store.connection import connect
 from geomstore.store.schema import LEDGER, apply_migrations, current_version, migrations
 from geomstore.store.sqlutil import (
@@ -39,6 +33,9 @@ from geomstore.store.sqlutil import (
     _wal_catalog,
     _wkt_polygon,
 )
+
+if TYPE_CHECKING:
+    from geomstore.store.sandbox import ReadPath
 
 __all__ = ["QueryResult", "Store", "open_store"]
 
@@ -77,6 +74,8 @@ class Store:
     ...     store.sql("SELECT count(*) AS n FROM regions").table.column("n")[0].as_py() > 0
     True
     """
+
+    _read: ReadPath | None = None  # the hardened read connection, made on first read
 
     def __init__(
         self,
@@ -191,11 +190,15 @@ class Store:
                 _wal_catalog(root / CATALOG)
             if not exists and given is None:
                 path = f"{(root / 'data').resolve()}/"
-        elif given is None:
-            raise StoreError(
-                "a PostgreSQL catalog needs data_path= (a directory or s3:// URL for the "
-                "Parquet files): geomstore.open('postgres:...', data_path=DIR)."
-            )
+        else:
+            if given is None:
+                raise StoreError(
+                    "a PostgreSQL catalog needs data_path= (a directory or s3:// URL for the "
+                    "Parquet files): geomstore.open('postgres:...', data_path=DIR)."
+                )
+            from geomstore.store.connection import load_optional
+
+            load_optional(con, "postgres_scanner")
         if path is not None:
             if objectstore.is_url(path):
                 objectstore.configure(con, path)
@@ -230,6 +233,9 @@ class Store:
 
     def close(self) -> None:
         """Close the store's connections."""
+        if self._read is not None:
+            self._read.close()
+            self._read = None
         if self._ro is not None:
             self._ro.close()
             self._ro = None
@@ -440,20 +446,28 @@ class Store:
                 con.unregister(name)
 
     # reading ---------------------------------------------------------------------------------
-    def _reader(self) -> duckdb.DuckDBPyConnection:
-        if self._ro is None:
-            if self.kind == "duckdb":
-                # one process owns a .duckdb file: read through a cursor of the writer
-                con = self.con.cursor()
-                con.execute(f"USE {ALIAS}")
-                _sql_helpers(con)
-            else:
-                con = self._open(read_only=True)
-            if self.kind in ("ducklake", "ducklake-postgres"):
-                con.execute(f"SET allowed_directories={self._data_paths()!r}")
-                con.execute("SET enable_external_access=false")
-            self._ro = con
-        return self._ro
+    def reader(self) -> duckdb.DuckDBPyConnection:
+        """The store's read connection: read-only, no file access outside the store.
+
+        Query functions (``geomstore.queries``) run their own SQL here; user SQL goes
+        through :meth:`sql`, which checks it first. Each statement reads the latest
+        committed snapshot.
+
+        Examples
+        --------
+        >>> import tempfile, geomstore
+        >>> with geomstore.open(tempfile.mkdtemp()) as store:
+        ...     store.reader().execute("SELECT count(*) FROM partitions").fetchone()
+        (0,)
+        """
+        return self._read_path().reader()
+
+    def _read_path(self) -> ReadPath:
+        if self._read is None:
+            from geomstore.store.sandbox import ReadPath
+
+            self._read = ReadPath(self)
+        return self._read
 
     def _data_paths(self) -> list[str]:
         """Where the read connection may read: the data path (and a directory store's root)."""
@@ -462,36 +476,71 @@ class Store:
             paths.append(f"{Path(self.target).resolve()}/")
         return paths
 
+    _reader = reader  # the old private name, kept for code written against it
+
     def sql(
         self,
         query: str,
         params: Sequence[Any] | dict[str, Any] | None = None,
         *,
-        limit: int = 100_000,
+        max_rows: int = 100_000,
+        timeout: float | None = 30.0,
+        limit: int | None = None,
     ) -> QueryResult:
-        """Run one read-only SQL statement; at most ``limit`` rows come back.
+        """Run one read-only SELECT through the SQL sandbox; at most ``max_rows`` rows return.
 
-        Writes, file reads and extension loading are refused on this path.
+        Parameters
+        ----------
+        query : str
+            One SELECT over the store's tables, views (``gs_partitions``) and macros
+            (``gs_lc``); file readers, ATTACH, settings and writes are refused.
+        params : sequence or dict, optional
+            Values for ``?`` / ``$name`` placeholders.
+        max_rows : int
+            Row cap; ``QueryResult.truncated`` says whether rows were left out.
+        timeout : float or None
+            Seconds before the query is interrupted (:class:`QueryTimeoutError`).
+        limit : int, optional
+            Deprecated spelling of ``max_rows``.
+
+        Examples
+        --------
+        >>> import tempfile, geomstore
+        >>> with geomstore.open(tempfile.mkdtemp()) as store:
+        ...     res = store.sql("SELECT * FROM range(5)", max_rows=3)
+        >>> res.table.num_rows, res.truncated
+        (3, True)
         """
-        try:
-            stmts = duckdb.extract_statements(query)
-        except duckdb.Error as exc:
-            raise ReadOnlyQueryError(f"cannot parse the query: {exc}") from None
-        if len(stmts) != 1:
-            raise ReadOnlyQueryError(f"give exactly one statement, got {len(stmts)}.")
-        if stmts[0].type != duckdb.StatementType.SELECT:
-            raise ReadOnlyQueryError(
-                f"only SELECT queries run here, got {stmts[0].type.name}; "
-                "write through the Python API (store.add)."
+        if limit is not None:
+            import warnings
+
+            warnings.warn(
+                "Store.sql(limit=...) is deprecated; use max_rows=...",
+                DeprecationWarning,
+                stacklevel=2,
             )
-        con = self._reader()  # each query reads the latest committed snapshot
-        wrapped = f"SELECT * FROM ({stmts[0].query}) AS q LIMIT {int(limit) + 1}"
-        try:
-            table = con.execute(wrapped, params).to_arrow_table()
-        except duckdb.PermissionException as exc:
-            raise ReadOnlyQueryError(f"refused on the read-only path: {exc}") from None
-        truncated = table.num_rows > limit
-        return QueryResult(table.slice(0, limit) if truncated else table, truncated)
+            max_rows = limit
+        return self._read_path().sql(query, params, max_rows=max_rows, timeout=timeout)
+
+    def partitions(
+        self,
+        *,
+        model: str | None = None,
+        slice: str | None = None,
+        checkpoints: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """One row per stored partition (see :func:`geomstore.queries.partitions`).
+
+        Examples
+        --------
+        >>> import tempfile, geomstore
+        >>> with geomstore.open(tempfile.mkdtemp()) as store:
+        ...     store.partitions().num_rows
+        0
+        """
+        from geomstore.queries.catalog import partitions
+
+        return partitions(self, model=model, slice=slice, checkpoints=checkpoints)
 
     def load_partition(self, partition_id: str) -> Partition:
         """Rebuild a stored partition (tables, slice, model summary, settings).
