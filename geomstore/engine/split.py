@@ -287,6 +287,12 @@ def split_layer(
     if len(cross) == 0:
         return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0
     if n_steps == 1 and spec.kind != "maxpool":
+        if p == 1:  # one cell (the first layer's domain): its whole line arrangement at once
+            from geomstore.engine.arrangement import cell_arrangement
+
+            res = cell_arrangement(cells, state0, cross, tol, cuts, spec.unit_offset)
+            if res is not None:
+                return res
         return _split_lines(spec, cells, state0, cross, tol, cuts)
     per_cell = torch.bincount(cross.cell, minlength=p) * n_steps
     # test list per cell: (pair, step) in order, padded
