@@ -262,3 +262,22 @@ def test_cli_lc_takes_layers(store: geomstore.Store) -> None:
     )
     assert bad.returncode == 1
     assert bad.stderr == "Error: layers must be one of ('hidden', 'all'); got 'logits'.\n"
+
+
+def test_batches_and_the_sorted_path_agree_with_one_bitmap(
+    store: geomstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geomstore.queries import complexity
+
+    u = np.random.default_rng(7).uniform(-1, 1, (60, 2))
+    one = local_complexity(store, model="net", points=u, radius=0.25, layers="all")
+    monkeypatch.setattr(complexity, "_BATCH", 97)  # many small batches
+    monkeypatch.setattr(complexity, "_BITMAP_MAX", 0)  # distinct units by sorting
+    many = local_complexity(store, model="net", points=u, radius=0.25, layers="all")
+    for name in ("checkpoint", "step", "point_id", "n_neurons", "neurons_per_layer", "n_regions"):
+        assert many.column(name).equals(one.column(name)), name
+    np.testing.assert_allclose(
+        np.asarray(many.column("boundary_density")),
+        np.asarray(one.column("boundary_density")),
+        rtol=1e-12,
+    )

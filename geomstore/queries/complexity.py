@@ -33,6 +33,7 @@ Layers = Literal["hidden", "all"]
 _SHAPES: tuple[str, ...] = get_args(Shape)
 _LAYERS: tuple[str, ...] = get_args(Layers)
 _BITMAP_MAX = 1 << 27  # distinct (cell, unit) pairs by a bitmap up to this many bits
+_BATCH = 1 << 18  # candidate rows per batch
 
 
 class LCArgumentError(GeomstoreError, ValueError):
@@ -180,7 +181,7 @@ def local_complexity(
     con = store.reader()
     u, split = _points(store, points, parts.column("slice_id")[0].as_py())
     ids = parts.column("partition_id").to_pylist()
-    units, n_outputs = _architecture(con, ids)
+    units, n_outputs, max_region = _architecture(con, ids)
     if layers == "all":
         units = [*units, n_outputs]
     names = {
@@ -212,16 +213,19 @@ def local_complexity(
             )
         # Candidates within the radius (the diamond lies inside the disk), slightly widened
         # so that rounding in ST_DWithin drops nothing; the exact test is clipped_length.
-        hits = con.execute(
+        tally = _Tally(u, len(ids), units, max_region + 1, radius, shape)
+        batches = con.execute(
             f"SELECT e.pidx, p.point_id, e.unit, e.rl, e.rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b "
             f"FROM ({zero_sets}) e JOIN _gs_pts p "
             "ON ST_DWithin(e.geometry, ST_Point(p.pu0, p.pu1), $r)",
             {"r": radius * (1 + 1e-9) + 1e-300},
-        ).to_arrow_table()
+        ).to_arrow_reader(_BATCH)
+        for batch in batches:  # batches small enough that numpy's temporaries stay in cache
+            tally.add(batch)
     finally:
         for name in names:
             con.unregister(name)
-    return _assemble(parts, hits, u, split, radius, shape, units)
+    return tally.table(parts, split)
 
 
 def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[str | None]]:
@@ -255,12 +259,12 @@ def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[
     return u, [None] * len(u)
 
 
-def _architecture(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[list[int], int]:
-    """Units per nonlinearity and number of outputs of the partitions' model."""
+def _architecture(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[list[int], int, int]:
+    """Units per nonlinearity, number of outputs and largest region id of the partitions."""
     rows = con.execute(
-        "SELECT DISTINCT m.units_per_layer, m.n_outputs FROM partitions p "
+        "SELECT m.units_per_layer, m.n_outputs, max(p.n_regions) FROM partitions p "
         "JOIN checkpoints c USING (checkpoint_id) JOIN models m USING (model_id) "
-        "WHERE list_contains($ids, p.partition_id)",
+        "WHERE list_contains($ids, p.partition_id) GROUP BY ALL",
         {"ids": ids},
     ).fetchall()
     shapes = {(tuple(json.loads(r[0] or "[]")), int(r[1] or 0)) for r in rows}
@@ -270,7 +274,7 @@ def _architecture(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[list[
             "pass checkpoints= of one architecture."
         )
     units, k = shapes.pop()
-    return [int(x) for x in units], k
+    return [int(x) for x in units], k, max(int(r[2] or 0) for r in rows) - 1
 
 
 def _logit_segments(con: duckdb.DuckDBPyConnection, n_parts: int, offset: int, k: int) -> pa.Table:
@@ -368,65 +372,84 @@ def _distinct(keys: np.ndarray, span: int) -> np.ndarray:
     return srt[first]
 
 
-def _assemble(
-    parts: pa.Table,
-    hits: pa.Table,
-    u: np.ndarray,
-    split: list[str | None],
-    radius: float,
-    shape: str,
-    units: list[int],
-) -> pa.Table:
-    area = np.pi * radius**2 if shape == "disk" else 2 * radius**2
-    n = len(u)
-    k = parts.num_rows
-    cells = k * n
+class _Tally:
+    """Local complexity accumulated over batches of (edge, point) candidates."""
 
-    def col(name: str) -> np.ndarray:
-        return np.asarray(hits.column(name).to_numpy())
+    def __init__(
+        self, u: np.ndarray, k: int, units: list[int], rspan: int, radius: float, shape: str
+    ) -> None:
+        self.u0, self.u1 = np.ascontiguousarray(u[:, 0]), np.ascontiguousarray(u[:, 1])
+        self.n, self.k, self.units = len(u), k, units
+        self.cells = k * len(u)
+        self.radius, self.shape = radius, shape
+        self.offsets = np.concatenate([[0], np.cumsum(units)]).astype(np.int64)
+        self.span = max(int(self.offsets[-1]), 1)
+        self.rspan = max(rspan, 1)
+        self.length = np.zeros(self.cells)
+        bits = self.cells * self.span
+        self.mark = np.zeros(bits, dtype=bool) if bits <= _BITMAP_MAX else None
+        self.unit_keys: list[np.ndarray] = []
+        self.side_keys: list[np.ndarray] = []
 
-    cell = col("pidx").astype(np.int64) * n + col("point_id")
-    unit = col("unit")
-    pt = col("point_id")
-    ux, uy = u[:, 0].copy(), u[:, 1].copy()
-    length = _clipped(
-        col("u0_a"), col("u1_a"), col("u0_b"), col("u1_b"), ux[pt], uy[pt], radius, shape
-    )
-    # every segment is stored once (edges hold each shared segment once)
-    density = np.bincount(cell, weights=length, minlength=cells) / area
-    met = length > 0
-    # distinct (cell, unit) pairs as one int64 key; per layer by the unit's layer
-    offsets = np.concatenate([[0], np.cumsum(units)]).astype(np.int64)
-    span = max(int(offsets[-1]), 1)
-    neur = met & (unit >= 0) & (unit < span)
-    key = _distinct(cell[neur] * span + unit[neur], cells * span)
-    layer = np.searchsorted(offsets, key % span, side="right") - 1
-    per_layer = np.bincount((key // span) * len(units) + layer, minlength=cells * len(units))
-    per_layer = per_layer.reshape(cells, len(units))
-    # A region meets the neighbourhood iff an edge of it does, or it holds all of it:
-    # count the distinct regions beside the edges that meet it (at least the one region).
-    left, right = col("rl").astype(np.int64), col("rr").astype(np.int64)
-    rspan = int(max(left.max(initial=0), right.max(initial=0))) + 1
-    sides = np.concatenate(
-        [
-            cell[met & (left >= 0)] * rspan + left[met & (left >= 0)],
-            cell[met & (right >= 0)] * rspan + right[met & (right >= 0)],
-        ]
-    )
-    regions = np.maximum(np.bincount(_distinct(sides, cells * rspan) // rspan, minlength=cells), 1)
-    take = np.repeat(np.arange(k), n)
-    flat = per_layer.reshape(-1).astype(np.int64)
-    return pa.table(
-        {
-            "checkpoint": parts.column("checkpoint").combine_chunks().take(take),
-            "step": parts.column("step").combine_chunks().cast(pa.int64()).take(take),
-            "point_id": pa.array(np.tile(np.arange(n, dtype=np.int64), k)),
-            "split": pa.array(split * k, type=pa.string()),
-            "n_neurons": pa.array(per_layer.sum(1).astype(np.int64)),
-            "neurons_per_layer": pa.ListArray.from_arrays(
-                pa.array(np.arange(cells + 1, dtype=np.int32) * len(units)), pa.array(flat)
-            ),
-            "n_regions": pa.array(regions.astype(np.int64)),
-            "boundary_density": pa.array(density),
-        }
-    )
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Clip one batch's segments to the neighbourhoods; note units, regions, lengths."""
+
+        def col(i: int) -> np.ndarray:
+            return np.asarray(batch.column(i).to_numpy())
+
+        pt = col(1)
+        cell = col(0).astype(np.int64) * self.n + pt
+        length = _clipped(
+            col(5), col(6), col(7), col(8), self.u0[pt], self.u1[pt], self.radius, self.shape
+        )
+        # every segment is stored once (edges hold each shared segment once)
+        self.length += np.bincount(cell, weights=length, minlength=self.cells)
+        met = length > 0
+        unit, left, right = col(2), col(3), col(4)
+        neur = met & (unit >= 0) & (unit < self.span)
+        keys = cell[neur] * self.span + unit[neur]
+        if self.mark is not None:
+            self.mark[keys] = True
+        else:
+            self.unit_keys.append(_distinct(keys, 1 << 62))
+        # A region meets the neighbourhood iff an edge of it does, or it holds all of it:
+        # the distinct regions beside the edges that meet it (at least the one region).
+        if max(left.max(initial=-1), right.max(initial=-1)) >= self.rspan:
+            raise GeomstoreError(
+                "an edge names a region beyond its partition's n_regions: the store is "
+                "inconsistent; recompute that partition."
+            )
+        lm, rm = met & (left >= 0), met & (right >= 0)
+        sides = np.concatenate(
+            [cell[lm] * self.rspan + left[lm], cell[rm] * self.rspan + right[rm]]
+        )
+        self.side_keys.append(_distinct(sides, 1 << 62))
+
+    def table(self, parts: pa.Table, split: list[str | None]) -> pa.Table:
+        """The result rows: one per checkpoint and point."""
+        cells, n, k, n_layers = self.cells, self.n, self.k, len(self.units)
+        if self.mark is not None:
+            key = np.flatnonzero(self.mark)
+        else:
+            key = _distinct(np.concatenate([np.zeros(0, np.int64), *self.unit_keys]), 1 << 62)
+        layer = np.searchsorted(self.offsets, key % self.span, side="right") - 1
+        per_layer = np.bincount((key // self.span) * n_layers + layer, minlength=cells * n_layers)
+        sides = _distinct(np.concatenate([np.zeros(0, np.int64), *self.side_keys]), 1 << 62)
+        regions = np.maximum(np.bincount(sides // self.rspan, minlength=cells), 1)
+        area = np.pi * self.radius**2 if self.shape == "disk" else 2 * self.radius**2
+        take = np.repeat(np.arange(k), n)
+        return pa.table(
+            {
+                "checkpoint": parts.column("checkpoint").combine_chunks().take(take),
+                "step": parts.column("step").combine_chunks().cast(pa.int64()).take(take),
+                "point_id": pa.array(np.tile(np.arange(n, dtype=np.int64), k)),
+                "split": pa.array(split * k, type=pa.string()),
+                "n_neurons": pa.array(per_layer.reshape(cells, n_layers).sum(1).astype(np.int64)),
+                "neurons_per_layer": pa.ListArray.from_arrays(
+                    pa.array(np.arange(cells + 1, dtype=np.int32) * n_layers),
+                    pa.array(per_layer.astype(np.int64)),
+                ),
+                "n_regions": pa.array(regions.astype(np.int64)),
+                "boundary_density": pa.array(self.length / area),
+            }
+        )
