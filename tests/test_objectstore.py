@@ -273,8 +273,8 @@ def test_readers_in_other_processes_never_see_a_partial_partition(
 ) -> None:
     path = str(tmp_path / "shared")
     geomstore.open(path, data_path=f"s3://{aws.bucket()}/shared/").close()
-    writer = _spawn("write", path, "0", "4", "40")
-    readers = [_spawn("read", path, "8") for _ in range(2)]
+    readers = [_spawn("read", path, "30") for _ in range(2)]  # long enough on a busy CI
+    writer = _spawn("write", path, "0", "6", "40")
     _, err = writer.communicate(timeout=300)
     assert writer.returncode == 0, err
     seen = []
@@ -284,7 +284,7 @@ def test_readers_in_other_processes_never_see_a_partial_partition(
         seen.append(int(rout.strip().splitlines()[-1]))
     assert max(seen) >= 1, "the readers never saw a partition while the writer wrote"
     with geomstore.open(path, read_only=True) as s:
-        assert _count(s, "SELECT count(*) FROM partitions") == 4
+        assert _count(s, "SELECT count(*) FROM partitions") == 6
 
 
 def test_sigkill_mid_write_leaves_nothing_half_visible(aws: S3Server, tmp_path: Path) -> None:
