@@ -377,7 +377,7 @@ def _split_lines(
     tau = (tol * torch.sqrt(lines[:, 0] * lines[:, 0] + lines[:, 1] * lines[:, 1]))[:, None]
     units = cross.unit
     n_units = int(state0.shape[1])
-    buf = _Grow(cells, state0, len(cross))
+    buf = _Grow(cells, state0, cross)
     zero = torch.zeros((), dtype=lines.dtype, device=lines.device)
     pp, pt = cross.cell, torch.arange(len(cross), device=lines.device)
     split_tests: list[Tensor] = []
@@ -446,7 +446,8 @@ def _clip_both(
     emit = torch.stack([(c0 >= 0) & valid, cross.expand(2, s, w - 1)], 3).view(2, s, 2 * w - 2)
     cutc = cut[:, None]
     side0 = side[:, :-1]
-    lab_v = torch.where((s0 == 0) & (c0 * s1.unsqueeze(0) < 0), cutc, side0)
+    # a vertex on the line whose next vertex is on the other side starts the chord
+    lab_v = torch.where((s0 == 0) & (torch.stack([s1, -s1]) < 0), cutc, side0)
     lab_x = torch.where(c0 > 0, cutc, side0)
     lab = torch.stack([lab_v, lab_x], 3).view(2, s, 2 * w - 2)
     cnt = emit.sum(2)
@@ -461,9 +462,14 @@ def _clip_both(
 class _Grow:
     """Growable polygons, their parent cells and states, for :func:`_split_lines`."""
 
-    def __init__(self, cells: Polys, state0: Tensor, n_pairs: int) -> None:
+    def __init__(self, cells: Polys, state0: Tensor, cross: Crossings) -> None:
         p = len(cells)
-        cap = p + 2 * n_pairs + 16
+        # k lines make at most 1 + k + k (k - 1) / 2 faces: take that bound when it is
+        # modest, so that the buffers never grow (growing costs operations and copies)
+        k = torch.bincount(cross.cell, minlength=p)
+        bound = int((1 + k + k * (k - 1) // 2).sum().item())
+        cap = p + 2 * len(cross) + 16
+        cap = bound if bound <= 4 * cap else cap
         width = int(cells.n.max().item()) + 1
         verts, side = pad_polys(cells.verts, cells.side, width)
         self.verts = _alloc(verts, cap)

@@ -1,0 +1,260 @@
+"""Clipping, split rounds and the first layer's arrangement, against shapely.
+
+Every test here fails on a broken clip: a lost or doubled vertex, a child on the wrong
+side, a wrong chord label, a missing or extra face of an arrangement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import shapely
+import torch
+from shapely.geometry import LineString, Polygon, box
+from shapely.geometry.polygon import orient
+from shapely.ops import polygonize, unary_union
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import geomstore.engine.arrangement as arrangement
+from geomstore import Slice, partition
+from geomstore.engine.split import _clip_both
+from tests.nets import BOX, mlp
+
+HOW = ["arrangement", "rounds"]
+
+
+def _how(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Build the first layer as one arrangement, or (no elements allowed) in rounds."""
+    monkeypatch.setattr(arrangement, "MAX_ELEMENTS", 1 << 25 if how == HOW[0] else 0)
+
+
+def _convex(rng: np.random.Generator) -> Polygon:
+    """A random convex polygon of 3-12 vertices, counter-clockwise."""
+    hull = shapely.MultiPoint(rng.uniform(-1, 1, size=(rng.integers(3, 13), 2))).convex_hull
+    assert isinstance(hull, Polygon) and hull.area > 1e-3
+    return orient(hull, 1.0)
+
+
+def _padded(polys: list[Polygon], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (P, width, 2) vertices, slots from n on repeating vertex 0, and counts."""
+    verts = np.zeros((len(polys), width, 2))
+    n = np.zeros(len(polys), dtype=np.int64)
+    for i, p in enumerate(polys):
+        xy = np.asarray(p.exterior.coords)[:-1]
+        n[i] = len(xy)
+        verts[i, : len(xy)] = xy
+        verts[i, len(xy) :] = xy[0]
+    return torch.as_tensor(verts), torch.as_tensor(n)
+
+
+def test_clip_both_matches_shapely_on_random_lines() -> None:
+    rng = np.random.default_rng(0)
+    polys = [_convex(rng) for _ in range(200)]
+    verts, n = _padded(polys, 14)
+    # a line through a random interior point, random direction: it crosses the polygon
+    inner = np.array([np.asarray(p.representative_point().coords)[0] for p in polys])
+    ang = rng.uniform(0, np.pi, size=len(polys))
+    a = np.stack([np.cos(ang), np.sin(ang)], 1)
+    b = -(a * inner).sum(1)
+    f = torch.as_tensor(np.einsum("pvd,pd->pv", verts.numpy(), a) + b[:, None])
+    side = torch.arange(14)[None, :].repeat(len(polys), 1) + 100
+    cut = 1000 + torch.arange(len(polys))
+    out_v, out_n, out_s = _clip_both(verts, f, f.sign(), n, side, cut)
+    s = len(polys)
+    for i, poly in enumerate(polys):
+        far = 10.0
+        d = np.array([-a[i, 1], a[i, 0]])
+        p0 = inner[i] - far * d
+        p1 = inner[i] + far * d
+        half_pos = Polygon([p0, p1, p1 + far * a[i], p0 + far * a[i]])
+        half_neg = Polygon([p0, p1, p1 - far * a[i], p0 - far * a[i]])
+        for child, half in ((i, half_pos), (s + i, half_neg)):
+            k = int(out_n[child])
+            got = Polygon(out_v[child, :k].numpy())
+            want = poly.intersection(half)
+            assert got.is_valid and got.exterior.is_ccw
+            assert abs(got.area - want.area) < 1e-12
+            assert got.symmetric_difference(want).area < 1e-12
+            assert len(shapely.get_coordinates(want)) - 1 == k
+            # padding repeats vertex 0; exactly one side is the chord, labelled with the cut
+            assert torch.equal(out_v[child, k:], out_v[child, :1].expand(out_v.shape[1] - k, 2))
+            labels = out_s[child, :k]
+            assert int((labels == 1000 + i).sum()) == 1
+            j = int(torch.nonzero(labels == 1000 + i)[0, 0])
+            q0, q1 = out_v[child, j].numpy(), out_v[child, (j + 1) % k].numpy()
+            assert abs(a[i] @ q0 + b[i]) < 1e-12 and abs(a[i] @ q1 + b[i]) < 1e-12
+            assert bool((labels[labels != 1000 + i] < 114).all())
+
+
+def test_clip_both_through_vertices() -> None:
+    # the square cut along its diagonal: both children are triangles, no new vertex
+    verts, n = _padded([box(0, 0, 1, 1)], 5)
+    f = verts[..., 0] - verts[..., 1]
+    side = torch.full((1, 5), -1)
+    out_v, out_n, out_s = _clip_both(verts, f, f.sign(), n, side, torch.tensor([7]))
+    assert out_n.tolist() == [3, 3]
+    for child in range(2):
+        tri = Polygon(out_v[child, :3].numpy())
+        assert tri.area == pytest.approx(0.5, abs=1e-15)
+        assert int((out_s[child, :3] == 7).sum()) == 1
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    """The values a float32 layer holds (the network's lines are exactly these)."""
+    return x.astype(np.float32).astype(np.float64)
+
+
+def _lines_net(w: np.ndarray, b: np.ndarray) -> nn.Sequential:
+    lin = nn.Linear(2, len(w))
+    out = nn.Linear(len(w), 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.as_tensor(w))
+        lin.bias.copy_(torch.as_tensor(b))
+    return nn.Sequential(lin, nn.ReLU(), out).eval()
+
+
+def _shapely_faces(w: np.ndarray, b: np.ndarray, dom: Polygon) -> list[Polygon]:
+    segs: list[Any] = [dom.exterior]
+    for (a0, a1), c in zip(w, b, strict=True):
+        d = np.array([-a1, a0]) / np.hypot(a0, a1)
+        p = -c * np.array([a0, a1]) / (a0 * a0 + a1 * a1)
+        segs.append(LineString([p - 10 * d, p + 10 * d]).intersection(dom))
+    return [f for f in polygonize(unary_union(segs)) if f.area > 1e-12]
+
+
+def _compare_faces(part: Any, faces: list[Polygon]) -> None:
+    assert part.n_regions == len(faces)
+    ours = np.sort(np.asarray(part.regions.column("area")))
+    np.testing.assert_allclose(ours, np.sort([f.area for f in faces]), rtol=1e-9, atol=1e-13)
+    # each region equals one shapely face (same centroid face, same area)
+    tree = shapely.STRtree(faces)
+    for poly in part.polygons():
+        hit = tree.query(poly.representative_point(), predicate="within")
+        assert len(hit) == 1
+        assert faces[int(hit[0])].symmetric_difference(poly).area < 1e-10
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("seed", range(3))
+def test_first_layer_matches_shapely(how: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _how(monkeypatch, how)
+    rng = np.random.default_rng(seed)
+    w = _f32(rng.normal(size=(25, 2)))
+    b = _f32(rng.uniform(-0.8, 0.8, size=25))
+    part = partition(_lines_net(w, b), BOX, device="cpu")
+    _compare_faces(part, _shapely_faces(w, b, box(-1, -1, 1, 1)))
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_degenerate_lines_fall_back_and_stay_exact(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _how(monkeypatch, how)
+    # three lines through (0.25, 0.125), one through the corners (1, 1) and (-1, -1), a
+    # duplicated line and one parallel to it (all exact in float32)
+    w = np.array([[1, 0], [0, 1], [1, 1], [1, -1], [2, -1], [2, -1], [2, -1.0]])
+    b = np.array([-0.25, -0.125, -0.375, 0.0, 0.25, 0.25, -0.5])
+    sl = Slice.box((-1, -1), (1, 1))
+    part = partition(_lines_net(w, b), sl, device="cpu")
+    _compare_faces(part, _shapely_faces(w, b, box(-1, -1, 1, 1)))
+
+
+def test_arrangement_refuses_lines_not_in_general_position() -> None:
+    from geomstore.engine.graph import Program
+    from geomstore.engine.split import CutLog, Polys, crossings
+
+    w = np.array([[1, 0], [0, 1], [1, 1.0]])
+    prog = Program(_lines_net(w, np.zeros(3)), BOX.input_shape, torch.device("cpu"))
+    spec = prog.nonlinearities[0]
+    dom = torch.as_tensor(BOX.domain - BOX.domain.mean(0))
+    cells = Polys(dom[None], torch.tensor([4]), -(1 + torch.arange(4))[None], torch.zeros(1))
+    coef = torch.as_tensor(np.concatenate([w.T, np.zeros((1, 3))]))[None]
+    state0, cross = crossings(spec, coef, cells.verts, cells.n, 1e-10)
+    assert len(cross) == 3
+    cuts = CutLog()
+    assert arrangement.cell_arrangement(cells, state0, cross, 1e-10, cuts, 0) is None
+    assert cuts.count == 0  # nothing logged on refusal
+    ok = coef.clone()
+    ok[0, 2] = torch.tensor([0.1, -0.2, 0.05])  # move them apart: 7 faces
+    state0, cross = crossings(spec, ok, cells.verts, cells.n, 1e-10)
+    res = arrangement.cell_arrangement(cells, state0, cross, 1e-10, cuts, 0)
+    assert res is not None and len(res[0]) == 7 and cuts.count == 3
+
+
+@pytest.mark.parametrize("widths", [(12, 10), (16, 16, 8)])
+def test_arrangement_and_rounds_agree(
+    widths: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = mlp(widths, 2, seed=3)
+    parts = []
+    for how in HOW:
+        _how(monkeypatch, how)
+        parts.append(partition(model, BOX, device="cpu"))
+    a, r = parts
+    assert a.n_regions == r.n_regions
+    key_a = np.array([bytes(s) for s in a.states])
+    key_r = np.array([bytes(s) for s in r.states])
+    oa, orr = np.argsort(key_a), np.argsort(key_r)
+    assert (key_a[oa] == key_r[orr]).all()
+    np.testing.assert_allclose(
+        np.asarray(a.regions.column("area"))[oa],
+        np.asarray(r.regions.column("area"))[orr],
+        atol=1e-14,
+    )
+    ma, ca = a.affine_maps()
+    mr, cr = r.affine_maps()
+    np.testing.assert_allclose(ma[oa], mr[orr], atol=1e-12)
+    np.testing.assert_allclose(ca[oa], cr[orr], atol=1e-12)
+    assert a.edges.num_rows == r.edges.num_rows
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_operations_do_not_grow_with_polygons() -> None:
+    # the same cell and lines repeated 2x and 32x: the rounds, and so the operations, match
+    from geomstore.engine.graph import Program
+    from geomstore.engine.split import Crossings, CutLog, Polys, split_layer
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(10, 2))
+    prog = Program(_lines_net(w, rng.uniform(-0.5, 0.5, 10)), BOX.input_shape, torch.device("cpu"))
+    spec = prog.nonlinearities[0]
+    vals = torch.as_tensor(np.concatenate([w, rng.uniform(-0.5, 0.5, (10, 1))], 1))[:, :, None]
+    dom = torch.as_tensor(BOX.domain - BOX.domain.mean(0))
+    counts = []
+    regions = []
+    for copies in (2, 32):
+        cells = Polys(
+            dom[None].repeat(copies, 1, 1),
+            torch.full((copies,), 4),
+            (-(1 + torch.arange(4)))[None].repeat(copies, 1),
+            torch.arange(copies),
+        )
+        cell = torch.arange(copies).repeat_interleave(10)
+        cross = Crossings(cell, torch.arange(10).repeat(copies), vals.repeat(copies, 1, 1))
+        state0 = torch.zeros((copies, 10), dtype=torch.uint8)
+        with _Count() as c:
+            polys, _ = split_layer(spec, cells, state0, cross, 1e-10, CutLog())
+        counts.append(c.n)
+        regions.append(len(polys))
+    assert regions[1] == 16 * regions[0] > 16 * 40
+    assert counts[0] == counts[1]
+
+
+def test_deterministic_bit_for_bit() -> None:
+    model = mlp((30, 30), 3, seed=4)
+    a = partition(model, BOX, device="cpu")
+    b = partition(model, BOX, device="cpu")
+    for name in ("regions", "edges", "boundary"):
+        assert getattr(a, name).equals(getattr(b, name))
