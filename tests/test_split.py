@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import geomstore.engine.arrangement as arrangement
 from geomstore import Slice, partition
-from geomstore.engine.split import _clip_both
+from geomstore.engine.split import clip_both
 from tests.nets import BOX, mlp
 
 HOW = ["arrangement", "rounds"]
@@ -62,7 +62,7 @@ def test_clip_both_matches_shapely_on_random_lines() -> None:
     f = torch.as_tensor(np.einsum("pvd,pd->pv", verts.numpy(), a) + b[:, None])
     side = torch.arange(14)[None, :].repeat(len(polys), 1) + 100
     cut = 1000 + torch.arange(len(polys))
-    out_v, out_n, out_s = _clip_both(verts, f, f.sign(), n, side, cut)
+    out_v, out_n, out_s = clip_both(verts, f, n, side, cut)
     s = len(polys)
     for i, poly in enumerate(polys):
         far = 10.0
@@ -94,7 +94,7 @@ def test_clip_both_through_vertices() -> None:
     verts, n = _padded([box(0, 0, 1, 1)], 5)
     f = verts[..., 0] - verts[..., 1]
     side = torch.full((1, 5), -1)
-    out_v, out_n, out_s = _clip_both(verts, f, f.sign(), n, side, torch.tensor([7]))
+    out_v, out_n, out_s = clip_both(verts, f, n, side, torch.tensor([7]))
     assert out_n.tolist() == [3, 3]
     for child in range(2):
         tri = Polygon(out_v[child, :3].numpy())

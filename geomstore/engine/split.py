@@ -14,7 +14,7 @@ from torch import Tensor
 
 from geomstore.engine.graph import Nonlinearity
 
-__all__ = ["Crossings", "CutLog", "Polys", "clip_pairs", "crossings", "split_layer"]
+__all__ = ["Crossings", "CutLog", "Polys", "clip_both", "crossings", "split_layer"]
 
 
 @dataclass
@@ -97,23 +97,6 @@ def crossings(
     return state0, Crossings(cell, unit, vals)
 
 
-def _compact(pts: Tensor, emit: Tensor, lab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    s = pts.shape[0]
-    cnt = emit.sum(dim=1)
-    width = int(cnt.max().item())
-    pos = torch.cumsum(emit, dim=1) - 1
-    rows = torch.arange(s, device=pts.device)[:, None].expand_as(pos)
-    flat = (rows * width + pos)[emit]
-    out = torch.zeros((s * width, 2), dtype=pts.dtype, device=pts.device)
-    out[flat] = pts[emit]
-    out_lab = torch.full((s * width,), -(1 << 62), dtype=lab.dtype, device=pts.device)
-    out_lab[flat] = lab[emit]
-    out = out.view(s, width, 2)
-    pad = torch.arange(width, device=pts.device)[None, :] >= cnt[:, None]
-    out = torch.where(pad[:, :, None], out[:, :1], out)  # padding repeats vertex 0
-    return out, cnt, out_lab.view(s, width)
-
-
 def pad_polys(verts: Tensor, side: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Widen padded polygons to ``width`` slots; new slots repeat vertex 0."""
     grow = width - verts.shape[1]
@@ -122,37 +105,6 @@ def pad_polys(verts: Tensor, side: Tensor, width: int) -> tuple[Tensor, Tensor]:
     verts = torch.cat([verts, verts[:, :1].expand(-1, grow, -1)], dim=1)
     side = torch.nn.functional.pad(side, (0, grow), value=-(1 << 62))
     return verts, side
-
-
-def clip_pairs(
-    verts: Tensor, n: Tensor, side: Tensor, f: Tensor, cut: Tensor
-) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
-    """Split convex polygons by the zero line of f (snapped values at vertices).
-
-    Returns the positive (f >= 0) and negative (f <= 0) children as (verts, n, side);
-    the new chord side of both is labelled ``cut``. Every polygon must have a vertex
-    with f > 0 and one with f < 0.
-    """
-    s, v = f.shape
-    ar = torch.arange(v, device=f.device)
-    valid = ar[None, :] < n[:, None]
-    nxt = (ar[None, :] + 1) % n[:, None]
-    fn = f.gather(1, nxt)
-    vn = verts.gather(1, nxt[:, :, None].expand(s, v, 2))
-    cross = valid & (((f > 0) & (fn < 0)) | ((f < 0) & (fn > 0)))
-    t = torch.where(cross, f / torch.where(cross, f - fn, torch.ones_like(f)), torch.zeros_like(f))
-    x = verts + t[:, :, None] * (vn - verts)
-    pts = torch.stack([verts, x], dim=2).reshape(s, 2 * v, 2)
-    cutc = cut[:, None].expand(s, v)
-    out = []
-    for g, gn in ((f, fn), (-f, -fn)):
-        emit_v = valid & (g >= 0)
-        lab_v = torch.where((g == 0) & (gn < 0), cutc, side)
-        lab_x = torch.where(g > 0, cutc, side)
-        emit = torch.stack([emit_v, cross], dim=2).reshape(s, 2 * v)
-        lab = torch.stack([lab_v, lab_x], dim=2).reshape(s, 2 * v)
-        out.append(_compact(pts, emit, lab))
-    return out[0], out[1]
 
 
 def _line_coefficients(
@@ -341,11 +293,13 @@ def split_layer(
             continue
         rows = act[spl]
         ids = cuts.add(spec.unit_offset + unit[spl], a0[spl], a1[spl])
-        (pv, pn, ps), (nv, nn_, ns) = clip_pairs(va[spl], buf.n[rows], buf.side[rows], f[spl], ids)
-        buf.widen(max(pv.shape[1], nv.shape[1]))
+        cv, cn, cs = clip_both(va[spl], f[spl], buf.n[rows], buf.side[rows], ids)
+        buf.widen(int(cv.shape[1]))
         w = buf.verts.shape[1]
-        pv, ps = pad_polys(pv, ps, w)
-        nv, ns = pad_polys(nv, ns, w)
+        k = int(spl.shape[0])
+        pv, ps = pad_polys(cv[:k], cs[:k], w)
+        nv, ns = pad_polys(cv[k:], cs[k:], w)
+        pn, nn_ = cn[:k], cn[k:]
         neg_states = buf.states[rows]
         buf.verts[rows] = pv
         buf.n[rows] = pn
@@ -387,7 +341,6 @@ def _split_lines(
         va = buf.verts.index_select(0, pp)
         f = torch.baddbmm(b.index_select(0, pt), va, a.index_select(0, pt)).squeeze(2)
         f = torch.where(f.abs() <= tau.index_select(0, pt), zero, f)
-        sg = f.sign()
         hi, lo = f.amax(1), f.amin(1)
         pos, neg = hi > 0, lo < 0
         key = pp * n_units + units.index_select(0, pt)
@@ -407,7 +360,7 @@ def _split_lines(
         ids = torch.arange(first_id + n_cuts, first_id + n_cuts + k, device=pp.device)
         n_cuts += k
         split_tests.append(st)
-        children = _clip_both(va[fi], f[fi], sg[fi], buf.n[sp], buf.side[sp], ids)
+        children = clip_both(va[fi], f[fi], buf.n[sp], buf.side[sp], ids)
         m = buf.count
         buf.split(sp, children, key[fi])
         # the other crossing lines stay on both children's lists (new ids: m, m + 1, ...)
@@ -422,17 +375,38 @@ def _split_lines(
     return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
 
 
-def _clip_both(
-    v: Tensor, f: Tensor, sg: Tensor, n: Tensor, side: Tensor, cut: Tensor
+def clip_both(
+    v: Tensor, f: Tensor, n: Tensor, side: Tensor, cut: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Both children of convex polygons split by the zero line of f, in one batch.
 
-    ``v`` (S, W, 2) with W > n (slots from n on repeat vertex 0, so the side starting at
-    slot i always ends at slot i + 1), ``f`` (S, W) snapped values and ``sg`` their signs.
-    Returns (verts, n, side) of 2S polygons, the positive children (f >= 0) first, with
-    at least one padding slot; the chord side of both is labelled ``cut``.
+    Parameters
+    ----------
+    v : Tensor (S, W, 2)
+        Counter-clockwise vertices with W > n: slots from n on repeat vertex 0, so the
+        side starting at slot i always ends at slot i + 1.
+    f : Tensor (S, W)
+        The line's values at the vertices, already snapped (0 within the tolerance).
+    n, side, cut : Tensor (S,), (S, W), (S,)
+        Vertex counts, side labels, and the label of each polygon's new chord.
+
+    Returns
+    -------
+    (verts, n, side) of 2S polygons: the parts where f >= 0 first, then those where
+    f <= 0, each with at least one padding slot. A polygon the line does not cross
+    comes back whole on its side (and as its on-line vertices, n < 3, on the other).
+
+    Examples
+    --------
+    >>> import torch
+    >>> sq = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]])
+    >>> v, n, side = clip_both(sq, sq[..., 0] - 0.5, torch.tensor([4]), -torch.ones(1, 5,
+    ...     dtype=torch.long), torch.tensor([9]))
+    >>> n.tolist(), v[0, :3].tolist()
+    ([4, 4], [[0.5, 0.0], [1.0, 0.0], [1.0, 1.0]])
     """
     s, w = f.shape
+    sg = f.sign()
     s0, s1 = sg[:, :-1], sg[:, 1:]
     f0 = f[:, :-1]
     v0 = v[:, :-1]
@@ -511,8 +485,9 @@ class _Buffers:
         p = len(cells)
         cap = max(16, 4 * p)
         dev = cells.verts.device
-        self.verts = _alloc(cells.verts, cap)
-        self.side = _alloc(cells.side, cap)
+        verts, side = pad_polys(cells.verts, cells.side, int(cells.n.max().item()) + 1)
+        self.verts = _alloc(verts, cap)  # one spare slot (see clip_both)
+        self.side = _alloc(side, cap)
         self.n = _alloc(cells.n, cap)
         self.cell = _alloc(torch.arange(p, device=dev), cap)
         self.states = _alloc(state0, cap)

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from geomstore.engine.split import clip_pairs
+from geomstore.engine.split import clip_both, pad_polys
 from geomstore.engine.wkb import polygons_wkb, segments_wkb
 
 __all__ = ["boundary_segments", "edge_overlay", "polygon_measures"]
@@ -127,25 +127,23 @@ def _clip_keep_positive(
     label: torch.Tensor,
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clip polygons to {a0 x + a1 y + b >= 0}; returns verts, n, side and a keep mask."""
-    f = verts[..., 0] * a[:, 0, None] + verts[..., 1] * a[:, 1, None] + a[:, 2, None]
-    tau = tol * torch.sqrt(a[:, 0] ** 2 + a[:, 1] ** 2)
-    f = torch.where(f.abs() <= tau[:, None], torch.zeros_like(f), f)
-    vmask = torch.arange(verts.shape[1])[None, :] < n[:, None]
-    pos = ((f > 0) & vmask).any(1)
-    neg = ((f < 0) & vmask).any(1)
-    keep = pos | ~neg  # all-zero (degenerate) counts as kept
-    spl = torch.nonzero(pos & neg, as_tuple=True)[0]
-    if spl.numel():
-        (pv, pn, ps), _ = clip_pairs(verts[spl], n[spl], side[spl], f[spl], label[spl])
-        width = max(verts.shape[1], pv.shape[1])
-        verts = torch.nn.functional.pad(verts, (0, 0, 0, width - verts.shape[1]))
-        side = torch.nn.functional.pad(side, (0, width - side.shape[1]), value=-(1 << 62))
-        verts[spl] = torch.nn.functional.pad(pv, (0, 0, 0, width - pv.shape[1]))
-        side[spl] = torch.nn.functional.pad(ps, (0, width - ps.shape[1]), value=-(1 << 62))
-        n = n.clone()
-        n[spl] = pn
-    return verts, n, side, keep
+    """Clip polygons to {a0 x + a1 y + b >= 0}; returns verts, n, side and a keep mask.
+
+    Polygons the line does not cross come back unchanged (kept unless wholly negative).
+    """
+    verts, side = pad_polys(verts, side, int(n.max().item()) + 1 if n.numel() else 1)
+    f = torch.baddbmm(a[:, 2:, None], verts, a[:, :2, None]).squeeze(2)
+    tau = tol * torch.sqrt(a[:, 0] * a[:, 0] + a[:, 1] * a[:, 1])
+    f = torch.where(f.abs() <= tau[:, None], 0.0, f)
+    hi, lo = f.amax(1), f.amin(1)  # padding repeats vertex 0
+    keep = (hi > 0) | (lo >= 0)  # all-zero (degenerate) counts as kept
+    cv, cn, cs = clip_both(verts, f, n, side, label)
+    p = int(n.shape[0])
+    split = (hi > 0) & (lo < 0)
+    verts, side = pad_polys(verts, side, int(cv.shape[1]))
+    verts = torch.where(split[:, None, None], cv[:p], verts)
+    side = torch.where(split[:, None], cs[:p], side)
+    return verts, torch.where(split, cn[:p], n), side, keep
 
 
 def boundary_segments(
