@@ -7,8 +7,10 @@ from typing import Any
 __all__ = [
     "AbortedWriteError",
     "DataPathError",
+    "ExecutorError",
     "GeomstoreError",
     "InvalidSliceError",
+    "MemoryBudgetError",
     "MissingExtensionError",
     "ModelShapeError",
     "NotFoundError",
@@ -102,3 +104,7 @@ class NotFoundError(StoreError, LookupError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self),), self.__dict__)
+
+
+class MemoryBudgetError(GeomstoreError, ValueError):
+    """One cell of the partition needs more memory than the budget (``partition(memory=)``)."""

@@ -30,6 +30,24 @@ def _finite(name: str, value: ArrayLike) -> _F64:
     return arr
 
 
+def _domain_points(domain: Any) -> Any:
+    """A shapely Polygon's exterior ring, or the (n, 2) sequence as given."""
+    if hasattr(domain, "exterior") and hasattr(domain, "interiors"):
+        if domain.is_empty:
+            raise InvalidSliceError("domain polygon is empty; give a convex polygon with area.")
+        if len(domain.interiors):
+            raise InvalidSliceError(
+                "domain polygon has holes; give a convex polygon (for example its convex hull)."
+            )
+        return np.asarray(domain.exterior.coords, dtype=np.float64)[:, :2]
+    if hasattr(domain, "geom_type"):
+        raise InvalidSliceError(
+            f"domain must be a convex Polygon or an (n, 2) sequence of vertices, got a "
+            f"{domain.geom_type}; take its convex hull (geometry.convex_hull)."
+        )
+    return domain
+
+
 def _convex_ccw(domain: _F64) -> _F64:
     """Validate a convex polygon and return it counter-clockwise, without repeated points."""
     if domain.ndim != 2 or domain.shape[1] != 2 or domain.shape[0] < 3:
@@ -68,8 +86,9 @@ class Slice:
         The input at ``u = (0, 0)``; any shape, flattened in C order.
     basis : array_like, shape (2, D)
         The two direction vectors ``b0`` and ``b1`` (linearly independent).
-    domain : array_like, shape (n, 2)
-        Vertices of a convex polygon in ``u`` coordinates.
+    domain : array_like, shape (n, 2), or shapely.Polygon
+        Vertices of a convex polygon in ``u`` coordinates (any (n, 2) sequence, a closed
+        ring included), or a convex shapely ``Polygon`` without holes.
     name : str, optional
         A human-readable name, stored with the slice.
 
@@ -115,7 +134,7 @@ class Slice:
             raise InvalidSliceError(
                 "basis vectors are zero or parallel; give two linearly independent directions."
             )
-        d = _convex_ccw(_finite("domain", domain))
+        d = _convex_ccw(_finite("domain", _domain_points(domain)))
         object.__setattr__(self, "origin", o)
         object.__setattr__(self, "basis", np.ascontiguousarray(b))
         object.__setattr__(self, "domain", d)

@@ -17,6 +17,7 @@ run the program's own nodes on three points of each child.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,12 @@ import torch
 from torch import Tensor
 
 from geomstore.engine.graph import Program
+from geomstore.engine.patterns import PatternHash
 from geomstore.engine.split import Crossings, CutLog, Polys, crossings, split_layer
+from geomstore.errors import MemoryBudgetError
 from geomstore.slice import Slice
 
-__all__ = ["Descent", "RawRegions"]
+__all__ = ["Descent", "Progress", "RawRegions"]
 
 
 @dataclass
@@ -38,17 +41,21 @@ class RawRegions:
     verts: list[Tensor] = field(default_factory=list)
     n: list[Tensor] = field(default_factory=list)
     side: list[Tensor] = field(default_factory=list)
-    states: list[Tensor] = field(default_factory=list)
+    states: list[Tensor] = field(default_factory=list)  # whole patterns (small models)
+    hashes: list[Tensor] = field(default_factory=list)  # (Q, 2) pattern hashes (large models)
     values: list[Tensor] = field(default_factory=list)  # (Q, 3, K) affine form of the outputs
 
-    def add(self, polys: Polys, states: Tensor, values: Tensor) -> None:
+    def add(self, polys: Polys, states: Tensor, values: Tensor, hist: Tensor | None) -> None:
         self.verts.append(polys.verts.cpu())
         self.n.append(polys.n.cpu())
         self.side.append(polys.side.cpu())
-        self.states.append(states.cpu())
+        if hist is None:
+            self.states.append(states.cpu())
+        else:
+            self.hashes.append(hist.cpu())
         self.values.append(values.cpu())
 
-    def concat(self) -> dict[str, np.ndarray]:
+    def concat(self) -> dict[str, Any]:
         width = max(int(v.shape[1]) for v in self.verts)
         pad_v = [torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[1])) for v in self.verts]
         pad_s = [
@@ -58,9 +65,24 @@ class RawRegions:
             "verts": torch.cat(pad_v).numpy(),
             "n": torch.cat(self.n).numpy(),
             "side": torch.cat(pad_s).numpy(),
-            "states": torch.cat(self.states).numpy(),
+            "states": torch.cat(self.states).numpy() if self.states else None,
+            "hashes": torch.cat(self.hashes).numpy() if self.hashes else None,
             "values": torch.cat(self.values).numpy(),
         }
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running partition stands, passed to ``partition(..., progress=)``.
+
+    ``regions`` finished so far; ``pending[i]`` cells waiting at depth ``i`` (cells of
+    the partition by the first ``i`` nonlinearities, not yet split by the next);
+    ``elapsed`` seconds since the descent started.
+    """
+
+    regions: int
+    pending: tuple[int, ...]
+    elapsed: float
 
 
 @dataclass
@@ -122,8 +144,10 @@ class Descent:
         slice_: Slice,
         *,
         tol: float,
-        chunk_elements: int,
+        chunk_elements: int | None = None,
+        memory: int = 4 << 30,
         progress: Any = None,
+        hash_patterns: bool = False,
     ) -> None:
         self.program = program
         self.slice = slice_
@@ -131,11 +155,19 @@ class Descent:
         self.centre = slice_.domain.mean(axis=0)
         self.h = slice_.diameter / 2.0
         self.tol = tol * slice_.diameter
-        self.chunk_elements = chunk_elements
+        self.n_layers = len(program.nonlinearities)
+        # every depth of the descent holds one chunk (and its temporaries) at a time
+        self.levels_factor = 3 * (self.n_layers + 1)
+        self.memory = memory
+        self.chunk_elements = chunk_elements or max(1 << 12, memory // (8 * self.levels_factor))
         self.cuts = CutLog()
         self.out = RawRegions()
         self.progress = progress
-        self.n_layers = len(program.nonlinearities)
+        # large models: carry each region's pattern hash and only the last layer's states
+        self.hasher = PatternHash(program.n_units, self.dev) if hash_patterns else None
+        self.pending = [0] * (self.n_layers + 1)  # cells waiting at each depth (progress)
+        self.done = 0
+        self.t0 = time.perf_counter()
         with torch.no_grad():
             self.matrices = [self._stage_matrix(i) for i in range(self.n_layers)]
 
@@ -255,7 +287,12 @@ class Descent:
         forms); input forms are computed a block at a time, small enough to stay in cache.
         """
         prog = self.program
-        per = 12 * width + prog.n_units // 4 + 1
+        carried = (
+            prog.n_units
+            if self.hasher is None
+            else max((s.n_units for s in prog.nonlinearities), default=0)
+        )
+        per = 12 * width + carried // 4 + 1
         per += sum(t[0].numel() * 3 for t in live.values() if isinstance(t, Tensor))
         block_per = 1
         if layer < self.n_layers:
@@ -270,9 +307,30 @@ class Descent:
             block_per += 6 * int(np.prod(prev.in_shape))
         if self._dense_input(layer):
             per += block_per
+        if per > self.chunk_elements:
+            raise self._too_big(layer, live, per)
         batch = max(1, self.chunk_elements // per)
         block = batch if self._dense_input(layer) else max(1, self.block_elements // block_per)
         return batch, min(batch, block)
+
+    def _too_big(self, layer: int, live: dict[Any, Any], per: int) -> MemoryBudgetError:
+        """The error for a cell that does not fit: the budget and the widest tensor."""
+        prog = self.program
+        sizes = {
+            f"{getattr(n, 'name', n)} {tuple(t.shape[1:])}": t[0].numel()
+            for n, t in live.items()
+            if isinstance(t, Tensor)
+        }
+        if layer < self.n_layers:
+            spec = prog.nonlinearities[layer]
+            sizes[f"the input of {spec.name} {spec.in_shape}"] = int(np.prod(spec.in_shape))
+        widest = max(sizes, key=lambda k: sizes[k]) if sizes else "the polygons"
+        need = per * 8 * self.levels_factor
+        return MemoryBudgetError(
+            f"one cell at depth {layer} needs about {need / 2**20:.0f} MiB (its widest tensor: "
+            f"{widest}), more than the memory budget of {self.memory / 2**20:.0f} MiB allows; "
+            "raise memory= (for example memory='16GiB'), or partition a smaller model."
+        )
 
     def _input_coef(
         self,
@@ -293,7 +351,11 @@ class Descent:
             return self._coef(self._target(0, env), p)
         prev = prog.nonlinearities[layer - 1]
         assert parents is not None
-        lstates = states[:, prev.unit_offset : prev.unit_offset + prev.n_units]
+        lstates = (
+            states
+            if self.hasher is not None
+            else states[:, prev.unit_offset : prev.unit_offset + prev.n_units]
+        )
         if self.matrices[layer - 1] is not None:
             return self._child_coef(layer - 1, parents, par, lstates)
         assert parents.coef is not None
@@ -314,12 +376,26 @@ class Descent:
         placeholder = next(n for n in self.program.nodes if n.op == "placeholder")
         env = {placeholder: self._points_input()}
         states = torch.zeros((1, 0), dtype=torch.uint8, device=self.dev)
+        hist = (
+            None if self.hasher is None else torch.zeros((1, 2), dtype=torch.int64, device=self.dev)
+        )
         with torch.no_grad():
-            self._descend(0, cells, states, env, None)
+            self._descend(0, cells, states, env, None, hist)
         return self.out
 
+    def _report(self, finished: int) -> None:
+        self.done += finished
+        if self.progress is not None:
+            self.progress(Progress(self.done, tuple(self.pending), time.perf_counter() - self.t0))
+
     def _descend(
-        self, layer: int, polys: Polys, states: Tensor, penv: dict[Any, Any], parents: _Cells | None
+        self,
+        layer: int,
+        polys: Polys,
+        states: Tensor,
+        penv: dict[Any, Any],
+        parents: _Cells | None,
+        hist: Tensor | None,
     ) -> None:
         prog = self.program
         q = len(polys)
@@ -328,15 +404,16 @@ class Descent:
             idx = torch.arange(lo, min(q, lo + batch), device=self.dev)
             sub = polys.take(idx) if (lo > 0 or lo + batch < q) else polys
             sub_states = states[idx] if sub is not polys else states
+            sub_hist = None if hist is None else hist[idx.to(hist.device)]
+            self.pending[layer] = q - lo - len(sub)
             par = sub.parent
             p = len(sub)
             env = {node: self._gather(t, par) for node, t in penv.items()}
             if layer == self.n_layers:
                 blk = [(par[b : b + block], sub_states[b : b + block]) for b in range(0, p, block)]
                 values = [self._input_coef(layer, env, parents, pb, sb) for pb, sb in blk]
-                self.out.add(sub, sub_states, torch.cat(values))
-                if self.progress is not None:
-                    self.progress(p)
+                self.out.add(sub, sub_states, torch.cat(values), sub_hist)
+                self._report(p)
                 continue
             spec = prog.nonlinearities[layer]
             m = self.matrices[layer]
@@ -359,7 +436,14 @@ class Descent:
             cross = Crossings.concat(crosses)
             cells = Polys(sub.verts, sub.n.clone(), sub.side, torch.arange(p, device=self.dev))
             children, lstates = split_layer(spec, cells, state0, cross, self.tol, self.cuts)
-            child_states = torch.cat([sub_states[children.parent], lstates], dim=1)
+            child_hist = None
+            if self.hasher is not None and sub_hist is not None:
+                child_hist = sub_hist[children.parent.to(sub_hist.device)] + self.hasher.of(
+                    lstates, spec.unit_offset
+                ).to(sub_hist.device)
+                child_states = lstates
+            else:
+                child_states = torch.cat([sub_states[children.parent], lstates], dim=1)
             live: dict[Any, Any] = {}
             if m is None:
                 keep = set(prog.live_after(layer)) - {spec.node}
@@ -368,4 +452,5 @@ class Descent:
             whole = torch.cat(coefs) if coefs else None
             del bases, coefs
             cells_info = _Cells(cross, state0, base, whole)
-            self._descend(layer + 1, children, child_states, live, cells_info)
+            self._descend(layer + 1, children, child_states, live, cells_info, child_hist)
+        self.pending[layer] = 0

@@ -124,8 +124,8 @@ class Program:
         args = self._fetch(node.args, env)
         kwargs = self._fetch(node.kwargs, env)
         if node.op == "call_function":
-            if "device" in kwargs and kwargs["device"] is not None:
-                kwargs["device"] = self.device  # constants made by the graph (arange, full)
+            if kwargs.get("device") is not None:  # constants made by the graph (arange, full)
+                kwargs = {**kwargs, "device": self.device}
             return node.target(*args, **kwargs)  # type: ignore[operator]
         raise AssertionError(node.op)
 

@@ -92,6 +92,10 @@ _KEEP = (
     "threshold",
     "rms_norm",
     "log_sigmoid_forward",
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention",
 )
 SOFTMAX = {"aten._softmax", "aten._log_softmax", "aten.softmax", "aten.log_softmax"}
 
@@ -312,6 +316,7 @@ class _Canon:
         self.dep: set[torch.fx.Node] = set()
         self.vals: dict[torch.fx.Node, Any] = {}
         self.n_buffers = 0
+        self.trailing: torch.fx.Node | None = None
 
     def run(self, x1: Tensor) -> None:
         self.g.eliminate_dead_code()  # e.g. the unused indices of a max pooling
@@ -358,13 +363,16 @@ class _Canon:
             ("aten.detach", "aten.alias", "aten.clone")
         ):
             first = first.args[0]
-        if not isinstance(first, torch.fx.Node) or not self.logits:
+        if not isinstance(first, torch.fx.Node):
             return
         packet = ".".join(op_name(first.target).split(".")[:2])
         if packet in SOFTMAX:
-            new = first.args[0]
-            out.args = ((new, *res[1:]),) if isinstance(res, (tuple, list)) else (new,)
-            self.gm._gs_stripped = True  # type: ignore[assignment]
+            self.trailing = first
+            if self.logits:
+                new = first.args[0]
+                out.args = ((new, *res[1:]),) if isinstance(res, (tuple, list)) else (new,)
+                self.g.eliminate_dead_code()
+                self.gm._gs_stripped = True  # type: ignore[assignment]
 
     # judging ---------------------------------------------------------------------------------
     def _dep_args(self, node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -378,11 +386,10 @@ class _Canon:
         r = rule(name)
         if r.kind == "refused":
             fix = ""
-            if packet in SOFTMAX:
+            if node is self.trailing:
                 fix = (
-                    "a softmax is accepted only as the model's last operation, with "
-                    "logits=True (the regions and decision boundary are then those of the "
-                    "logits, which softmax does not change)"
+                    "pass logits=True (--logits) to partition the logits: the regions and "
+                    "decision boundary are those of the logits, which softmax does not change"
                 )
             elif r.how.startswith("not in"):
                 fix = "geomstore partitions networks of affine and piecewise-linear operators"

@@ -331,7 +331,7 @@ TABLE: dict[str, OpRule] = {
     ),
     **_rules(
         "refused",
-        "softmax inside the network; a trailing softmax is removed only with logits=True",
+        "softmax (accepted only as the model's last operation, with logits=True)",
         "aten._softmax",
         "aten._log_softmax",
         "aten.softmax",
@@ -405,3 +405,7 @@ def markdown_table() -> str:
         ops = ", ".join(f"`{n}`" for n in names)
         lines.append(f"| {kind} | {ops} | {how} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m geomstore.engine.ops > table for docs/operators.md
+    print(markdown_table(), end="")

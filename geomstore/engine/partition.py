@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -9,10 +11,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import shapely
 import torch
 
-from geomstore.engine.descent import Descent
+from geomstore.engine.descent import Descent, Progress
 from geomstore.engine.graph import Program
+from geomstore.engine.patterns import (
+    PATTERN_LIMIT_BITS,
+    PatternHash,
+    hash_bytes,
+    pack_patterns,
+)
 from geomstore.engine.tables import (
     boundary_segments,
     edge_overlay,
@@ -23,10 +32,56 @@ from geomstore.engine.tables import (
 from geomstore.errors import GeomstoreError, ModelShapeError
 from geomstore.slice import Slice
 
-__all__ = ["ENGINE_VERSION", "Partition", "partition", "resolve_device"]
+__all__ = [
+    "ENGINE_VERSION",
+    "Partition",
+    "Progress",
+    "default_memory",
+    "parse_memory",
+    "partition",
+    "resolve_device",
+]
 
 ENGINE_VERSION = "1"
 DEFAULT_TOL = 1e-10
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory(memory: int | str) -> int:
+    """Bytes from an int or a string such as ``"4GiB"``, ``"512MB"``, ``"2G"``.
+
+    Examples
+    --------
+    >>> parse_memory("4GiB"), parse_memory("512 MiB"), parse_memory(1000)
+    (4294967296, 536870912, 1000)
+    """
+    if isinstance(memory, int) and not isinstance(memory, bool):
+        value = memory
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(memory), re.I)
+        if m is None:
+            raise GeomstoreError(
+                f"memory must be a number of bytes or a size such as '4GiB' or '512MiB'; "
+                f"got {memory!r}."
+            )
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value < 1 << 24:
+        raise GeomstoreError(f"memory must be at least 16MiB; got {memory!r}.")
+    return value
+
+
+def default_memory(device: torch.device) -> int:
+    """The default budget: half the free GPU memory on CUDA, else min(4 GiB, RAM / 4)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(1 << 28, free // 2)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        ram = 16 << 30
+    return int(min(4 << 30, max(1 << 28, ram // 4)))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -48,32 +103,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GeomstoreError("device 'cuda' was asked for but CUDA is not available; use 'auto'.")
     return dev
-
-
-def _pack_patterns(states: np.ndarray, bits: list[tuple[int, int, int]]) -> pa.Array:
-    """Pack unit states into bytes; ``bits`` holds (unit_offset, n_units, bits_per_unit)."""
-    if bits and all(b == 1 for _, _, b in bits) and sum(c for _, c, _ in bits) == states.shape[1]:
-        return _fixed_binary(np.packbits(states, axis=1), states.shape[0])  # ReLU-only nets
-    cols = []
-    for off, count, b in bits:
-        s = states[:, off : off + count]
-        for j in range(b - 1, -1, -1) if b > 1 else [0]:
-            cols.append(((s >> j) & 1).astype(bool) if b > 1 else s.astype(bool))
-        if b > 1:
-            # interleave so that each unit's bits stay together (MSB first)
-            block = np.stack(cols[-b:], axis=2).reshape(s.shape[0], -1)
-            del cols[-b:]
-            cols.append(block)
-    mat = np.concatenate(cols, axis=1) if cols else np.zeros((states.shape[0], 0), bool)
-    return _fixed_binary(np.packbits(mat, axis=1), states.shape[0])
-
-
-def _fixed_binary(packed: np.ndarray, rows: int) -> pa.Array:
-    if packed.shape[1] == 0:
-        packed = np.zeros((rows, 1), np.uint8)
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(packed.shape[1]), rows, [None, pa.py_buffer(packed.tobytes())]
-    )
 
 
 @dataclass
@@ -99,7 +128,7 @@ class Partition:
     model_summary: dict[str, Any]
     settings: dict[str, Any]
     seconds: float
-    states: np.ndarray = field(repr=False)
+    states: np.ndarray | None = field(repr=False)
     program: Program | None = field(default=None, repr=False)
 
     @property
@@ -114,17 +143,73 @@ class Partition:
         c = self.regions.column("c").combine_chunks().flatten().to_numpy().reshape(-1, k)
         return a, c
 
+    def pattern_hashes(self) -> np.ndarray:
+        """Every region's 128-bit pattern hash as (P, 2) int64 lanes."""
+        col = self.regions.column("pattern_hash").combine_chunks()
+        raw = np.frombuffer(col.buffers()[1], dtype="<i8", count=2 * col.offset + 2 * len(col))
+        return raw[2 * col.offset :].reshape(-1, 2).astype(np.int64)
+
+    def patterns(self, region_ids: Any = None, *, model: Any = None) -> np.ndarray:
+        """Whole activation patterns (n, units) of ``region_ids`` (all when None).
+
+        Stored whole for small models; for large ones (see ``partition(memory=)``)
+        recomputed by running the network at an interior point of each region and checked
+        against the region's stored pattern hash. ``model`` is needed when the partition
+        has no program attached (one loaded from a store).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from geomstore import Slice, partition
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU())
+        >>> p = partition(net, Slice.box((-1, -1), (1, 1)), device="cpu")
+        >>> p.patterns([0]).shape
+        (1, 4)
+        """
+        ids = (
+            np.arange(self.n_regions)
+            if region_ids is None
+            else np.asarray(region_ids, dtype=np.int64).reshape(-1)
+        )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_regions):
+            raise GeomstoreError(
+                f"region ids must lie in 0..{self.n_regions - 1}; got {ids.min()}..{ids.max()}."
+            )
+        if self.states is not None:
+            return self.states[ids]
+        program = self.program
+        if program is None:
+            if model is None:
+                raise GeomstoreError(
+                    "this partition keeps pattern hashes only; pass model= (the checkpoint's "
+                    "network) to recompute its patterns."
+                )
+            program = Program(
+                model,
+                self.slice.input_shape,
+                torch.device("cpu"),
+                logits=self.settings.get("logits", False),
+            )
+            if program.weights_sha256() != self.model_summary.get("weights_sha256"):
+                raise GeomstoreError(
+                    "the model given is not the one this partition was computed with "
+                    "(its weights differ); pass that checkpoint's network."
+                )
+        return interior_patterns(self, program, ids)
+
     def polygons(self) -> np.ndarray:
         """Regions as shapely polygons."""
         import shapely
 
         return shapely.from_wkb(self.regions.column("geometry").to_numpy(zero_copy_only=False))
 
-    def verify(self, model: Any = None, *, grid: int = 96, brute_force: bool = True) -> Any:
+    def verify(
+        self, model: Any = None, *, grid: int = 96, brute_force: bool = True, points: int = 2
+    ) -> Any:
         """Run the exactness checks of design.md section 3; see :func:`geomstore.verify`."""
         from geomstore.engine.verify import verify
 
-        return verify(self, model=model, grid=grid, brute_force=brute_force)
+        return verify(self, model=model, grid=grid, brute_force=brute_force, points=points)
 
     def __repr__(self) -> str:
         return (
@@ -132,6 +217,57 @@ class Partition:
             f"boundary={self.boundary.num_rows}, "
             f"slice={self.slice.name or self.slice.content_hash[:8]}, seconds={self.seconds:.3f})"
         )
+
+
+def interior_patterns(part: Partition, program: Program, ids: np.ndarray) -> np.ndarray:
+    """Recompute regions' patterns at interior points, each checked against its hash."""
+    from geomstore.engine.verify import model_states
+
+    polys = part.polygons()[ids]
+    hasher = PatternHash(program.n_units)
+    want = part.pattern_hashes()[ids]
+    out = np.zeros((len(ids), program.n_units), dtype=np.uint8)
+    todo = np.arange(len(ids))
+    rng = np.random.default_rng(0)
+    for attempt in range(4):  # the centroid, then random interior points for thin regions
+        if attempt == 0:
+            u = np.stack(
+                [
+                    shapely.get_x(shapely.centroid(polys[todo])),
+                    shapely.get_y(shapely.centroid(polys[todo])),
+                ],
+                1,
+            )
+        else:
+            u = _interior_points(polys[todo], rng, 1)[0]
+        x = torch.as_tensor(part.slice.lift(u, shaped=True), device=program.device)
+        _, states, _ = model_states(program, x)
+        got = hasher.of(torch.from_numpy(states)).numpy()
+        ok = (got == want[todo]).all(1)
+        out[todo[ok]] = states[ok]
+        todo = todo[~ok]
+        if not todo.size:
+            return out
+    raise GeomstoreError(
+        f"{todo.size} region(s) have no interior point whose pattern matches the stored hash "
+        f"(first: region {int(ids[todo[0]])}); was the partition computed with this model?"
+    )
+
+
+def _interior_points(polys: np.ndarray, rng: np.random.Generator, k: int) -> list[np.ndarray]:
+    """``k`` random interior points per convex polygon (positive vertex weights)."""
+    coords, idx = shapely.get_coordinates(polys, return_index=True)
+    # drop each ring's closing vertex
+    last = np.r_[idx[1:] != idx[:-1], True]
+    coords, idx = coords[~last], idx[~last]
+    pts = []
+    for _ in range(k):
+        w = rng.exponential(size=len(idx)) + 1e-3
+        tot = np.bincount(idx, weights=w, minlength=len(polys))
+        px = np.bincount(idx, weights=w * coords[:, 0], minlength=len(polys)) / tot
+        py = np.bincount(idx, weights=w * coords[:, 1], minlength=len(polys)) / tot
+        pts.append(np.stack([px, py], 1))
+    return pts
 
 
 def partition(
@@ -143,8 +279,10 @@ def partition(
     threshold: float = 0.0,
     levels: Sequence[float] | None = None,
     output: int = 0,
-    chunk_elements: int = 1 << 24,
-    progress: Callable[[int], None] | None = None,
+    memory: int | str | None = None,
+    chunk_elements: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    logits: bool = False,
 ) -> Partition:
     """Compute every linear region of ``model`` on ``slice``, exactly, in float64.
 
@@ -164,10 +302,24 @@ def partition(
     levels : sequence of float, optional
         Level sets of output ``output`` to trace instead of a decision boundary
         (regression networks, implicit representations).
-    chunk_elements : int
-        Float64 elements per working chunk; lower it to use less memory.
+    memory : int or str, optional
+        Memory budget of the computation, in bytes or as ``"4GiB"``; by default half the
+        free GPU memory on CUDA, else min(4 GiB, RAM / 4). Work is chunked by what one
+        cell really carries (the affine forms of the widest live tensors, skip connections
+        included); a model whose single cell does not fit raises
+        :class:`geomstore.errors.MemoryBudgetError`. Activation patterns longer than
+        :data:`geomstore.engine.patterns.PATTERN_LIMIT_BITS` bits are kept as a 128-bit
+        hash per region (``pattern_hash``); :meth:`Partition.patterns` recomputes them.
+    chunk_elements : int, optional
+        Float64 elements per working chunk, overriding the one derived from ``memory``.
     progress : callable, optional
-        Called with the number of regions finished, chunk by chunk.
+        Called with a :class:`Progress` (regions finished, cells pending at each depth,
+        seconds elapsed) each time a chunk of regions is finished.
+    logits : bool
+        Accept a model that ends in softmax / log-softmax by removing that last operation:
+        the regions, affine maps and decision boundary are then those of the logits
+        (softmax is monotone, so the predicted class is the same). Without it such a
+        model is refused.
 
     Examples
     --------
@@ -184,7 +336,7 @@ def partition(
         raise GeomstoreError(f"tol must lie in (0, 1e-3); got {tol!r}.")
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    program = Program(model, slice.input_shape, dev)
+    program = Program(model, slice.input_shape, dev, logits=logits)
     k = program.n_outputs
     if levels is not None:
         if not 0 <= output < k:
@@ -194,7 +346,19 @@ def partition(
         lv = [float(threshold)]
     else:
         lv = None
-    descent = Descent(program, slice, tol=tol, chunk_elements=chunk_elements, progress=progress)
+    budget = parse_memory(memory) if memory is not None else default_memory(dev)
+    specs = program.nonlinearities
+    n_bits = sum(s.n_units * s.bits for s in specs)
+    big = n_bits > PATTERN_LIMIT_BITS
+    descent = Descent(
+        program,
+        slice,
+        tol=tol,
+        memory=budget,
+        chunk_elements=chunk_elements,
+        progress=progress,
+        hash_patterns=big,
+    )
     raw = descent.run().concat()
     centre = descent.centre
     verts_c, n = raw["verts"], raw["n"]
@@ -209,9 +373,15 @@ def partition(
     cen = cen_c + centre
     fcen = np.einsum("pkd,pd->pk", amap, cen_c) + c_centre
     label = fcen.argmax(1) if k > 1 else (fcen[:, 0] > threshold).astype(np.int64)
-    specs = program.nonlinearities
-    patterns = _pack_patterns(raw["states"], [(s.unit_offset, s.n_units, s.bits) for s in specs])
+    if big:
+        hashes = raw["hashes"]
+        patterns = pa.nulls(len(n), pa.binary())
+    else:
+        hashes = PatternHash(program.n_units).of(torch.from_numpy(raw["states"])).numpy()
+        patterns = pack_patterns(raw["states"], [(s.unit_offset, s.n_units, s.bits) for s in specs])
     regions = table_regions(verts, n, area, cen, patterns, amap, cvec, label)
+    at = regions.schema.get_field_index("pattern") + 1
+    regions = regions.add_column(at, "pattern_hash", hash_bytes(hashes))
 
     scale_tol = tol * slice.diameter
     cut_units = (
@@ -277,6 +447,7 @@ def partition(
             for s in specs
         ],
         "n_units": program.n_units,
+        "patterns": "hash" if big else "whole",
         "weights_sha256": program.weights_sha256(),
     }
     settings = {
@@ -286,6 +457,8 @@ def partition(
         "levels": lv if levels is not None else None,
         "output": output,
         "device": str(dev),
+        "memory": budget,
+        "logits": logits,
         "boundary_kind": "levels" if levels is not None else ("threshold" if k == 1 else "top2"),
     }
     return Partition(

@@ -46,19 +46,44 @@ class VerifyReport:
         )
 
 
-def _model_states(program: Any, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model's own output, unit states and state margins on inputs x."""
-    with torch.no_grad():
-        out, pres = program.forward_with_pre(x)
-    st, mg = [], []
-    for spec, pre in zip(program.nonlinearities, pres, strict=True):
-        st.append(spec.states_from_values(pre).cpu().numpy())
-        scale = 1.0 + pre.reshape(pre.shape[0], -1).abs().amax(1, keepdim=True)
-        mg.append((spec.margins(pre) / scale).cpu().numpy())
-    n = x.shape[0]
-    states = np.concatenate(st, 1) if st else np.zeros((n, 0), np.uint8)
-    margins = np.concatenate(mg, 1) if mg else np.zeros((n, 0))
-    return out.cpu().numpy(), states, margins
+def model_states(
+    program: Any, x: torch.Tensor, *, block: int = 1 << 24
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's own output, unit states and state margins on inputs x (in row blocks)."""
+    rows = max(1, block // max(1, program.n_units))
+    outs, sts, mgs = [], [], []
+    for lo in range(0, max(1, x.shape[0]), rows):
+        xb = x[lo : lo + rows]
+        with torch.no_grad():
+            out, pres = program.forward_with_pre(xb)
+        st, mg = [], []
+        for spec, pre in zip(program.nonlinearities, pres, strict=True):
+            st.append(spec.states_from_values(pre).cpu().numpy())
+            scale = 1.0 + pre.reshape(pre.shape[0], -1).abs().amax(1, keepdim=True)
+            mg.append((spec.margins(pre) / scale).cpu().numpy())
+        n = xb.shape[0]
+        outs.append(out.cpu().numpy())
+        sts.append(np.concatenate(st, 1) if st else np.zeros((n, 0), np.uint8))
+        mgs.append(np.concatenate(mg, 1) if mg else np.zeros((n, 0)))
+    return np.concatenate(outs), np.concatenate(sts), np.concatenate(mgs)
+
+
+def _pattern_mismatch(
+    partition: Any,
+    program: Any,
+    regions: np.ndarray,
+    states: np.ndarray,
+    margins: np.ndarray,
+    amb: float,
+) -> np.ndarray:
+    """Points whose unambiguous states differ from their region's (whole or hashed) pattern."""
+    if partition.states is not None:
+        return ((states != partition.states[regions]) & (margins > amb)).any(1)
+    from geomstore.engine.patterns import PatternHash
+
+    got = PatternHash(program.n_units).of(torch.from_numpy(states)).numpy()
+    clear = (margins > amb).all(1)  # a hash compares whole patterns: skip ambiguous points
+    return clear & (got != partition.pattern_hashes()[regions]).any(1)
 
 
 def verify(
@@ -68,6 +93,7 @@ def verify(
     grid: int = 96,
     brute_force: bool = True,
     amb: float = 1e-8,
+    points: int = 2,
 ) -> VerifyReport:
     """Check a partition: tiling, affine maps, activation patterns, boundary, region count.
 
@@ -81,6 +107,9 @@ def verify(
     amb : float
         Units whose pre-activation lies within ``amb`` (relative) of a state change at a
         test point are ambiguous there and not compared.
+    points : int
+        Random interior points per region (besides the centroid) at which the model's
+        output must equal the region's affine map.
 
     Examples
     --------
@@ -107,7 +136,9 @@ def verify(
     lo, hi = sl.domain.min(0), sl.domain.max(0)
     gu = np.stack(np.meshgrid(lo[0] + g * (hi[0] - lo[0]), lo[1] + g * (hi[1] - lo[1])), -1)
     gu = gu.reshape(-1, 2)
-    inside = shapely.contains_xy(shapely.Polygon(sl.domain), gu[:, 0], gu[:, 1])
+    # grid points on the domain's border (to rounding) belong to no region's interior
+    inner = shapely.Polygon(sl.domain).buffer(-1e-9 * sl.diameter)
+    inside = shapely.contains_xy(inner, gu[:, 0], gu[:, 1])
     gu = gu[inside]
     pts = shapely.points(gu)
     cover = np.bincount(tree.query(pts, predicate="intersects")[0], minlength=len(gu))
@@ -125,7 +156,7 @@ def verify(
             "regions without area",
         )
     )
-    # 2. affine maps and patterns at centroids
+    # 2. affine maps at centroids and random interior points; patterns at centroids
     amap, cvec = partition.affine_maps()
     cen = np.stack(
         [
@@ -134,20 +165,32 @@ def verify(
         ],
         1,
     )
-    x = torch.as_tensor(sl.lift(cen, shaped=True), device=dev)
-    out, states, margins = _model_states(program, x)
-    pred = np.einsum("pkd,pd->pk", amap, cen) + cvec
-    scale = 1.0 + np.abs(out).max() + np.abs(amap).max() * sl.diameter
+    from geomstore.engine.partition import _interior_points
+
+    rng = np.random.default_rng(0)
+    extra = _interior_points(polys, rng, points) if points else []
+    uu = np.concatenate([cen, *extra]) if extra else cen
+    rid = np.tile(np.arange(len(cen)), 1 + len(extra))
+    x = torch.as_tensor(sl.lift(uu, shaped=True), device=dev)
+    out, states, margins = model_states(program, x)
+    pred = np.einsum("pkd,pd->pk", amap[rid], uu) + cvec[rid]
+    scale = 1.0 + np.abs(out).max() + np.abs(amap).max() * sl.diameter if len(out) else 1.0
     err = float(np.abs(out - pred).max()) if len(out) else 0.0
     report.checks.append(
-        Check("affine maps", err <= 1e-9 * scale, f"max |model - A u - c| at centroids {err:.3g}")
+        Check(
+            "affine maps",
+            err <= 1e-9 * scale,
+            f"max |model - A u - c| at centroids and {points} random interior points per "
+            f"region {err:.3g}",
+        )
     )
-    mism = (states != partition.states) & (margins > amb)
+    n = len(cen)
+    mism = _pattern_mismatch(partition, program, rid[:n], states[:n], margins[:n], amb)
     report.checks.append(
         Check(
             "patterns at centroids",
             not bool(mism.any()),
-            f"{int(mism.any(1).sum())} of {len(cen)} regions disagree",
+            f"{int(mism.sum())} of {len(cen)} regions disagree",
         )
     )
     # 3. dense grid
@@ -155,13 +198,13 @@ def verify(
     first[pin] = reg
     has = first >= 0
     xg = torch.as_tensor(sl.lift(gu[has], shaped=True), device=dev)
-    _, gst, gmg = _model_states(program, xg)
-    gm = (gst != partition.states[first[has]]) & (gmg > amb)
+    _, gst, gmg = model_states(program, xg)
+    gm = _pattern_mismatch(partition, program, first[has], gst, gmg, amb)
     report.checks.append(
         Check(
             "patterns on grid",
             not bool(gm.any()),
-            f"{int(gm.any(1).sum())} of {int(has.sum())} grid points disagree",
+            f"{int(gm.sum())} of {int(has.sum())} grid points disagree",
         )
     )
     # 4. decision boundary

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from geomstore.engine.partition import Partition
-from geomstore.errors import StoreError
+from geomstore.engine.patterns import PatternHash, hash_bytes, unpack_patterns
+from geomstore.errors import NotFoundError, StoreError
 from geomstore.slice import Slice
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ def load_partition(store: Store, partition_id: str) -> Partition:
     The result has no model attached (``verify`` needs the model: recompute for that);
     its ``states`` are unpacked from the stored patterns.
     """
-    con = store._reader()
+    con = store.reader()
     meta = con.execute(
         "SELECT p.settings, p.seconds, m.summary, s.name, s.input_shape, s.origin, "
         "s.basis, ST_AsText(s.domain) FROM partitions p "
@@ -34,9 +36,11 @@ def load_partition(store: Store, partition_id: str) -> Partition:
         [partition_id],
     ).fetchone()
     if meta is None:
-        raise StoreError(
+        raise NotFoundError(
             f"no partition {partition_id!r} in this store; list them with "
-            "store.sql('SELECT * FROM gs_partitions')."
+            "store.partitions() or geomstore partitions STORE.",
+            kind="partition",
+            name=partition_id,
         )
     settings, seconds, summary_json, name, shape, origin, basis, domain_wkt = meta
     summary = json.loads(summary_json)
@@ -48,7 +52,7 @@ def load_partition(store: Store, partition_id: str) -> Partition:
 
     regions = fetch(
         "SELECT region_id, ST_AsWKB(geometry)::BLOB AS geometry, area, centroid_u0, "
-        "centroid_u1, n_vertices, pattern, A, c, label, slope_norm FROM regions "
+        "centroid_u1, n_vertices, pattern, pattern_hash, A, c, label, slope_norm FROM regions "
         "WHERE partition_id = ? ORDER BY region_id"
     )
     regions = regions.set_column(
@@ -71,21 +75,7 @@ def load_partition(store: Store, partition_id: str) -> Partition:
         "region_id, class_a, class_b, level, normal_u0, normal_u1 FROM boundary "
         "WHERE partition_id = ? ORDER BY region_id, u0_a, u1_a"
     )
-    bits = np.unpackbits(
-        np.frombuffer(b"".join(regions.column("pattern").to_pylist()), dtype=np.uint8).reshape(
-            regions.num_rows, -1
-        ),
-        axis=1,
-    )
-    states = np.zeros((regions.num_rows, summary["n_units"]), dtype=np.uint8)
-    pos = 0
-    for layer in summary["layers"]:
-        for j in range(layer["bits"]):
-            block = bits[:, pos + j : pos + j + layer["bits"] * layer["units"] : layer["bits"]]
-            states[:, layer["unit_offset"] : layer["unit_offset"] + layer["units"]] |= (
-                block << (layer["bits"] - 1 - j)
-            ).astype(np.uint8)
-        pos += layer["bits"] * layer["units"]
+    states, regions = _states_and_hashes(regions, summary)
     return Partition(
         regions=regions,
         edges=edges,
@@ -96,6 +86,26 @@ def load_partition(store: Store, partition_id: str) -> Partition:
         seconds=seconds,
         states=states,
     )
+
+
+def _states_and_hashes(regions: pa.Table, summary: dict[str, Any]) -> tuple[Any, pa.Table]:
+    """Unpack whole patterns (None when only hashes were stored); fill missing hashes."""
+    bits = [(lay["unit_offset"], lay["units"], lay["bits"]) for lay in summary["layers"]]
+    col = regions.column("pattern")
+    states = None
+    if regions.num_rows and col.null_count == 0:
+        packed = np.frombuffer(b"".join(col.to_pylist()), dtype=np.uint8)
+        states = unpack_patterns(packed.reshape(regions.num_rows, -1), bits, summary["n_units"])
+    elif not regions.num_rows:
+        states = np.zeros((0, summary["n_units"]), dtype=np.uint8)
+    at = regions.schema.get_field_index("pattern_hash")
+    stored = regions.column("pattern_hash")
+    if stored.null_count and states is not None:  # stored before hashes existed
+        h = PatternHash(summary["n_units"]).of(torch.from_numpy(states)).numpy()
+        fixed = hash_bytes(h)
+    else:
+        fixed = pa.array([bytes(v) for v in stored.to_pylist()], pa.binary(16))
+    return states, regions.set_column(at, "pattern_hash", fixed)
 
 
 def _slice_from_row(
@@ -116,7 +126,7 @@ def _slice_from_row(
 def load_slice(store: Store, name: str) -> Slice:
     """A stored slice by name (or by slice id)."""
     rows = (
-        store._reader()
+        store.reader()
         .execute(
             "SELECT slice_id, name, input_shape, origin, basis, ST_AsText(domain) FROM slices "
             "WHERE name = $n OR slice_id = $n ORDER BY created_at",
@@ -125,9 +135,13 @@ def load_slice(store: Store, name: str) -> Slice:
         .fetchall()
     )
     if not rows:
-        known = store._reader().execute("SELECT DISTINCT name FROM slices ORDER BY 1").fetchall()
+        known = store.reader().execute("SELECT DISTINCT name FROM slices ORDER BY 1").fetchall()
         names = ", ".join(repr(r[0]) for r in known) or "none yet"
-        raise StoreError(f"no slice named {name!r} in this store (stored slices: {names}).")
+        raise NotFoundError(
+            f"no slice named {name!r} in this store (stored slices: {names}).",
+            kind="slice",
+            name=name,
+        )
     if len({r[0] for r in rows}) > 1:
         ids = ", ".join(r[0] for r in rows)
         raise StoreError(f"several slices are named {name!r} ({ids}); give the slice id instead.")

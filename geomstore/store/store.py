@@ -283,7 +283,10 @@ class Store:
         checkpoint_id = _hash("checkpoint", model_id, checkpoint, weights)
         sl = partition.slice
         slice_id = sl.content_hash[:20]
-        settings = {k: v for k, v in partition.settings.items() if k != "device"}
+        # where and with how much memory it ran does not change the partition
+        settings = {
+            k: v for k, v in partition.settings.items() if k not in ("device", "memory")
+        }
         partition_id = _hash("partition", checkpoint_id, slice_id, settings)
 
         def write() -> str:
@@ -426,7 +429,7 @@ class Store:
             con.execute(
                 "INSERT INTO regions SELECT ?, region_id, ST_GeomFromWKB(geometry), area, "
                 "centroid_u0, centroid_u1, n_vertices, pattern::BLOB, A::DOUBLE[], c::DOUBLE[], "
-                "label, slope_norm FROM _gs_regions",
+                "label, slope_norm, pattern_hash::BLOB FROM _gs_regions",
                 [partition_id],
             )
             con.execute(

@@ -1,0 +1,105 @@
+"""Activation patterns: packing, and the 128-bit pattern hash that identifies a region.
+
+A region's activation pattern holds one state per unit: for a ResNet that is hundreds of
+thousands of units, too much to keep per region. Every region therefore carries a
+*pattern hash*, and the whole pattern is kept (packed) only while it is at most
+:data:`PATTERN_LIMIT_BITS` bits; above, it is recomputed on demand by evaluating the
+network at an interior point (:meth:`geomstore.Partition.patterns`).
+
+The hash is linear: two 64-bit lanes, each ``sum_u state_u * R_u mod 2**64`` with fixed
+random 64-bit weights ``R_u`` per unit (seeded, the same on every device). It is computed
+layer by layer while the descent runs (a child's hash is its cell's plus the new layer's
+term), and two different patterns collide with probability at most about 2**-126 (a
+difference of states that is odd somewhere is invertible modulo 2**64). Regions of one
+partition have distinct patterns (each pattern's set is convex), so their hashes are
+distinct too.
+
+Examples
+--------
+>>> import torch
+>>> h = PatternHash(10)
+>>> a = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.uint8)
+>>> bool((h.of(a) == h.of(a[:, :4]) + h.of(a[:, 4:], offset=4)).all())
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+__all__ = ["PATTERN_LIMIT_BITS", "PatternHash", "hash_bytes", "pack_patterns", "unpack_patterns"]
+
+PATTERN_LIMIT_BITS = 1 << 16  # whole patterns kept up to 8 KiB per region
+_SEED = 0x67656F6D  # "geom"
+
+
+class PatternHash:
+    """The fixed random weights of the pattern hash for a network of ``n_units`` units."""
+
+    def __init__(self, n_units: int, device: torch.device | str = "cpu") -> None:
+        g = torch.Generator().manual_seed(_SEED)
+        r = torch.randint(-(2**63), 2**63 - 1, (max(n_units, 1), 2), generator=g)
+        self.r = r.to(device)
+
+    def of(self, states: Tensor, offset: int = 0, *, block: int = 1 << 22) -> Tensor:
+        """Hash terms (Q, 2) int64 of ``states`` (Q, units), units starting at ``offset``."""
+        q, u = states.shape
+        r = self.r[offset : offset + u].to(states.device)
+        out = torch.zeros((q, 2), dtype=torch.int64, device=states.device)
+        rows = max(1, block // max(1, 2 * u))
+        for lo in range(0, q, rows):
+            s = states[lo : lo + rows].to(torch.int64)
+            out[lo : lo + rows] = (s[:, :, None] * r[None]).sum(1)  # wraps modulo 2**64
+        return out
+
+
+def hash_bytes(hashes: np.ndarray) -> pa.Array:
+    """(Q, 2) int64 hashes as 16-byte values (little-endian lanes)."""
+    data = np.ascontiguousarray(hashes.astype("<i8"))
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(16), data.shape[0], [None, pa.py_buffer(data.tobytes())]
+    )
+
+
+def pack_patterns(states: np.ndarray, bits: list[tuple[int, int, int]]) -> pa.Array:
+    """Pack unit states into bytes; ``bits`` holds (unit_offset, n_units, bits_per_unit)."""
+    if bits and all(b == 1 for _, _, b in bits) and sum(c for _, c, _ in bits) == states.shape[1]:
+        return _fixed_binary(np.packbits(states, axis=1), states.shape[0])  # ReLU-only nets
+    cols = []
+    for off, count, b in bits:
+        s = states[:, off : off + count]
+        for j in range(b - 1, -1, -1) if b > 1 else [0]:
+            cols.append(((s >> j) & 1).astype(bool) if b > 1 else s.astype(bool))
+        if b > 1:
+            # interleave so that each unit's bits stay together (MSB first)
+            block = np.stack(cols[-b:], axis=2).reshape(s.shape[0], -1)
+            del cols[-b:]
+            cols.append(block)
+    mat = np.concatenate(cols, axis=1) if cols else np.zeros((states.shape[0], 0), bool)
+    return _fixed_binary(np.packbits(mat, axis=1), states.shape[0])
+
+
+def unpack_patterns(
+    packed: np.ndarray, bits: list[tuple[int, int, int]], n_units: int
+) -> np.ndarray:
+    """The inverse of :func:`pack_patterns`: (Q, bytes) uint8 -> (Q, n_units) states."""
+    flat = np.unpackbits(packed, axis=1)
+    states = np.zeros((packed.shape[0], n_units), dtype=np.uint8)
+    pos = 0
+    for off, count, b in bits:
+        for j in range(b):
+            block = flat[:, pos + j : pos + j + b * count : b]
+            states[:, off : off + count] |= (block << (b - 1 - j)).astype(np.uint8)
+        pos += b * count
+    return states
+
+
+def _fixed_binary(packed: np.ndarray, rows: int) -> pa.Array:
+    if packed.shape[1] == 0:
+        packed = np.zeros((rows, 1), np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(packed.shape[1]), rows, [None, pa.py_buffer(packed.tobytes())]
+    )
