@@ -39,9 +39,7 @@ class Wrap(nn.Module):
         torch.manual_seed(seed)
         self.f = f
         self.shape = shape
-        self.pre = (
-            nn.Conv2d(shape[0], conv, 3, padding=1) if conv else nn.Linear(shape[0], width)
-        )
+        self.pre = nn.Conv2d(shape[0], conv, 3, padding=1) if conv else nn.Linear(shape[0], width)
         with torch.no_grad():
             probe = self.f(self.pre(torch.zeros(1, *shape)))
         self.head = nn.Linear(probe[0].numel(), out)
@@ -156,7 +154,12 @@ AFFINE: dict[str, tuple[Callable[[Tensor], Tensor], tuple[int, ...], int, bool]]
     ),
     "interpolate size": (lambda h: F.interpolate(h, size=(7, 5)), IMG, 2, True),
     "conv dilation groups": (nn.Conv2d(4, 4, 3, dilation=2, groups=2), IMG, 4, True),
-    "conv1d": (lambda h: F.conv1d(h.flatten(2), torch.ones(2, 2, 3, dtype=h.dtype) / 3), IMG, 2, True),
+    "conv1d": (
+        lambda h: F.conv1d(h.flatten(2), torch.ones(2, 2, 3, dtype=h.dtype) / 3),
+        IMG,
+        2,
+        True,
+    ),
     "permute, flip, slicing": (lambda h: h.permute(0, 2, 3, 1).flip(1)[:, 1:, ::2], IMG, 2, True),
     "stack and cat": (lambda h: torch.cat([torch.stack([h, -h], 1), h[:, None]], 1), VEC, 6, False),
     "constant indices": (lambda h: h[:, [0, 3, 5, 5]], VEC, 6, False),

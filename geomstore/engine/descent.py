@@ -224,6 +224,17 @@ class Descent:
             if any(n is not nxt.node and n not in prog.static for n in prog.live_after(layer + 1)):
                 return None
         units = spec.n_units
+        n_next = (
+            int(np.prod(prog.nonlinearities[layer + 1].in_shape))
+            if layer + 1 < self.n_layers
+            else prog.n_outputs
+        )
+        # decide by size before probing: a conv layer's eye(units) alone can be gigabytes
+        if (
+            units * n_next > self.max_matrix_elements
+            or units * units > 4 * self.max_matrix_elements
+        ):
+            return None
         x = torch.cat([torch.zeros((1, units)), torch.eye(units)]).to(torch.float64)
         try:
             res = self._run_stage(layer + 1, {}, x.to(self.dev).reshape(units + 1, *spec.out_shape))

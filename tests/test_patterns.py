@@ -1,0 +1,119 @@
+"""Pattern hashes, patterns on demand, the memory budget and progress reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import geomstore
+from geomstore import GeomstoreError, Slice, partition
+from geomstore.engine import partition as partition_mod
+from geomstore.engine.descent import Progress
+from geomstore.engine.patterns import PatternHash
+from geomstore.errors import MemoryBudgetError
+from tests.nets import BOX, ConvKinds, Residual, digits_slice, mlp
+
+
+@pytest.fixture
+def hash_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Treat every model as large: patterns are kept as hashes only."""
+    monkeypatch.setattr(partition_mod, "PATTERN_LIMIT_BITS", 4)
+
+
+def _same_regions(a: geomstore.Partition, b: geomstore.Partition) -> None:
+    assert a.n_regions == b.n_regions
+    np.testing.assert_array_equal(a.pattern_hashes(), b.pattern_hashes())
+    for col in ("area", "centroid_u0", "centroid_u1", "A", "c", "label"):
+        assert a.regions.column(col).equals(b.regions.column(col)), col
+
+
+@pytest.mark.parametrize(
+    "net, sl",
+    [(mlp((12, 12), 3), BOX), (Residual(), BOX), (ConvKinds(), digits_slice())],
+    ids=["mlp", "residual", "conv-kinds"],
+)
+def test_hashed_descent_matches_whole_patterns(
+    net: nn.Module, sl: Slice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = partition(net, sl, device="cpu")
+    assert whole.states is not None and whole.model_summary["patterns"] == "whole"
+    monkeypatch.setattr(partition_mod, "PATTERN_LIMIT_BITS", 4)
+    hashed = partition(net, sl, device="cpu")
+    assert hashed.states is None and hashed.model_summary["patterns"] == "hash"
+    assert hashed.regions.column("pattern").null_count == hashed.n_regions
+    _same_regions(whole, hashed)
+    # the hash is that of the whole pattern, and distinct patterns get distinct hashes
+    h = PatternHash(whole.model_summary["n_units"]).of(torch.from_numpy(whole.states)).numpy()
+    np.testing.assert_array_equal(h, hashed.pattern_hashes())
+    assert len({tuple(r) for r in h}) == len(np.unique(whole.states, axis=0))
+    # patterns on demand equal the whole ones, and the hashed partition verifies
+    ids = np.arange(0, hashed.n_regions, 3)
+    np.testing.assert_array_equal(hashed.patterns(ids), whole.states[ids])
+    assert hashed.verify(net, grid=40).ok
+
+
+def test_patterns_of_a_stored_hashed_partition_need_the_right_model(
+    hash_only: None, tmp_path: object
+) -> None:
+    net = mlp((10, 10), 2, seed=3)
+    part = partition(net, BOX, device="cpu")
+    with geomstore.open(str(tmp_path)) as store:
+        pid = store.add(part, model="m", checkpoint="c", step=0)
+        back = store.load_partition(pid)
+    assert back.states is None
+    np.testing.assert_array_equal(back.pattern_hashes(), part.pattern_hashes())
+    with pytest.raises(GeomstoreError, match="model="):
+        back.patterns([0])
+    got = back.patterns([0, 1, back.n_regions - 1], model=net)
+    np.testing.assert_array_equal(got, part.patterns([0, 1, part.n_regions - 1]))
+    with pytest.raises(GeomstoreError, match="weights differ"):
+        back.patterns([0], model=mlp((10, 10), 2, seed=4))
+    with pytest.raises(GeomstoreError, match="region ids"):
+        part.patterns([part.n_regions])
+
+
+def test_whole_patterns_round_trip_with_their_hashes(tmp_path: object) -> None:
+    part = partition(ConvKinds(), digits_slice(), device="cpu")
+    with geomstore.open(str(tmp_path)) as store:
+        back = store.load_partition(store.add(part, model="k", checkpoint="c"))
+    np.testing.assert_array_equal(back.states, part.states)
+    np.testing.assert_array_equal(back.pattern_hashes(), part.pattern_hashes())
+
+
+def test_memory_budget_names_the_tensor_that_does_not_fit() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 48 * 48, 2)
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    pts = [torch.rand(3, 48, 48, generator=g, dtype=torch.float64).numpy() for _ in range(3)]
+    with pytest.raises(MemoryBudgetError, match=r"budget of 16 MiB.*memory=") as info:
+        partition(net, Slice.through(*pts), device="cpu", memory="16MiB")
+    assert "(64, 48, 48)" in str(info.value)
+
+
+def test_memory_budget_is_parsed_and_bounds_chunks() -> None:
+    assert partition_mod.parse_memory("1.5GiB") == 3 << 29
+    assert partition_mod.parse_memory("64M") == 64 << 20
+    for bad in ("lots", "-1GB", "1KB", True):
+        with pytest.raises(GeomstoreError, match="memory"):
+            partition_mod.parse_memory(bad)  # type: ignore[arg-type]
+    net = mlp((16, 16), 2)
+    small = partition(net, BOX, device="cpu", memory="16MiB")
+    big = partition(net, BOX, device="cpu", memory="8GiB")
+    _same_regions(small, big)
+    assert small.settings["memory"] == 16 << 20
+
+
+def test_progress_reports_regions_pending_cells_and_time() -> None:
+    seen: list[Progress] = []
+    net = mlp((20, 20), 2)
+    part = partition(net, BOX, device="cpu", chunk_elements=3000, progress=seen.append)
+    assert seen, "no progress reported"
+    assert seen[-1].regions == part.n_regions
+    assert [p.regions for p in seen] == sorted(p.regions for p in seen)
+    assert all(len(p.pending) == 3 for p in seen)
+    assert any(sum(p.pending) > 0 for p in seen)  # small chunks: cells wait their turn
+    assert seen[-1].elapsed >= seen[0].elapsed >= 0
