@@ -1,21 +1,22 @@
-"""All lines against one convex polygon at once: the arrangement of a cell's lines.
+"""Every cell split by all its crossing lines at once: the line arrangements of a layer.
 
-The first nonlinearity meets a single cell (the slice domain) with every one of its
-lines, which split rounds would take about 2 log2(regions) rounds to resolve. Here the
-faces come from the vertices instead, in a fixed number of tensor operations:
+Split rounds take one line per polygon per round, so a layer costs as many rounds as its
+longest chain of splits. Here the children of every cell come from vertices instead, in
+a fixed number of tensor operations for the whole layer:
 
-1. points: the domain's corners, where each line enters and leaves it, and every
-   pairwise intersection strictly inside it;
-2. the sign of every line at every point (zero within the tolerance). In general
-   position a point lies on exactly the lines that define it, so it is a corner of
-   ``2 ** zeros`` faces, one per choice of side of those lines;
-3. a face is its sign vector: grouping the corners by sign vector (bits packed into
-   int64 words, one exact ``unique``) gives every face with its corners, which are
-   ordered by angle around their mean (faces are convex).
+1. points: each cell's corners, where each of its lines enters and leaves it, and every
+   intersection of two of its lines strictly inside it;
+2. the sign of each of the cell's lines at each point (zero within the tolerance). In
+   general position a point lies on exactly the lines that define it, so it is a corner
+   of ``2 ** zeros`` children, one per choice of side of those lines;
+3. a child is its cell and sign vector: grouping the corners by (cell, sign bits packed
+   into int64 words), one exact ``unique``, gives every child with its corners, which
+   are ordered by angle around their mean (children are convex).
 
-Anything not in general position (a point on more lines than define it: three lines
-through a point, a line through a corner, duplicated lines) or too large for memory
-returns None, and the caller splits in rounds as before.
+A cell not in general position (a point on more lines than define it: three lines
+through a point, a line through a corner, duplicated lines; or a face count other than
+Euler's ``1 + lines + intersections``) is left to the split rounds, which handle every
+degenerate case; so are all cells when the layer is too large to build at once.
 """
 
 from __future__ import annotations
@@ -23,156 +24,167 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geomstore.engine.split import Crossings, CutLog, Polys
+from geomstore.engine.split import Crossings, CutLog, Polys, pad_polys
 
-__all__ = ["cell_arrangement"]
+__all__ = ["MAX_ELEMENTS", "arrangements"]
 
 _BITS = 62  # sign bits per int64 word (the sign bit stays clear)
 MAX_ELEMENTS = 1 << 25  # points x lines evaluated at once (float64: 256 MiB)
 
 
-def cell_arrangement(
+def arrangements(
     cells: Polys, state0: Tensor, cross: Crossings, tol: float, cuts: CutLog, unit_offset: int
-) -> tuple[Polys, Tensor] | None:
-    """Split a single cell by all its crossing lines; None where rounds must do it.
+) -> tuple[Polys, Tensor, Tensor] | None:
+    """Split cells by all their crossing lines at once.
 
     Parameters
     ----------
     cells : Polys
-        One convex polygon (counter-clockwise, slots from ``n`` on repeat vertex 0).
-    state0, cross : Tensor (1, units), Crossings
+        Convex polygons (counter-clockwise, slots from ``n`` on repeat vertex 0).
+    state0, cross : Tensor (cells, units), Crossings
         From :func:`geomstore.engine.split.crossings`; ``cross.vals`` (T, 3, 1) holds
         each crossing line's (a0, a1, b).
     tol : float
         Absolute tolerance: a point within ``tol`` of a line lies on it.
     cuts : CutLog
-        Receives one cut per line (the whole chord), labelling both faces' sides.
+        Receives one cut per crossing pair (the line's whole chord in its cell).
 
     Returns
     -------
-    The faces as Polys (``parent`` 0) and their states, or None when the lines are not in
-    general position in the cell or the arrangement is too large to build at once.
+    (children, states, left): the children of the cells in general position (``parent``
+    indexes ``cells``) with their states, and a mask of the cells left for split rounds;
+    or None when the layer is too large to build at once (nothing is logged then).
     """
-    t = len(cross)
-    if len(cells) != 1 or t < 2:
-        return None
-    n_pts = t * (t - 1) // 2 + 2 * t + int(cells.n[0])
-    if n_pts * t > MAX_ELEMENTS:
-        return None
     dev = state0.device
-    k = int(cells.n[0])
-    dom = cells.verts[0, :k]  # (k, 2)
+    p = len(cells)
+    t = len(cross)
+    k = torch.bincount(cross.cell, minlength=p)
+    kmax = int(k.max().item())
+    n_pts = int((k * (k - 1) // 2 + 2 * k + cells.n).sum().item())
+    if n_pts * max(kmax, 1) > MAX_ELEMENTS:
+        return None
+    first_cut = cuts.count
+    start = torch.cumsum(k, 0) - k
     raw = cross.vals[:, :, 0]
     lines = raw / torch.sqrt(raw[:, 0] * raw[:, 0] + raw[:, 1] * raw[:, 1])[:, None]
+    lane = torch.arange(t, device=dev) - start[cross.cell]  # the line's index in its cell
+    table = torch.zeros((p, max(kmax, 1), 3), dtype=lines.dtype, device=dev)
+    table[cross.cell, lane] = lines
+    verts, side = pad_polys(cells.verts, cells.side, int(cells.n.max().item()) + 1)
+    w = int(verts.shape[1])
+    ar = torch.arange(w, device=dev)
+    valid = ar[None, :] < cells.n[:, None]
+    bad = torch.zeros(p, dtype=torch.bool, device=dev)
+
+    # 1. points with their cell and the two labels of the sides through them
+    cc, ci = torch.nonzero(valid, as_tuple=True)  # corners
+    prev = torch.where(ci == 0, cells.n[cc] - 1, ci - 1)
+    corner_lab = torch.stack([side[cc, ci], side[cc, prev]], 1)
+    corner_pts = verts[cc, ci]
+    # where each line enters and leaves its cell (through no corner: checked below)
+    fv = torch.baddbmm(lines[:, 2:, None], verts[cross.cell], lines[:, :2, None]).squeeze(2)
+    pos = fv > 0
+    hit = (pos[:, :-1] != pos[:, 1:]) & valid[cross.cell, :-1]
+    bt, bi = torch.nonzero(hit, as_tuple=True)
+    f0, f1 = fv[bt, bi], fv[bt, bi + 1]
+    s = f0 / (f0 - f1)
+    v0 = verts[cross.cell[bt], bi]
+    b_pts = v0 + s[:, None] * (verts[cross.cell[bt], bi + 1] - v0)
+    b_lab = torch.stack([first_cut + bt, side[cross.cell[bt], bi]], 1)
+    bad[cross.cell[torch.bincount(bt, minlength=t) != 2]] = True
+    # intersections of two lines of the same cell, strictly inside it
+    after = start[cross.cell] + k[cross.cell] - 1 - torch.arange(t, device=dev)
+    i = torch.repeat_interleave(torch.arange(t, device=dev), after)
+    j = i + 1 + torch.arange(i.numel(), device=dev) - (torch.cumsum(after, 0) - after)[i]
     a, b = lines[:, :2], lines[:, 2]
-    # 1. points, each with the two labels of the sides through it (cut id or -(1 + side))
-    first_cut = cuts.count
-    fd = dom @ a.T + b  # (k, t): lines at the domain's corners
-    if bool((fd.abs() <= tol).any()):
-        return None  # a line through a corner
-    side_lab = -(1 + torch.arange(k, device=dev))
-    corner_lab = torch.stack([side_lab, side_lab.roll(1)], 1)
-    # where line i crosses side j (from corner j to j + 1): exactly two sides per line
-    f0, f1 = fd, fd.roll(-1, 0)
-    hit = (f0 > 0) != (f1 > 0)
-    sj, li = torch.nonzero(hit, as_tuple=True)
-    s = f0[sj, li] / (f0[sj, li] - f1[sj, li])
-    d0, d1 = dom[sj], dom.roll(-1, 0)[sj]
-    bpts = d0 + s[:, None] * (d1 - d0)
-    blab = torch.stack([first_cut + li, side_lab[sj]], 1)
-    # pairwise intersections strictly inside the domain
-    i, j = torch.triu_indices(t, t, 1, device=dev)
     det = a[i, 0] * a[j, 1] - a[i, 1] * a[j, 0]
-    x = (b[j] * a[i, 1] - b[i] * a[j, 1]) / det
-    y = (b[i] * a[j, 0] - b[j] * a[i, 0]) / det
-    ipts = torch.stack([x, y], 1)
-    edge = dom.roll(-1, 0) - dom
-    enorm = edge / torch.sqrt((edge * edge).sum(1))[:, None]
-    inside = (
-        enorm[:, 0] * (ipts[:, 1, None] - dom[:, 1]) - enorm[:, 1] * (ipts[:, 0, None] - dom[:, 0])
-    ).amin(1)  # distance to the domain's border, negative outside (NaN: parallel)
-    if bool((inside.abs() <= tol).any()):
-        return None  # an intersection on the border
-    keep = inside > tol
-    ipts, ilab = ipts[keep], torch.stack([first_cut + i[keep], first_cut + j[keep]], 1)
-    pts = torch.cat([dom, bpts, ipts])
-    labs = torch.cat([corner_lab, blab, ilab])
-    # 2. signs of every line at every point; zeros only where the point was defined
-    f = pts @ a.T + b
-    zero = f.abs() <= tol
-    nz = zero.sum(1)
-    expect = torch.cat(
-        [
-            torch.zeros(k, dtype=nz.dtype, device=dev),
-            torch.ones(bpts.shape[0], dtype=nz.dtype, device=dev),
-            torch.full((ipts.shape[0],), 2, dtype=nz.dtype, device=dev),
-        ]
+    i_pts = torch.stack(
+        [(b[j] * a[i, 1] - b[i] * a[j, 1]) / det, (b[i] * a[j, 0] - b[j] * a[i, 0]) / det], 1
     )
-    if bpts.shape[0] != 2 * t or not bool((nz == expect).all()):
-        return None
+    i_cell = cross.cell[i]
+    edge = verts[:, 1:] - verts[:, :-1]
+    enorm = edge / torch.sqrt((edge * edge).sum(2, keepdim=True)).clamp(min=1e-300)
+    rel = i_pts[:, None, :] - verts[i_cell, :-1]
+    dist = enorm[i_cell, :, 0] * rel[..., 1] - enorm[i_cell, :, 1] * rel[..., 0]
+    dist = torch.where(valid[i_cell, :-1], dist, torch.inf).amin(1)  # NaN: parallel lines
+    bad[i_cell[dist.abs() <= tol]] = True  # an intersection on the cell's border
+    inner = dist > tol
+    i_pts, i_cell = i_pts[inner], i_cell[inner]
+    i_lab = torch.stack([first_cut + i[inner], first_cut + j[inner]], 1)
+    pts = torch.cat([corner_pts, b_pts, i_pts])
+    labs = torch.cat([corner_lab, b_lab, i_lab])
+    pcell = torch.cat([cc, cross.cell[bt], i_cell])
+    expect = torch.cat([torch.zeros_like(cc), torch.ones_like(bt), torch.full_like(i_cell, 2)])
+
+    # 2. signs of each cell's lines at its points; zeros only where the point was defined
+    tab = table[pcell]
+    f = torch.baddbmm(tab[:, :, 2:], tab[:, :, :2], pts[:, :, None]).squeeze(2)
+    in_cell = torch.arange(max(kmax, 1), device=dev)[None, :] < k[pcell, None]
+    zero = (f.abs() <= tol) & in_cell
+    bad[pcell[zero.sum(1) != expect]] = True
+    n_inner = torch.bincount(i_cell, minlength=p)
+
     # 3. corners: one per (point, choice of sides of its zero lines), keyed by sign vector
-    words = (t + _BITS - 1) // _BITS
-    pad = words * _BITS - t
+    words = max(1, (kmax + _BITS - 1) // _BITS)
     weight = torch.pow(2, torch.arange(_BITS, device=dev, dtype=torch.int64))
-    bits = torch.nn.functional.pad(f > tol, (0, pad)).view(-1, words, _BITS)
-    base = (bits.to(torch.int64) * weight).sum(2)  # (points, words)
-    on = labs.clamp(min=first_cut - 1) - first_cut  # line index, or -1 for a domain side
-    nzl = torch.where(on >= 0, torch.ones_like(on), torch.zeros_like(on)).sum(1)
-    n_combo = torch.pow(2, nzl)  # 1, 2 or 4 corners per point
+    bits = (f > tol) & in_cell
+    bits = torch.nn.functional.pad(bits, (0, words * _BITS - bits.shape[1]))
+    base = (bits.view(-1, words, _BITS).to(torch.int64) * weight).sum(2)
+    base = torch.cat([pcell[:, None], base], 1)  # (points, 1 + words): cell, then sign bits
+    on = torch.where(labs >= first_cut, labs - first_cut - start[pcell, None], -1)
+    n_combo = torch.pow(2, (on >= 0).sum(1))
     owner = torch.repeat_interleave(torch.arange(pts.shape[0], device=dev), n_combo)
     rank = torch.arange(owner.numel(), device=dev) - (torch.cumsum(n_combo, 0) - n_combo)[owner]
     key = base[owner]
-    # choice bit c of the point's c-th zero line (labels hold lines first: sort them so)
-    olab = on[owner]
-    lines_first = torch.sort(olab, dim=1, descending=True).values  # (corners, 2)
-    for c in range(2):
-        line = lines_first[:, c]
-        setb = (line >= 0) & (((rank >> c) & 1) == 1)
-        row = torch.nonzero(setb, as_tuple=True)[0]
-        ln = line[row]
-        key.index_put_(
-            (row, ln // _BITS), weight[ln % _BITS], accumulate=True
-        )  # the bit was 0 (the point is on the line)
+    lines_first = torch.sort(on[owner], dim=1, descending=True).values
+    for c in range(2):  # the c-th zero line takes side bit c of the corner's rank
+        ln = lines_first[:, c]
+        row = torch.nonzero((ln >= 0) & (((rank >> c) & 1) == 1), as_tuple=True)[0]
+        ln = ln[row]
+        key.index_put_((row, 1 + ln // _BITS), weight[ln % _BITS], accumulate=True)
     faces, face_of = torch.unique(key, dim=0, return_inverse=True)
-    n_faces = faces.shape[0]
-    if n_faces != 1 + t + ipts.shape[0]:
-        return None  # Euler's count for lines in general position
-    # order each face's corners by angle around their mean
-    cpts = pts[owner]
+    fcell = faces[:, 0]
+    cnt = torch.bincount(face_of, minlength=faces.shape[0])
+    bad[fcell[cnt < 3]] = True
+    bad |= torch.bincount(fcell, minlength=p) != 1 + k + n_inner  # Euler
+    good_face = ~bad[fcell]
+    keep = good_face[face_of]
+    renum = torch.cumsum(good_face, 0) - 1
+    faces, fcell, cnt = faces[good_face], fcell[good_face], cnt[good_face]
+    face_of = renum[face_of[keep]]
+    n_faces = int(faces.shape[0])
+
+    # order each child's corners by angle around their mean
     order = torch.argsort(face_of, stable=True)
-    fo, po, lo_ = face_of[order], cpts[order], labs[owner][order]
-    cnt = torch.bincount(fo, minlength=n_faces)
-    if bool((cnt < 3).any()):
-        return None
-    start = torch.cumsum(cnt, 0) - cnt
+    fo, po, lo = face_of[order], pts[owner[keep]][order], labs[owner[keep]][order]
+    fstart = torch.cumsum(cnt, 0) - cnt
     csum = torch.cumsum(po, 0)
-    total = csum[start + cnt - 1] - csum[start] + po[start]
-    mean = total / cnt[:, None]
-    rel = po - mean[fo]
-    ang = torch.atan2(rel[:, 1], rel[:, 0])
-    o2 = torch.argsort(ang, stable=True)
+    mean = (csum[fstart + cnt - 1] - csum[fstart] + po[fstart]) / cnt[:, None]
+    d = po - mean[fo]
+    o2 = torch.argsort(torch.atan2(d[:, 1], d[:, 0]), stable=True)
     o2 = o2[torch.argsort(fo[o2], stable=True)]
-    fo, po, lo_ = fo[o2], po[o2], lo_[o2]
-    slot = torch.arange(fo.numel(), device=dev) - start[fo]
-    width = int(cnt.max().item()) + 1
-    verts = torch.zeros((n_faces, width, 2), dtype=pts.dtype, device=dev)
-    verts[fo, slot] = po
+    fo, po, lo = fo[o2], po[o2], lo[o2]
+    slot = torch.arange(fo.numel(), device=dev) - fstart[fo]
+    width = int(cnt.max().item()) + 1 if n_faces else 4
+    out_v = torch.zeros((n_faces, width, 2), dtype=pts.dtype, device=dev)
+    out_v[fo, slot] = po
     lab = torch.zeros((n_faces, width, 2), dtype=labs.dtype, device=dev)
-    lab[fo, slot] = lo_
-    ar = torch.arange(width, device=dev)
-    padm = ar[None, :] >= cnt[:, None]
-    verts = torch.where(padm[:, :, None], verts[:, :1], verts)
+    lab[fo, slot] = lo
+    padm = torch.arange(width, device=dev)[None, :] >= cnt[:, None]
+    out_v = torch.where(padm[:, :, None], out_v[:, :1], out_v)
     lab = torch.where(padm[:, :, None], lab[:, :1], lab)
-    # the side from corner s to s + 1 carries the label both share
-    nxt = lab.roll(-1, 1)
-    nxt[torch.arange(n_faces, device=dev), cnt - 1] = lab[:, 0]
+    # the side from corner s to s + 1 carries the label both corners share
+    nxt = lab.roll(-1, 1)  # slot cnt - 1 meets slot cnt, a copy of slot 0
     a0 = lab[:, :, 0]
-    share0 = (a0 == nxt[:, :, 0]) | (a0 == nxt[:, :, 1])
-    side = torch.where(share0, a0, lab[:, :, 1])
-    # states: the crossing units' bits, the other units as in state0
-    fbits = ((faces[:, :, None] >> torch.arange(_BITS, device=dev)) & 1).view(n_faces, -1)
-    states = state0.expand(n_faces, -1).clone()
-    states[:, cross.unit] = fbits[:, :t].to(states.dtype)
+    out_side = torch.where((a0 == nxt[:, :, 0]) | (a0 == nxt[:, :, 1]), a0, lab[:, :, 1])
+    # states: the cell's crossing units take the child's bits, the others as in state0
+    fbits = ((faces[:, 1:, None] >> torch.arange(_BITS, device=dev)) & 1).view(
+        n_faces, words * _BITS
+    )
+    states = state0[fcell]
+    fr, fl = torch.nonzero(
+        torch.arange(max(kmax, 1), device=dev)[None, :] < k[fcell, None], as_tuple=True
+    )
+    states[fr, cross.unit[start[fcell[fr]] + fl]] = fbits[fr, fl].to(states.dtype)
     cuts.add(unit_offset + cross.unit, raw[:, 0], raw[:, 1])
-    parent = torch.zeros(n_faces, dtype=torch.long, device=dev)
-    return Polys(verts, cnt, side, parent), states
+    return Polys(out_v, cnt, out_side, fcell), states, bad

@@ -239,13 +239,7 @@ def split_layer(
     if len(cross) == 0:
         return Polys(cells.verts, cells.n, cells.side, torch.arange(p, device=dev)), state0
     if n_steps == 1 and spec.kind != "maxpool":
-        if p == 1:  # one cell (the first layer's domain): its whole line arrangement at once
-            from geomstore.engine.arrangement import cell_arrangement
-
-            res = cell_arrangement(cells, state0, cross, tol, cuts, spec.unit_offset)
-            if res is not None:
-                return res
-        return _split_lines(spec, cells, state0, cross, tol, cuts)
+        return _split_line_units(spec, cells, state0, cross, tol, cuts)
     per_cell = torch.bincount(cross.cell, minlength=p) * n_steps
     # test list per cell: (pair, step) in order, padded
     rounds = int(per_cell.max().item())
@@ -308,6 +302,38 @@ def split_layer(
         buf.append(rows, nv, nn_, ns, neg_states)
     m = buf.count
     return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
+
+
+def _split_line_units(
+    spec: Nonlinearity, cells: Polys, state0: Tensor, cross: Crossings, tol: float, cuts: CutLog
+) -> tuple[Polys, Tensor]:
+    """Line units: every cell's arrangement at once; rounds for cells not in general position."""
+    from geomstore.engine.arrangement import arrangements
+
+    res = arrangements(cells, state0, cross, tol, cuts, spec.unit_offset)
+    if res is None:
+        return _split_lines(spec, cells, state0, cross, tol, cuts)
+    faces, states, left = res
+    if not bool(left.any()):
+        return faces, states
+    idx = torch.nonzero(left, as_tuple=True)[0]
+    sel = left[cross.cell]
+    renum = torch.cumsum(left, 0) - 1
+    sub = Polys(cells.verts[idx], cells.n[idx], cells.side[idx], idx)
+    sub_cross = Crossings(renum[cross.cell[sel]], cross.unit[sel], cross.vals[sel])
+    rest, rest_states = _split_lines(spec, sub, state0[idx], sub_cross, tol, cuts)
+    width = max(int(faces.verts.shape[1]), int(rest.verts.shape[1]))
+    fv, fs = pad_polys(faces.verts, faces.side, width)
+    rv, rs = pad_polys(rest.verts, rest.side, width)
+    return (
+        Polys(
+            torch.cat([fv, rv]),
+            torch.cat([faces.n, rest.n]),
+            torch.cat([fs, rs]),
+            torch.cat([faces.parent, idx[rest.parent]]),
+        ),
+        torch.cat([states, rest_states]),
+    )
 
 
 _HIGH = -(1 << 32)  # the float64 bits that order non-negative distances (to ~1e-6)
