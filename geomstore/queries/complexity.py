@@ -23,7 +23,7 @@ from geomstore.errors import GeomstoreError
 from geomstore.queries.stats import resolve_partitions
 from geomstore.store.store import Store
 
-__all__ = ["Layers", "Shape", "clipped_length", "local_complexity"]
+__all__ = ["LCArgumentError", "Layers", "Shape", "clipped_length", "local_complexity"]
 
 Shape = Literal["disk", "diamond"]
 """Neighbourhood of a point: the Euclidean disk or the L1 diamond ``|u0| + |u1| <= r``."""
@@ -282,82 +282,103 @@ def _logit_segments(con: duckdb.DuckDBPyConnection, n_parts: int, offset: int, k
 
     Inside a convex region the zero set of logit j is the line A[j] u + c[j] = 0 clipped to
     the polygon: the segment between the extreme points where the line meets the region's
-    boundary, which the stored edges tile (each edge lists the regions on its two sides).
-    A logit that is identically zero on a region has no line there and is skipped.
+    boundary, which the stored edges tile (each edge names the regions on its two sides).
+    The network is continuous, so a crossing found on an edge with the map of the region
+    on its left is also the crossing for the region on its right. A logit that is
+    identically zero on a region has no line there and is skipped.
     """
     reg = con.execute(
-        "SELECT g.pidx, r.region_id, r.A, r.c FROM regions r JOIN _gs_parts g "
-        "USING (partition_id) ORDER BY g.pidx, r.region_id"
+        "SELECT g.pidx, r.region_id, r.A, r.c FROM regions r JOIN _gs_parts g USING (partition_id)"
     ).to_arrow_table()
     edg = con.execute(
         "SELECT g.pidx, e.region_left AS rl, coalesce(e.region_right, -1) AS rr, "
-        "e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g USING (partition_id)"
+        "e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g USING (partition_id) "
+        "WHERE e.region_left IS NOT NULL"
     ).to_arrow_table()
-    cols = ("pidx", "unit", "u0_a", "u1_a", "u0_b", "u1_b")
-    if reg.num_rows == 0 or edg.num_rows == 0 or k == 0:
-        return pa.table(
-            {c: pa.array([], pa.int32() if c[0] != "u" else pa.float64()) for c in cols}
-        )
+    cols = {"pidx": np.int32, "unit": np.int32, "u0_a": float, "u1_a": float}
+    cols |= {"u0_b": float, "u1_b": float}
+    out: dict[str, list[np.ndarray]] = {c: [np.zeros(0, t)] for c, t in cols.items()}
+    if reg.num_rows and edg.num_rows and k:
 
-    def np_col(t: pa.Table, name: str) -> np.ndarray:
-        return np.asarray(t.column(name).to_numpy())
+        def col(t: pa.Table, name: str) -> np.ndarray:
+            return np.asarray(t.column(name).to_numpy())
 
-    rpid = np_col(reg, "pidx").astype(np.int64)
-    rid = np_col(reg, "region_id").astype(np.int64)
-    rspan = int(rid.max()) + 1
-    rkey = rpid * rspan + rid  # sorted by the ORDER BY
-    amap = reg.column("A").combine_chunks().flatten().to_numpy().reshape(-1, k, 2)
-    cvec = reg.column("c").combine_chunks().flatten().to_numpy().reshape(-1, k)
-    epid = np_col(edg, "pidx").astype(np.int64)
-    rl, rr = np_col(edg, "rl").astype(np.int64), np_col(edg, "rr").astype(np.int64)
-    a = np.stack([np_col(edg, "u0_a"), np_col(edg, "u1_a")], 1)
-    b = np.stack([np_col(edg, "u0_b"), np_col(edg, "u1_b")], 1)
-    two = rr >= 0
-    side_reg = np.concatenate([rl, rr[two]])
-    side_row = np.searchsorted(rkey, np.concatenate([epid, epid[two]]) * rspan + side_reg)
-    side_row = np.minimum(side_row, len(rkey) - 1)
-    a, b = np.concatenate([a, a[two]]), np.concatenate([b, b[two]])
-    out: dict[str, list[np.ndarray]] = {c: [] for c in cols}
-    for j in range(k):
-        aj, cj = amap[side_row, j], cvec[side_row, j]
-        fa = (aj * a).sum(1) + cj
-        fb = (aj * b).sum(1) + cj
-        cross = (np.minimum(fa, fb) <= 0) & (np.maximum(fa, fb) >= 0) & (fa != fb)
-        on = (fa == 0) & (fb == 0) & (np.abs(aj).sum(1) > 0)  # the edge lies on the line
-        t = fa[cross] / (fa[cross] - fb[cross])
-        pts = np.concatenate([a[cross] + t[:, None] * (b[cross] - a[cross]), a[on], b[on]])
-        row = np.concatenate([side_row[cross], side_row[on], side_row[on]])
-        if len(row) == 0:
-            continue
-        slope = amap[row, j]
-        s = pts[:, 0] * -slope[:, 1] + pts[:, 1] * slope[:, 0]  # position along the line
-        order = np.lexsort((s, row))
-        row, s = row[order], s[order]
-        first = np.ones(len(row), dtype=bool)
-        first[1:] = row[1:] != row[:-1]
-        start = np.flatnonzero(first)
-        end = np.append(start[1:], len(row)) - 1
-        keep = s[end] > s[start]
-        start, end, grp = start[keep], end[keep], row[start[keep]]
-        aa, cc = amap[grp, j], cvec[grp, j]
-        n2 = (aa * aa).sum(1)
-        base = -cc[:, None] * aa / n2[:, None]  # the line's point nearest the origin
-        along = np.stack([-aa[:, 1], aa[:, 0]], 1) / n2[:, None]
-        out["pidx"].append(rpid[grp].astype(np.int32))
-        out["unit"].append(np.full(len(grp), offset + j, dtype=np.int32))
-        pa_, pb_ = base + s[start, None] * along, base + s[end, None] * along
-        out["u0_a"].append(pa_[:, 0])
-        out["u1_a"].append(pa_[:, 1])
-        out["u0_b"].append(pb_[:, 0])
-        out["u1_b"].append(pb_[:, 1])
-    return pa.table(
-        {
-            c: pa.array(
-                np.concatenate(v) if v else np.zeros(0, np.int32 if c[0] != "u" else np.float64)
+        rid = col(reg, "region_id").astype(np.int64)
+        rspan = int(rid.max()) + 1
+        rpid = col(reg, "pidx").astype(np.int64)
+        row_of = np.full(n_parts * rspan, -1, dtype=np.int64)  # (partition, region) -> row
+        row_of[rpid * rspan + rid] = np.arange(len(rid))
+        amap = reg.column("A").combine_chunks().flatten().to_numpy().reshape(-1, k, 2)
+        cvec = reg.column("c").combine_chunks().flatten().to_numpy().reshape(-1, k)
+        epid = col(edg, "pidx").astype(np.int64)
+        rl, rr = col(edg, "rl").astype(np.int64), col(edg, "rr").astype(np.int64)
+        if rl.max(initial=-1) >= rspan or rr.max(initial=-1) >= rspan:
+            raise GeomstoreError(
+                "an edge names a region its partition does not hold: the store is "
+                "inconsistent; recompute that partition."
             )
-            for c, v in out.items()
-        }
-    )
+        left = row_of[epid * rspan + rl]
+        right = np.where(rr >= 0, row_of[epid * rspan + np.maximum(rr, 0)], -1)
+        if (left < 0).any() or ((rr >= 0) & (right < 0)).any():
+            raise GeomstoreError(
+                "an edge names a region its partition does not hold: the store is "
+                "inconsistent; recompute that partition."
+            )
+        ends = [col(edg, c) for c in ("u0_a", "u1_a", "u0_b", "u1_b")]
+        for j in range(k):
+            segs = _line_in_regions(amap[:, j], cvec[:, j], left, right, *ends)
+            if segs is None:
+                continue
+            grp, a0, a1, b0, b1 = segs
+            out["pidx"].append(rpid[grp].astype(np.int32))
+            out["unit"].append(np.full(len(grp), offset + j, dtype=np.int32))
+            for name, v in zip(("u0_a", "u1_a", "u0_b", "u1_b"), (a0, a1, b0, b1), strict=True):
+                out[name].append(v)
+    return pa.table({c: pa.array(np.concatenate(v)) for c, v in out.items()})
+
+
+def _line_in_regions(
+    slope: np.ndarray,
+    const: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    ax: np.ndarray,
+    ay: np.ndarray,
+    bx: np.ndarray,
+    by: np.ndarray,
+) -> tuple[np.ndarray, ...] | None:
+    """Each region's piece of the line slope[r] . u + const[r] = 0 (r, a0, a1, b0, b1)."""
+    s0, s1, c = slope[left, 0], slope[left, 1], const[left]
+    fa = s0 * ax + s1 * ay + c
+    fb = s0 * bx + s1 * by + c
+    cross = (np.minimum(fa, fb) <= 0) & (np.maximum(fa, fb) >= 0) & (fa != fb)
+    on = (fa == 0) & (fb == 0) & ((s0 != 0) | (s1 != 0))  # the edge lies on the line
+    t = fa[cross] / (fa[cross] - fb[cross])
+    px = np.concatenate([ax[cross] + t * (bx[cross] - ax[cross]), ax[on], bx[on]])
+    py = np.concatenate([ay[cross] + t * (by[cross] - ay[cross]), ay[on], by[on]])
+    idx = np.concatenate([np.flatnonzero(cross), np.flatnonzero(on), np.flatnonzero(on)])
+    # each point lies on the boundary of the regions on both sides of its edge
+    two = right[idx] >= 0
+    row = np.concatenate([left[idx], right[idx][two]])
+    px, py = np.concatenate([px, px[two]]), np.concatenate([py, py[two]])
+    if len(row) == 0:
+        return None
+    g0, g1 = slope[row, 0], slope[row, 1]
+    pos = px * -g1 + py * g0  # position along the line's direction (-g1, g0)
+    order = np.lexsort((pos, row))
+    row, pos = row[order], pos[order]
+    first = np.ones(len(row), dtype=bool)
+    first[1:] = row[1:] != row[:-1]
+    start = np.flatnonzero(first)
+    end = np.append(start[1:], len(row)) - 1
+    keep = pos[end] > pos[start]
+    start, end, grp = start[keep], end[keep], row[start[keep]]
+    a0, a1, cc = slope[grp, 0], slope[grp, 1], const[grp]
+    n2 = a0 * a0 + a1 * a1
+    base0, base1 = -cc * a0 / n2, -cc * a1 / n2  # the line's point nearest the origin
+    d0, d1 = -a1 / n2, a0 / n2
+    lo, hi = pos[start], pos[end]
+    return grp, base0 + lo * d0, base1 + lo * d1, base0 + hi * d0, base1 + hi * d1
 
 
 def _distinct(keys: np.ndarray, span: int) -> np.ndarray:
