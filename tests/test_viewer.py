@@ -139,7 +139,7 @@ def test_viewer_draws_slides_hovers_and_samples(
         want = first.regions.column("region_id").to_numpy()[inside]
         _wait(browser, "return document.getElementById('hover-id').textContent !== '-'", 10)
         assert int(browser.find_element(By.ID, "hover-id").text) in want.tolist()
-        assert len(browser.find_element(By.ID, "hover-hash").text) == 16
+        assert len(browser.find_element(By.ID, "hover-hash").text) == 32
         assert browser.find_element(By.ID, "hover-map").text.startswith("f0 = ")
 
     # a click near the decision boundary samples boundary points near it

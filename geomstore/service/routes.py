@@ -207,15 +207,16 @@ def _parse_bbox(bbox: str | None) -> list[float] | None:
 
 
 def pattern_hashes(patterns: Sequence[bytes | None]) -> pa.Array:
-    """A short, stable hash of each activation pattern (first 16 hex digits of SHA-256).
+    """A short hash of each packed activation pattern (the first 16 bytes of its SHA-256),
+    for stores written before regions carried the engine's ``pattern_hash``.
 
     Examples
     --------
-    >>> pattern_hashes([b"\\x01", None]).to_pylist()
-    ['4bf5122f344554c5', None]
+    >>> pattern_hashes([b"\\x01", None]).to_pylist()[0].hex()
+    '4bf5122f344554c53bde2ebb8cd2b7e3'
     """
     return pa.array(
-        [None if p is None else hashlib.sha256(p).hexdigest()[:16] for p in patterns], pa.string()
+        [None if p is None else hashlib.sha256(p).digest()[:16] for p in patterns], pa.binary()
     )
 
 
@@ -230,7 +231,7 @@ def partition_rows(
 ) -> tuple[pa.Table, bool]:
     """Rows of one partition's table (geometry as WKB), optionally within a bbox."""
     known = _columns_of(store, table)
-    derived = table == "regions"
+    derived = table == "regions" and "pattern_hash" not in known  # an older store
     wanted = list(columns) if columns else list(known) + (["pattern_hash"] if derived else [])
     bad = [c for c in wanted if c not in known and not (derived and c == "pattern_hash")]
     if bad:
@@ -462,19 +463,26 @@ def _with_affine(store: Store, table: pa.Table, body: PointsRequest) -> pa.Table
     )
     pids = [pid_of[c] for c in table.column("checkpoint").to_pylist()]
     rids = table.column("region_id").to_pylist()
+    stored = "pattern_hash" in _columns_of(store, "regions")
     maps = store.sql(
-        "SELECT partition_id, region_id, A, c FROM regions "
-        "WHERE list_contains(?, partition_id) AND list_contains(?, region_id)",
+        "SELECT partition_id, region_id, A, c"
+        + (", pattern_hash" if stored else "")
+        + " FROM regions WHERE list_contains(?, partition_id) AND list_contains(?, region_id)",
         [sorted(set(pids)), sorted(set(rids))],
         max_rows=len(set(pids)) * len(set(rids)) + 1,
     ).table.to_pylist()
-    by_key = {(m["partition_id"], m["region_id"]): (m["A"], m["c"]) for m in maps}
-    a_col = [by_key.get((p, r), (None, None))[0] for p, r in zip(pids, rids)]
-    c_col = [by_key.get((p, r), (None, None))[1] for p, r in zip(pids, rids)]
+    by_key = {(m["partition_id"], m["region_id"]): m for m in maps}
+    found = [by_key.get((p, r), {}) for p, r in zip(pids, rids)]
     out = table.add_column(0, "partition_id", pa.array(pids, pa.string()))
-    out = out.append_column("A", pa.array(a_col, pa.list_(pa.float64())))
-    out = out.append_column("c", pa.array(c_col, pa.list_(pa.float64())))
-    return out.append_column("pattern_hash", pattern_hashes(out.column("pattern").to_pylist()))
+    out = out.append_column("A", pa.array([f.get("A") for f in found], pa.list_(pa.float64())))
+    out = out.append_column("c", pa.array([f.get("c") for f in found], pa.list_(pa.float64())))
+    if "pattern_hash" in out.column_names:  # the query gave it already
+        return out
+    if stored:
+        hashes = pa.array([f.get("pattern_hash") for f in found], pa.binary())
+    else:
+        hashes = pattern_hashes(out.column("pattern").to_pylist())
+    return out.append_column("pattern_hash", hashes)
 
 
 # partition-level queries --------------------------------------------------------------------

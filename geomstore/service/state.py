@@ -187,6 +187,7 @@ class ServiceState:
         self.metrics = Metrics()
         self.started = time.time()
         self._writer_lock = threading.Lock()
+        self._writer: Store | None = None
 
     @contextlib.contextmanager
     def reading(self, endpoint: str, timeout: float | None = None) -> Iterator[Store]:
@@ -201,14 +202,17 @@ class ServiceState:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Store]:
-        """The store opened for writing (job submission), one writer at a time."""
+        """The store opened for writing (job submission): opened once, one writer at a time
+        (reopening a DuckLake catalog beside open readers of the same process fails)."""
         with self._writer_lock:
-            st = Store(self.config.store, data_path=self.config.data_path)
-            try:
-                yield st
-            finally:
-                st.close()
+            if self._writer is None:
+                self._writer = Store(self.config.store, data_path=self.config.data_path)
+            yield self._writer
 
     def close(self) -> None:
-        """Close the pool."""
+        """Close the pool and the writer."""
         self.pool.close()
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
