@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from geomstore._aliases import renamed_kwargs
 from geomstore.engine.partition import partition
 from geomstore.errors import GeomstoreError
 from geomstore.jobs import submit
@@ -29,6 +30,10 @@ class Recorder:
     so that ``geomstore worker`` processes (on a GPU machine, say) compute them while
     training goes on. The model's training mode is restored afterwards.
 
+    ``model`` is the model's name in the store (as everywhere in the query API); the module
+    itself is passed to each call as ``net``. The old spellings ``model_name=`` (here) and
+    ``model=`` (for the module, in the call) still work, with a DeprecationWarning.
+
     Examples
     --------
     >>> import tempfile, torch, geomstore
@@ -42,10 +47,11 @@ class Recorder:
     >>> store.close()
     """
 
+    @renamed_kwargs(model_name="model")
     def __init__(
         self,
         store: Store,
-        model_name: str,
+        model: str,
         slices: Slice | Sequence[Slice],
         *,
         every: int = 1,
@@ -60,7 +66,11 @@ class Recorder:
         self.slices = [slices] if isinstance(slices, Slice) else list(slices)
         if not self.slices:
             raise GeomstoreError("give at least one slice to record on.")
-        self.store, self.model_name, self.every = store, model_name, every
+        if not isinstance(model, str) or not model:
+            raise GeomstoreError(
+                f"model is the model's name in the store (a non-empty string), got {model!r}."
+            )
+        self.store, self.model, self.every = store, model, every
         self.queue, self.device, self.verify = queue, device, verify
         self.options = dict(options or {})
         if queue and folder is None:
@@ -68,12 +78,18 @@ class Recorder:
                 raise GeomstoreError(
                     "queue=True needs folder= (where the exported checkpoints go) for this store."
                 )
-            folder = Path(store.target) / "checkpoints" / model_name
+            folder = Path(store.target) / "checkpoints" / model
         self.folder = Path(folder) if folder is not None else None
 
+    @property
+    def model_name(self) -> str:
+        """Deprecated spelling of :attr:`model` (the model's name in the store)."""
+        return self.model
+
+    @renamed_kwargs(model="net")
     def __call__(
         self,
-        model: torch.nn.Module,
+        net: torch.nn.Module,
         step: int,
         metrics: dict[str, float] | None = None,
         *,
@@ -86,25 +102,23 @@ class Recorder:
         if not force and step % self.every:
             return []
         clean = {k: float(v) for k, v in (metrics or {}).items()}
-        was_training = model.training
-        model.eval()
+        was_training = net.training
+        net.eval()
         try:
             with torch.no_grad():
-                return (
-                    self._queue(model, step, clean) if self.queue else self._now(model, step, clean)
-                )
+                return self._queue(net, step, clean) if self.queue else self._now(net, step, clean)
         finally:
-            model.train(was_training)
+            net.train(was_training)
 
-    def _now(self, model: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
+    def _now(self, net: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
         ids = []
         for sl in self.slices:
-            part = partition(model, sl, device=self.device, **self.options)
-            verified = part.verify(model).ok if self.verify else None
+            part = partition(net, sl, device=self.device, **self.options)
+            verified = part.verify(net).ok if self.verify else None
             ids.append(
                 self.store.add(
                     part,
-                    model=self.model_name,
+                    model=self.model,
                     checkpoint=f"step-{step}",
                     step=step,
                     metrics=metrics,
@@ -113,15 +127,15 @@ class Recorder:
             )
         return ids
 
-    def _queue(self, model: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
+    def _queue(self, net: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
         assert self.folder is not None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step}.pt2"
-        param = next(iter(model.parameters()), None)
+        param = next(iter(net.parameters()), None)
         dtype = param.dtype if param is not None else torch.float32
         x = torch.as_tensor(self.slices[0].lift([0.0, 0.0], shaped=True), dtype=dtype)[None]
         try:
-            program = torch.export.export(model, (x,))
+            program = torch.export.export(net, (x,))
         except Exception as exc:
             raise GeomstoreError(
                 f"cannot export the model at step {step} with torch.export ({exc}); "
@@ -134,7 +148,7 @@ class Recorder:
                 self.store,
                 ModelSpec(str(path)),
                 sl,
-                model=self.model_name,
+                model=self.model,
                 checkpoint=f"step-{step}",
                 step=step,
                 metrics=metrics,

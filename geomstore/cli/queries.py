@@ -34,20 +34,9 @@ def _grid_points(st: Any, model: str, slice_name: str | None, n: int) -> np.ndar
 
 
 def _dataset_points(st: Any, name: str, slice_id: str) -> tuple[np.ndarray, np.ndarray | None]:
-    rows = (
-        st._reader()
-        .execute(
-            "SELECT p.u0, p.u1, p.label FROM points p JOIN datasets d USING (dataset_id) "
-            "WHERE d.name = ? AND d.slice_id = ? ORDER BY p.point_id",
-            [name, slice_id],
-        )
-        .fetchall()
-    )
-    if not rows:
-        raise GeomstoreError(f"no points of data set {name!r} on this slice (store.add_points).")
-    arr = np.array([[r[0], r[1]] for r in rows])
-    labels = [r[2] for r in rows]
-    return arr, None if any(v is None for v in labels) else np.array(labels)
+    from geomstore.queries import dataset_points
+
+    return dataset_points(st, dataset=name, slice=slice_id)
 
 
 @app.command()

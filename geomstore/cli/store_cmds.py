@@ -1,4 +1,4 @@
-"""Commands on the store itself: init, migrate, sql, export."""
+"""Commands on the store itself: init, migrate, sql, partitions, export."""
 
 from __future__ import annotations
 
@@ -52,15 +52,48 @@ def sql(
     query: str = typer.Argument(..., help="One SELECT statement."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file."),
-    limit: int = typer.Option(100_000, help="At most this many rows."),
+    max_rows: int = typer.Option(
+        100_000, "--max-rows", "--limit", min=0, help="At most this many rows."
+    ),
+    timeout: float = typer.Option(
+        30.0, "--timeout", min=0.001, help="Stop the query after this many seconds."
+    ),
 ) -> None:
     """Run one read-only SELECT over the store (views gs_partitions, macro gs_lc).
+
+    The query goes through the SQL sandbox: only the store's tables, views and macros and
+    a few table functions (range, generate_series, unnest); no files, settings or writes.
 
     Example: geomstore sql runs/moons "SELECT step, n_regions FROM gs_partitions ORDER BY step"
     """
     with open_store(store, read_only=True) as st:
-        res = st.sql(query, limit=limit)
+        res = st.sql(query, max_rows=max_rows, timeout=timeout)
     emit(res.table, fmt, output, truncated=res.truncated)
+
+
+@app.command()
+def partitions(
+    store: str = STORE,
+    model: str | None = typer.Option(None, "--model", "-m", help="Only this model (name)."),
+    slice_name: str | None = typer.Option(None, "--slice", help="Only this slice (name or id)."),
+    checkpoint: list[str] = typer.Option(
+        [], "--checkpoint", "-c", help="Only these checkpoints (repeatable)."
+    ),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file."),
+) -> None:
+    """List the stored partitions: model, checkpoint, step, slice, regions, edges, id.
+
+    The same listing as store.partitions() in Python and GET /api/partitions over HTTP.
+
+    Example: geomstore partitions runs/moons --model moons-mlp
+    """
+    with open_store(store, read_only=True) as st:
+        table = st.partitions(model=model, slice=slice_name, checkpoints=checkpoint or None)
+    if fmt == "table":
+        keep = ["model", "checkpoint", "step", "slice", "n_regions", "n_edges", "partition_id"]
+        table = table.select([c for c in keep if c in table.column_names])
+    emit(table, fmt, output, title=f"{table.num_rows} partition(s)")
 
 
 @app.command()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from geomstore._aliases import renamed_kwargs
 from geomstore.errors import GeomstoreError
 from geomstore.slice import Slice
 
 __all__ = ["sample_boundary"]
 
 
+@renamed_kwargs(slice_="slice")
 def sample_boundary(
     boundary: pa.Table,
-    slice_: Slice,
+    slice: Slice,
     n: int,
     *,
     seed: int = 0,
@@ -28,6 +30,10 @@ def sample_boundary(
     ----------
     boundary : pyarrow.Table
         A partition's boundary table (``Partition.boundary``, or rows from the store).
+    slice : Slice
+        The partition's slice (``slice_=`` is a deprecated spelling).
+    n : int
+        How many points.
     pair : (int, int), optional
         Only the boundary between these two classes.
     near, within : optional
@@ -95,13 +101,13 @@ def sample_boundary(
     else:
         normal = np.stack([-d[:, 1], d[:, 0]], 1) / np.linalg.norm(d, axis=1, keepdims=True)
     u = u + offset * normal
-    x = slice_.lift(u)
+    x = slice.lift(u)
     return pa.table(
         {
             "u0": u[:, 0],
             "u1": u[:, 1],
             "x": pa.FixedShapeTensorArray.from_numpy_ndarray(
-                np.ascontiguousarray(x.reshape(len(x), *slice_.input_shape))
+                np.ascontiguousarray(x.reshape(len(x), *slice.input_shape))
             ),
             "region_id": cols["region_id"][idx].astype(np.int64),
             "class_a": ca[idx],

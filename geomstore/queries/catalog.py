@@ -35,7 +35,7 @@ def _require_model(store: Store, model: str) -> None:
     if model not in names:
         raise NotFoundError(
             f"no model {model!r} in this store; models: {names or 'none yet'} "
-            "(list them with store.models() or geomstore partitions STORE).",
+            "(list them with geomstore.queries.models(store) or geomstore partitions STORE).",
             kind="model",
             name=model,
         )

@@ -75,7 +75,7 @@ def migration_index(
         raise GeomstoreError(f"distance must be > 0; got {distance!r}.")
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     ids = parts.column("partition_id").to_pylist()
-    con = store._reader()
+    con = store.reader()
     pairs = con.execute(
         "SELECT list_position($ids, e.partition_id) - 1 AS pidx, e.edge_id, e.u0_a, e.u1_a, "
         "e.u0_b, e.u1_b, e.length, b.u0_a AS s0a, b.u1_a AS s1a, b.u0_b AS s0b, b.u1_b AS s1b "

@@ -39,7 +39,7 @@ def point_regions(
         }
     )
     ids = parts.column("partition_id").to_pylist()
-    con = store._reader()
+    con = store.reader()
     con.register("_gs_pts", pts)
     try:
         table = con.execute(

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from geomstore.errors import StoreError
+from geomstore.errors import NotFoundError, StoreError
 from geomstore.store.store import Store
 
 __all__ = ["partition_stats", "resolve_partitions"]
@@ -23,29 +23,28 @@ def resolve_partitions(
 ) -> pa.Table:
     """Partitions of ``model`` (by name) on one slice (name or id), ordered by step.
 
-    Columns: partition_id, checkpoint, step, slice_id, metrics.
+    The rows of :func:`~geomstore.queries.partitions` (partition_id, checkpoint, step,
+    slice_id, metrics, ...). Raises :class:`~geomstore.errors.NotFoundError` for an unknown
+    model, slice or checkpoint, and :class:`~geomstore.errors.StoreError` when the model has
+    partitions on several slices and ``slice`` is not given.
     """
-    sql = (
-        "SELECT p.partition_id, c.name AS checkpoint, c.step, p.slice_id, c.metrics "
-        "FROM partitions p JOIN checkpoints c USING (checkpoint_id) "
-        "JOIN models m USING (model_id) JOIN slices s ON s.slice_id = p.slice_id "
-        "WHERE m.name = ?"
-    )
-    params: list[object] = [model]
-    if slice is not None:
-        sql += " AND (s.name = ? OR s.slice_id = ?)"
-        params += [slice, slice]
-    if checkpoints is not None:
-        sql += " AND list_contains(?, c.name)"
-        params.append(list(checkpoints))
-    sql += " ORDER BY c.step NULLS LAST, c.name"
-    table = store.sql(sql, params).table
+    from geomstore.queries.catalog import partitions
+
+    known = [r[0] for r in store.reader().execute("SELECT DISTINCT name FROM models").fetchall()]
+    if model not in known:
+        raise NotFoundError(
+            f"no partitions of model {model!r}; models in this store: {sorted(known)}.",
+            kind="model",
+            name=model,
+        )
+    table = partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     if table.num_rows == 0:
-        known = store.sql("SELECT DISTINCT name FROM models ORDER BY name").table
-        raise StoreError(
+        raise NotFoundError(
             f"no partitions of model {model!r}"
             + (f" on slice {slice!r}" if slice else "")
-            + f"; models in this store: {known.column('name').to_pylist()}."
+            + "; list them with store.partitions() or geomstore partitions STORE.",
+            kind="partition",
+            name=model,
         )
     if slice is None and len(set(table.column("slice_id").to_pylist())) > 1:
         raise StoreError(f"model {model!r} has partitions on several slices; pass slice=NAME.")
@@ -118,19 +117,20 @@ def partition_stats(
                coalesce(b.n_boundary_segments, 0) AS n_boundary_segments, e.edge_length
         FROM r LEFT JOIN b USING (partition_id) LEFT JOIN e USING (partition_id)
     """
-    stats = store.sql(sql, [ids, ids, ids]).table
+    con = store.reader()
+    stats = con.execute(sql, [ids, ids, ids]).to_arrow_table()
     by_id = {row["partition_id"]: row for row in stats.to_pylist()}
     rows = []
     for p in parts.to_pylist():
         s = dict(by_id[p["partition_id"]])
         s.pop("partition_id")
         wkb = (
-            store.sql(
+            con.execute(
                 "SELECT ST_AsWKB(geometry)::BLOB AS g FROM regions WHERE partition_id = ?",
                 [p["partition_id"]],
-                limit=100_000_000,
             )
-            .table.column("g")
+            .to_arrow_table()
+            .column("g")
             .to_pylist()
         )
         ecc = eccentricity(wkb)

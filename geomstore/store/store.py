@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
+from geomstore._aliases import renamed_kwargs
 from geomstore.engine.partition import Partition
 from geomstore.errors import AbortedWriteError, DataPathError, SchemaVersionError, StoreError
 from geomstore.store.connection import connect
@@ -603,10 +604,11 @@ class Store:
 
         return eng
 
+    @renamed_kwargs(slice_="slice")
     def add_points(
         self,
         name: str,
-        slice_: Any,
+        slice: Any,
         x: Any,
         *,
         labels: Sequence[int] | Any | None = None,
@@ -620,11 +622,11 @@ class Store:
 
         if self.read_only:
             raise StoreError("this store is open read-only; open it without read_only to write.")
-        u, dist = slice_.project(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
+        u, dist = slice.project(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
         lab = np.asarray(labels if labels is not None else np.full(len(u), -1), dtype=np.int64)
         if lab.shape != (len(u),):
             raise StoreError(f"labels must have one entry per point ({len(u)}), got {lab.shape}.")
-        slice_id = slice_.content_hash[:20]
+        slice_id = slice.content_hash[:20]
         dataset_id = _hash("dataset", name, slice_id, split)
         table = pa.table(
             {
@@ -663,25 +665,36 @@ class Store:
 
     def export(self, target: str | Path) -> list[Path]:
         """Write every table as GeoParquet into a directory, or all into one ``.duckdb`` file."""
-        if str(target).endswith(".duckdb"):
-            path = Path(target)
-            if path.exists():
-                raise StoreError(f"{path} exists; export into a new file.")
-            self.con.execute(f"ATTACH '{path}' AS gs_export")
-            try:
-                for table in (*_DATA_TABLES, "jobs", "job_heartbeats", LEDGER):
-                    self.con.execute(f"CREATE TABLE gs_export.{table} AS SELECT * FROM {table}")
-            finally:
-                self.con.execute("DETACH gs_export")
-            return [path]
-        out = Path(target)
-        out.mkdir(parents=True, exist_ok=True)
-        files = []
-        for table in _DATA_TABLES:
-            path = out / f"{table}.parquet"
-            self.con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
-            files.append(path)
-        return files
+        tables = (*_DATA_TABLES, "jobs", "job_heartbeats", LEDGER)
+        con, fresh = self.con, None
+        if self.kind == "duckdb" and self._read is not None:
+            # the read path has locked this instance's file access: copy through Arrow
+            fresh = con = connect()
+            for table in tables:
+                con.register(table, self.con.execute(f"SELECT * FROM {table}").to_arrow_table())
+        try:
+            if str(target).endswith(".duckdb"):
+                path = Path(target)
+                if path.exists():
+                    raise StoreError(f"{path} exists; export into a new file.")
+                con.execute(f"ATTACH '{path}' AS gs_export")
+                try:
+                    for table in tables:
+                        con.execute(f"CREATE TABLE gs_export.{table} AS SELECT * FROM {table}")
+                finally:
+                    con.execute("DETACH gs_export")
+                return [path]
+            out = Path(target)
+            out.mkdir(parents=True, exist_ok=True)
+            files = []
+            for table in _DATA_TABLES:
+                path = out / f"{table}.parquet"
+                con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
+                files.append(path)
+            return files
+        finally:
+            if fresh is not None:
+                fresh.close()
 
 
 def _mask_password(target: str) -> str:
