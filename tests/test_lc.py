@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,9 +120,11 @@ def parts(nets: list[nn.Sequential]) -> list[geomstore.Partition]:
     return [geomstore.partition(n, BOX, device="cpu") for n in nets]
 
 
-@pytest.fixture
-def store(tmp_path: Path, parts: list[geomstore.Partition]) -> Iterator[geomstore.Store]:
-    with geomstore.open(tmp_path / "s") as s:
+@pytest.fixture(scope="module")
+def store(
+    tmp_path_factory: pytest.TempPathFactory, parts: list[geomstore.Partition]
+) -> Iterator[geomstore.Store]:
+    with geomstore.open(tmp_path_factory.mktemp("lc") / "s") as s:
         for step, p in zip((0, 100), parts, strict=True):
             s.add(p, model="net", checkpoint=f"step{step}", step=step)
         yield s
@@ -241,27 +240,19 @@ def test_choices_are_validated_with_the_list(store: geomstore.Store, wide: nn.Se
 
 
 def test_cli_lc_takes_layers(store: geomstore.Store) -> None:
-    target = str(Path(store.target))
-    store.close()
+    x = np.random.default_rng(4).uniform(-0.8, 0.8, (20, 2))
+    store.add_points("cli-probe", BOX, x)
+    want, _ = lc_trajectory(store, model="net", points="cli-probe", radius=0.2, layers="all")
     runner = CliRunner()
-    args = ["lc", target, "--model", "net", "--grid", "4", "--radius", "0.2", "--format", "csv"]
-    means = {}
-    for layers in ("hidden", "all"):
-        res = runner.invoke(app, [*args, "--layers", layers])
-        assert res.exit_code == 0, res.output
-        rows = list(csv.DictReader(io.StringIO(res.output)))
-        assert len(rows) == 2 and all(int(r["n_points"]) > 0 for r in rows)
-        means[layers] = [float(r["lc_mean"]) for r in rows]
-    assert all(a >= h for a, h in zip(means["all"], means["hidden"], strict=True))
-    bad = subprocess.run(  # the real entry point: one line, no traceback
-        [sys.executable, "-m", "geomstore", *args, "--layers", "logits"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 1
-    assert bad.stderr == "Error: layers must be one of ('hidden', 'all'); got 'logits'.\n"
+    args = ["lc", str(store.target), "--model", "net", "--points", "cli-probe", "--radius", "0.2"]
+    res = runner.invoke(app, [*args, "--format", "csv", "--layers", "all"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    assert [float(r["lc_mean"]) for r in rows] == want.column("lc_mean").to_pylist()
+    # main() prints a GeomstoreError as "Error: <message>" (tests/test_commands.py)
+    bad = runner.invoke(app, [*args, "--layers", "logits"])
+    assert bad.exit_code == 1 and isinstance(bad.exception, GeomstoreError)
+    assert str(bad.exception) == "layers must be one of ('hidden', 'all'); got 'logits'."
 
 
 def test_batches_and_the_sorted_path_agree_with_one_bitmap(
