@@ -46,6 +46,11 @@ def lc(
     points: str | None = typer.Option(None, help="A stored data set (store.add_points)."),
     grid: int = typer.Option(0, help="Instead of --points: an N x N grid over the slice."),
     radius: float = typer.Option(..., "--radius", "-r", help="Neighbourhood radius (u units)."),
+    layers: str = typer.Option(
+        "hidden",
+        help="hidden: the nonlinearities' units; all: also the logits (as the grokking "
+        "paper's MLP curves count).",
+    ),
     slice_name: str | None = SLICE,
     checkpoint: list[str] = CKPTS,
     fmt: str = FMT,
@@ -53,7 +58,7 @@ def lc(
 ) -> None:
     """Local complexity near the data, per checkpoint: the trajectory and its turning points.
 
-    Example: geomstore lc runs/moons --model moons-mlp --points moons --radius 0.1
+    Example: geomstore lc runs/moons --model moons-mlp --points moons --radius 0.1 --layers all
     """
     from geomstore.queries import lc_trajectory
 
@@ -69,6 +74,7 @@ def lc(
                 radius=radius,
                 slice=slice_name,
                 checkpoints=checkpoint or None,
+                layers=layers,  # type: ignore[arg-type]  # checked there, with the choices
             )
     emit(table.drop_columns(["metrics"]), fmt, output, title=f"local complexity, r={radius}")
     if fmt == "table":
