@@ -33,7 +33,7 @@ Layers = Literal["hidden", "all"]
 _SHAPES: tuple[str, ...] = get_args(Shape)
 _LAYERS: tuple[str, ...] = get_args(Layers)
 _BITMAP_MAX = 1 << 27  # distinct (cell, unit) pairs by a bitmap up to this many bits
-_BATCH = 1 << 18  # candidate rows per batch
+_BATCH = 1 << 16  # segments per batch (about 5 candidate points each at 10k regions)
 
 
 class LCArgumentError(GeomstoreError, ValueError):
@@ -184,48 +184,88 @@ def local_complexity(
     units, n_outputs, max_region = _architecture(con, ids)
     if layers == "all":
         units = [*units, n_outputs]
-    names = {
-        "_gs_pts": pa.table(
-            {"point_id": np.arange(len(u), dtype=np.int32), "pu0": u[:, 0], "pu1": u[:, 1]}
-        ),
-        "_gs_parts": pa.table(
+    con.register(
+        "_gs_parts",
+        pa.table(
             {
                 "partition_id": pa.array(ids, pa.string()),
                 "pidx": np.arange(len(ids), dtype=np.int32),
             }
         ),
-    }
-    for name, table in names.items():
-        con.register(name, table)
+    )
+    tally = _Tally(u, len(ids), units, max_region + 1, radius, shape)
+    grid = _PointGrid(u, radius)
     try:
-        zero_sets = "SELECT g.pidx, e.geometry, coalesce(e.unit, -1)::INTEGER AS unit, " + (
+        edges = con.execute(
+            "SELECT g.pidx, coalesce(e.unit, -1)::INTEGER AS unit, "
             "coalesce(e.region_left, -1)::INTEGER AS rl, coalesce(e.region_right, -1)::INTEGER"
-            " AS rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g USING "
-            "(partition_id)"
-        )
+            " AS rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g "
+            "USING (partition_id)"
+        ).to_arrow_reader(_BATCH)
+        for batch in edges:  # small batches: numpy's temporaries stay in cache
+            tally.add(grid, *(np.asarray(c.to_numpy()) for c in batch.columns))
         if layers == "all":
             segs = _logit_segments(con, len(ids), sum(units[:-1]), n_outputs)
-            con.register("_gs_logits", segs)
-            names["_gs_logits"] = segs
-            zero_sets += (
-                " UNION ALL SELECT pidx, ST_MakeLine(ST_Point(u0_a, u1_a), ST_Point(u0_b, u1_b)),"
-                " unit, -1, -1, u0_a, u1_a, u0_b, u1_b FROM _gs_logits"
-            )
-        # Candidates within the radius (the diamond lies inside the disk), slightly widened
-        # so that rounding in ST_DWithin drops nothing; the exact test is clipped_length.
-        tally = _Tally(u, len(ids), units, max_region + 1, radius, shape)
-        batches = con.execute(
-            f"SELECT e.pidx, p.point_id, e.unit, e.rl, e.rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b "
-            f"FROM ({zero_sets}) e JOIN _gs_pts p "
-            "ON ST_DWithin(e.geometry, ST_Point(p.pu0, p.pu1), $r)",
-            {"r": radius * (1 + 1e-9) + 1e-300},
-        ).to_arrow_reader(_BATCH)
-        for batch in batches:  # batches small enough that numpy's temporaries stay in cache
-            tally.add(batch)
+            none = np.full(segs.num_rows, -1, dtype=np.int32)
+            for batch in segs.to_batches(_BATCH):
+                c = [np.asarray(x.to_numpy()) for x in batch.columns]
+                tally.add(grid, c[0], c[1], none[: len(c[0])], none[: len(c[0])], *c[2:])
     finally:
-        for name in names:
-            con.unregister(name)
+        con.unregister("_gs_parts")
     return tally.table(parts, split)
+
+
+class _PointGrid:
+    """Points bucketed in a uniform grid: the points near a segment in a few index ranges.
+
+    Cells are half the radius wide (at most about a million cells), and points are sorted
+    by (row, column), so the points of one row of cells between two columns are one
+    contiguous range: a segment's candidates are the rows its box, widened by the radius,
+    covers. The candidates hold every point within the radius; the exact test is
+    :func:`clipped_length`.
+    """
+
+    def __init__(self, u: np.ndarray, radius: float) -> None:
+        lo, hi = u.min(axis=0) if len(u) else np.zeros(2), u.max(axis=0) if len(u) else np.ones(2)
+        self.size = max(radius / 2, float((hi - lo).max()) / 1000, 1e-300)
+        self.x0, self.y0 = float(lo[0]), float(lo[1])
+        self.nc = int((hi[0] - lo[0]) / self.size) + 1
+        self.nr = int((hi[1] - lo[1]) / self.size) + 1
+        self.radius = radius
+        col = np.minimum(((u[:, 0] - self.x0) / self.size).astype(np.int64), self.nc - 1)
+        row = np.minimum(((u[:, 1] - self.y0) / self.size).astype(np.int64), self.nr - 1)
+        key = row * self.nc + col
+        self.order = np.argsort(key, kind="stable")
+        self.start = np.searchsorted(key[self.order], np.arange(self.nr * self.nc + 1))
+
+    def pairs(
+        self, ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate (segment, point) pairs: every point within the radius of each segment."""
+        r, g = self.radius * (1 + 1e-9), self.size  # widened: rounding drops no candidate
+        x_lo = (np.minimum(ax, bx) - r - self.x0) / g
+        x_hi = (np.maximum(ax, bx) + r - self.x0) / g
+        y_lo = (np.minimum(ay, by) - r - self.y0) / g
+        y_hi = (np.maximum(ay, by) + r - self.y0) / g
+        seg = np.flatnonzero((x_hi >= 0) & (x_lo < self.nc) & (y_hi >= 0) & (y_lo < self.nr))
+        c0 = np.clip(x_lo[seg], 0, self.nc - 1).astype(np.int64)
+        c1 = np.clip(x_hi[seg], 0, self.nc - 1).astype(np.int64)
+        r0 = np.clip(y_lo[seg], 0, self.nr - 1).astype(np.int64)
+        rows = np.clip(y_hi[seg], 0, self.nr - 1).astype(np.int64) - r0 + 1
+        # one (segment, row of cells) pair per row its widened box covers
+        which = np.repeat(np.arange(len(seg)), rows)
+        row = r0[which] + _ramp(rows)
+        lo = self.start[row * self.nc + c0[which]]
+        hi = self.start[row * self.nc + c1[which] + 1]
+        take = np.repeat(np.arange(len(lo)), hi - lo)
+        pos = lo[take] + _ramp(hi - lo)
+        return seg[which[take]], self.order[pos]
+
+
+def _ramp(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., c - 1 for each count c, concatenated."""
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
 
 
 def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[str | None]]:
@@ -412,21 +452,29 @@ class _Tally:
         self.unit_keys: list[np.ndarray] = []
         self.side_keys: list[np.ndarray] = []
 
-    def add(self, batch: pa.RecordBatch) -> None:
-        """Clip one batch's segments to the neighbourhoods; note units, regions, lengths."""
-
-        def col(i: int) -> np.ndarray:
-            return np.asarray(batch.column(i).to_numpy())
-
-        pt = col(1)
-        cell = col(0).astype(np.int64) * self.n + pt
+    def add(
+        self,
+        grid: _PointGrid,
+        pidx: np.ndarray,
+        unit: np.ndarray,
+        left: np.ndarray,
+        right: np.ndarray,
+        ax: np.ndarray,
+        ay: np.ndarray,
+        bx: np.ndarray,
+        by: np.ndarray,
+    ) -> None:
+        """Clip a batch of segments to the neighbourhoods near them; note units, regions,
+        lengths."""
+        seg, pt = grid.pairs(ax, ay, bx, by)
+        cell = pidx[seg].astype(np.int64) * self.n + pt
         length = _clipped(
-            col(5), col(6), col(7), col(8), self.u0[pt], self.u1[pt], self.radius, self.shape
+            ax[seg], ay[seg], bx[seg], by[seg], self.u0[pt], self.u1[pt], self.radius, self.shape
         )
+        unit, left, right = unit[seg], left[seg], right[seg]
         # every segment is stored once (edges hold each shared segment once)
         self.length += np.bincount(cell, weights=length, minlength=self.cells)
         met = length > 0
-        unit, left, right = col(2), col(3), col(4)
         neur = met & (unit >= 0) & (unit < self.span)
         keys = cell[neur] * self.span + unit[neur]
         if self.mark is not None:
