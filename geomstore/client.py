@@ -10,11 +10,12 @@ float64 values), moved as Arrow IPC. Errors come back typed: an unknown model ra
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -26,7 +27,7 @@ from geomstore.errors import GeomstoreError, StoreError
 from geomstore.slice import Slice
 from geomstore.store.store import QueryResult
 
-__all__ = ["Client", "RemoteError", "connect"]
+__all__ = ["Client", "RemoteError", "connect", "remote_aware"]
 
 ARROW = "application/vnd.apache.arrow.stream"
 _RETRY_STATUS = (502, 503, 504)
@@ -64,6 +65,50 @@ def _strip(table: pa.Table) -> pa.Table:
         k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"geomstore.")
     }
     return table.replace_schema_metadata(meta or None)
+
+
+class _Rows:
+    """The answer of one statement run remotely, read like a DuckDB result."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table
+
+    def to_arrow_table(self) -> pa.Table:
+        return self._table
+
+    fetch_arrow_table = to_arrow_table
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [tuple(r.values()) for r in self._table.to_pylist()]
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        rows = self.fetchall()
+        return rows[0] if rows else None
+
+
+class RemoteReader:
+    """The read connection of a served store: every statement runs in the service's SQL
+    sandbox, so catalog listings and SQL-only queries work on a :class:`Client` as on a
+    local store."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> _Rows:
+        """Run one SELECT remotely; a cut answer is an error, never silently short."""
+        res = self._client.sql(query, params, max_rows=10_000_000)
+        if res.truncated:
+            raise StoreError(
+                "the served answer was cut at the server's --max-rows; ask for less, or run "
+                "this on the store's own machine."
+            )
+        return _Rows(res.table)
+
+    def register(self, name: str, table: object) -> None:
+        raise StoreError(
+            "this query joins local tables and runs on the server only; call it through "
+            "the client's method of the same name (client.local_complexity(...), ...)."
+        )
 
 
 class Client:
@@ -180,6 +225,12 @@ class Client:
                 "set name; project inputs with slice.project(x)."
             )
         return {"points": u.tolist()}  # repr of a float64 round-trips exactly through JSON
+
+    def reader(self) -> RemoteReader:
+        """Statements through the service's SQL sandbox (what query functions read with)."""
+        return RemoteReader(self)
+
+    read_only = True
 
     # catalog -----------------------------------------------------------------------------------
     def healthz(self) -> dict[str, Any]:
@@ -299,10 +350,11 @@ class Client:
         slice: str | None = None,
         checkpoints: Sequence[str] | None = None,
         shape: str = "disk",
+        layers: str = "hidden",
     ) -> pa.Table:
         """Local complexity at points (see :func:`geomstore.queries.local_complexity`)."""
         body = self._selection(model, slice, checkpoints) | self._points(points)
-        body |= {"radius": radius, "shape": shape}
+        body |= {"radius": radius, "shape": shape, "layers": layers}
         return self._table("POST", "/api/lc", json=body)[0]
 
     def lc_trajectory(
@@ -314,10 +366,11 @@ class Client:
         slice: str | None = None,
         checkpoints: Sequence[str] | None = None,
         shape: str = "disk",
+        layers: str = "hidden",
     ) -> tuple[pa.Table, dict[str, dict[str, int | None]]]:
         """LC over training and its turning points (see :func:`geomstore.queries.lc_trajectory`)."""
         body = self._selection(model, slice, checkpoints) | self._points(points)
-        body |= {"radius": radius, "shape": shape}
+        body |= {"radius": radius, "shape": shape, "layers": layers}
         table, meta = self._table("POST", "/api/lc/trajectory", json=body)
         return table, meta.get("turning_points", {})
 
@@ -432,6 +485,29 @@ class Client:
         }
         job: str = self._request("POST", "/api/jobs", json=body).json()["job_id"]
         return job
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def remote_aware(fn: F) -> F:
+    """Let a query function take a :class:`Client` as its store: the call then goes to the
+    service's endpoint (the client's method of the same name) and returns the same table.
+
+    Examples
+    --------
+    >>> from geomstore.queries import partition_stats
+    >>> partition_stats.__wrapped__.__name__
+    'partition_stats'
+    """
+
+    @functools.wraps(fn)
+    def call(store: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(store, Client):
+            return getattr(store, fn.__name__)(*args, **kwargs)
+        return fn(store, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def connect(

@@ -448,6 +448,34 @@ def test_cors_only_when_configured(store_path: str) -> None:
         assert "access-control-allow-origin" not in other.headers
 
 
+def test_cli_query_commands_take_the_service_url(
+    server: Server, store_path: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from geomstore.cli import app
+
+    runner = CliRunner()
+    for args in (
+        ["stats", "--model", "net", "-f", "json"],
+        ["lc", "--model", "net", "--points", "pts", "--radius", "0.1", "-f", "json"],
+        ["lc", "--model", "net", "--grid", "5", "--radius", "0.1", "-f", "csv"],
+        ["sample", "--model", "net", "-n", "7", "--seed", "2", "-f", "json"],
+        ["partitions", "--model", "net", "-f", "json"],
+        ["sql", "SELECT count(*) AS n FROM regions", "-f", "json"],
+    ):
+        here = runner.invoke(app, [args[0], store_path, *args[1:]])
+        remote = runner.invoke(app, [args[0], server.url, *args[1:]])
+        assert here.exit_code == 0, here.output
+        assert remote.exit_code == 0, remote.output
+        assert remote.stdout == here.stdout, args
+    res = runner.invoke(app, ["plot", server.url, "--model", "net", "-o", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    res = runner.invoke(app, ["init", server.url])
+    assert res.exit_code == 1 and "answers queries only" in str(res.exception)
+
+
 def test_json_cells_are_plain(http: httpx.Client) -> None:
     res = http.post(
         "/api/sql", json={"sql": "SELECT 'nan'::DOUBLE AS x, '\\x01'::BLOB AS b, [1, 2] AS l"}

@@ -42,7 +42,8 @@ STORE = typer.Argument(
     ...,
     envvar="GEOMSTORE_STORE",
     metavar="STORE",
-    help="The store: a directory (created if missing), a .duckdb file, or postgres:DSN "
+    help="The store: a directory (created if missing), a .duckdb file, postgres:DSN, or the "
+    "http(s):// URL of a geomstore serve (token in $GEOMSTORE_TOKEN) "
     "(default: $GEOMSTORE_STORE).",
 )
 BOX = typer.Option([], "--box", help="A box slice of a 2-input model: x0,y0,x1,y1 (repeatable).")
@@ -65,6 +66,13 @@ def open_store(target: str, *, read_only: bool = False) -> Any:
 
     import geomstore
 
+    if target.startswith(("http://", "https://")):  # a served store, read through the client
+        if not read_only:
+            raise GeomstoreError(
+                f"{target} is a geomstore service: it answers queries only; write to the "
+                "store on its own machine (or submit jobs with geomstore.connect(...).submit)."
+            )
+        return geomstore.connect(target, token=os.environ.get("GEOMSTORE_TOKEN"))
     if target.startswith(("postgres:", "postgresql://")):
         data = os.environ.get("GEOMSTORE_DATA_PATH")
         if not data:

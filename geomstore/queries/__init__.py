@@ -1,5 +1,6 @@
 """Queries over stored partitions: local complexity, statistics, boundary sampling."""
 
+from geomstore.client import remote_aware
 from geomstore.queries.agreement import agreement
 from geomstore.queries.approx import approximate_lc
 from geomstore.queries.boundary import sample_boundary
@@ -18,6 +19,15 @@ from geomstore.queries.points import churn, point_regions
 from geomstore.queries.stats import partition_stats, resolve_partitions
 from geomstore.queries.stored import agreement_over, boundary_samples, fragmentation_over
 from geomstore.queries.trajectory import lc_trajectory, turning_points
+
+# A geomstore.connect(...) client as the store: these run on the service (same tables).
+local_complexity = remote_aware(local_complexity)
+lc_trajectory = remote_aware(lc_trajectory)
+partition_stats = remote_aware(partition_stats)
+boundary_samples = remote_aware(boundary_samples)
+agreement_over = remote_aware(agreement_over)
+churn = remote_aware(churn)
+point_regions = remote_aware(point_regions)
 
 __all__ = [
     "agreement",

@@ -298,6 +298,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             expose_headers=["X-Geomstore-Truncated"],
         )
     app.add_middleware(Gate, state=state)  # outermost: every request passes the gate
+    app.router.add_event_handler("startup", state.pool.warm)
     app.router.add_event_handler("shutdown", state.close)
     return app
 

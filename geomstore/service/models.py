@@ -48,6 +48,9 @@ class PointsRequest(Selection):
     dataset: str | None = Field(None, description="Instead of points: a stored data set.")
     radius: float | None = Field(None, gt=0, description="LC: the neighbourhood radius.")
     shape: Literal["disk", "diamond"] = Field("disk", description="LC: the neighbourhood.")
+    layers: Literal["hidden", "all"] = Field(
+        "hidden", description="LC: hidden units only, or also the logits' decision lines."
+    )
 
 
 class SampleRequest(Selection):

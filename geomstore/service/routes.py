@@ -397,6 +397,7 @@ def lc(request: Request, s: State, body: PointsRequest, format: str | None = FOR
             slice=body.slice,
             checkpoints=body.checkpoints,
             shape=body.shape,
+            layers=body.layers,
         ),
         body,
     )
@@ -419,6 +420,7 @@ def lc_trajectory(
             slice=body.slice,
             checkpoints=body.checkpoints,
             shape=body.shape,
+            layers=body.layers,
         ),
         body,
     )
@@ -454,26 +456,35 @@ def region_at(
 
 
 def _with_affine(store: Store, table: pa.Table, body: PointsRequest) -> pa.Table:
-    """Add each holding region's affine map (A, c) and pattern hash, and its partition id."""
-    parts = queries.resolve_partitions(
-        store, model=body.model, slice=body.slice, checkpoints=body.checkpoints
-    )
-    pid_of = dict(
-        zip(parts.column("checkpoint").to_pylist(), parts.column("partition_id").to_pylist())
-    )
-    pids = [pid_of[c] for c in table.column("checkpoint").to_pylist()]
-    rids = table.column("region_id").to_pylist()
+    """Add each holding region's partition id, affine map (A, c) and pattern hash (one
+    query: ``point_regions`` has checked the model, slice and checkpoints already)."""
+    checkpoints = sorted(set(table.column("checkpoint").to_pylist()))
+    rids = sorted(set(table.column("region_id").to_pylist()))
     stored = "pattern_hash" in _columns_of(store, "regions")
-    maps = store.sql(
-        "SELECT partition_id, region_id, A, c"
-        + (", pattern_hash" if stored else "")
-        + " FROM regions WHERE list_contains(?, partition_id) AND list_contains(?, region_id)",
-        [sorted(set(pids)), sorted(set(rids))],
-        max_rows=len(set(pids)) * len(set(rids)) + 1,
-    ).table.to_pylist()
-    by_key = {(m["partition_id"], m["region_id"]): m for m in maps}
-    found = [by_key.get((p, r), {}) for p, r in zip(pids, rids)]
-    out = table.add_column(0, "partition_id", pa.array(pids, pa.string()))
+    sql = (
+        "WITH ps AS (SELECT p.partition_id, c.name AS checkpoint FROM partitions p "
+        "JOIN checkpoints c USING (checkpoint_id) JOIN models m ON m.model_id = c.model_id "
+        "JOIN slices s ON s.slice_id = p.slice_id WHERE m.name = $model "
+        "AND list_contains($checkpoints, c.name)"
+        + (" AND (s.name = $slice OR s.slice_id = $slice)" if body.slice is not None else "")
+        + ") SELECT ps.checkpoint, ps.partition_id, r.region_id, r.A, r.c"
+        + (", r.pattern_hash" if stored else "")
+        + " FROM regions r JOIN ps USING (partition_id) WHERE list_contains($rids, r.region_id)"
+    )
+    params: dict[str, Any] = {"model": body.model, "checkpoints": checkpoints, "rids": rids}
+    if body.slice is not None:
+        params["slice"] = body.slice
+    maps = store.sql(sql, params, max_rows=len(checkpoints) * len(rids) + 1).table.to_pylist()
+    by_key = {(m["checkpoint"], m["region_id"]): m for m in maps}
+    found = [
+        by_key.get((c, r), {})
+        for c, r in zip(
+            table.column("checkpoint").to_pylist(), table.column("region_id").to_pylist()
+        )
+    ]
+    out = table.add_column(
+        0, "partition_id", pa.array([f.get("partition_id") for f in found], pa.string())
+    )
     out = out.append_column("A", pa.array([f.get("A") for f in found], pa.list_(pa.float64())))
     out = out.append_column("c", pa.array([f.get("c") for f in found], pa.list_(pa.float64())))
     if "pattern_hash" in out.column_names:  # the query gave it already

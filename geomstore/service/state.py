@@ -129,6 +129,22 @@ class StorePool:
             else:
                 self._free.put(st)
 
+    def warm(self) -> None:
+        """Open every store of the pool now (opening costs far more than a query)."""
+        with self._lock:
+            missing = self.size - self._opened
+            self._opened += missing
+        for _ in range(missing):
+            try:
+                st = self._open()
+            except BaseException:
+                with self._lock:
+                    self._opened -= 1
+                raise
+            with self._lock:
+                self._all.append(st)
+            self._free.put(st)
+
     def _discard(self, st: Store) -> None:
         with self._lock:
             self._opened -= 1
