@@ -208,6 +208,51 @@ ATTACKS: list[tuple[str, str, type[GeomstoreError] | tuple[type[GeomstoreError],
         REFUSED,
     ),
     ("union", "SELECT 'a' UNION ALL SELECT content FROM read_text('{txt}')", REFUSED),
+    (
+        "in-limit",
+        "SELECT * FROM regions LIMIT (SELECT length(content) FROM read_text('{txt}'))",
+        REFUSED,
+    ),
+    (
+        "in-order-by",
+        "SELECT * FROM regions ORDER BY (SELECT content FROM read_text('{txt}'))",
+        REFUSED,
+    ),
+    (
+        "in-window-frame",
+        "SELECT sum(area) OVER (ORDER BY area ROWS BETWEEN "
+        "(SELECT length(content) FROM read_text('{txt}')) PRECEDING AND CURRENT ROW) FROM regions",
+        REFUSED,
+    ),
+    (
+        "in-named-window",
+        "SELECT sum(area) OVER w FROM regions "
+        "WINDOW w AS (ORDER BY (SELECT content FROM read_text('{txt}')))",
+        REFUSED,
+    ),
+    (
+        "in-having",
+        "SELECT label FROM regions GROUP BY label HAVING max(area) > "
+        "(SELECT length(content) FROM read_text('{txt}'))",
+        REFUSED,
+    ),
+    (
+        "in-filter",
+        "SELECT count(*) FILTER (WHERE '{txt}' IN (SELECT file FROM glob('*'))) FROM regions",
+        REFUSED,
+    ),
+    (
+        "in-lambda",
+        "SELECT list_transform([1], x -> (SELECT content FROM read_text('{txt}')))",
+        REFUSED,
+    ),
+    (
+        "in-values",
+        "SELECT * FROM (VALUES ((SELECT content FROM read_text('{txt}')))) v(a)",
+        REFUSED,
+    ),
+    ("in-join-on", "SELECT 1 FROM regions a JOIN read_csv('{csv}') b ON true", REFUSED),
+    ("method-call", "SELECT '{txt}'.read_text()", (SQLRefusedError, SQLError)),
     ("describe-file", "DESCRIBE '{csv}'", REFUSED),
     ("summarize-file", "SUMMARIZE '{csv}'", REFUSED),
     ("install", "INSTALL httpfs", REFUSED),

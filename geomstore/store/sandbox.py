@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
 
 from geomstore.errors import QueryTimeoutError, SQLError, SQLRefusedError
 from geomstore.store.sqlutil import ALIAS, _sql_helpers
@@ -50,6 +49,8 @@ __all__ = [
     "Policy",
     "ReadPath",
     "check_sql",
+    "harden",
+    "wrap",
 ]
 
 #: Table functions a query may call besides the store's own table macros.
@@ -156,7 +157,8 @@ def _looks_like_path(name: str) -> bool:
     return not _IDENT.match(name)
 
 
-def _one_statement(query: str) -> None:
+def _one_statement(query: str) -> str:
+    """The text of the one SELECT in ``query`` (without a trailing semicolon)."""
     if not isinstance(query, str):
         raise SQLRefusedError(
             f"a query is a string of SQL, got {type(query).__name__}.", reason="parse"
@@ -183,30 +185,24 @@ def _one_statement(query: str) -> None:
             "change the store, its settings or its extensions (write through store.add).",
             reason="statement",
         )
+    return str(stmts[0].query).rstrip().rstrip(";")
 
 
-def check_sql(query: str, policy: Policy, con: duckdb.DuckDBPyConnection) -> None:
-    """Refuse ``query`` unless it is one SELECT that names only what ``policy`` allows.
+_PARSERS = threading.local()
 
-    Raises :class:`~geomstore.errors.SQLRefusedError` (an attack, ``reason`` says which
-    rule) or :class:`~geomstore.errors.SQLError` (an unknown table or function).
-    Nothing runs: ``con`` only parses.
 
-    Examples
-    --------
-    >>> import tempfile, geomstore
-    >>> from geomstore.store.sandbox import check_sql
-    >>> with geomstore.open(tempfile.mkdtemp()) as store:
-    ...     rp = store._read_path()
-    ...     check_sql("SELECT count(*) FROM regions", rp.policy, store.reader())
-    ...     try:
-    ...         check_sql("SELECT * FROM read_text('/etc/passwd')", rp.policy, store.reader())
-    ...     except geomstore.errors.SQLRefusedError as exc:
-    ...         print(exc.reason)
-    function
-    """
-    _one_statement(query)
-    raw = con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()
+def _parser() -> duckdb.DuckDBPyConnection:
+    """This thread's in-memory connection for parsing: no store attached, so a parse never
+    starts a transaction on the store's catalog."""
+    con = getattr(_PARSERS, "con", None)
+    if con is None:
+        con = duckdb.connect(":memory:")
+        _PARSERS.con = con
+    return con
+
+
+def _tree(query: str) -> dict[str, Any]:
+    raw = _parser().execute("SELECT json_serialize_sql(?)", [query]).fetchone()
     tree: dict[str, Any] = json.loads(raw[0]) if raw else {"error": True}
     if tree.get("error"):
         msg = str(tree.get("error_message", "not a SELECT"))
@@ -215,7 +211,44 @@ def check_sql(query: str, policy: Policy, con: duckdb.DuckDBPyConnection) -> Non
         )
     if len(tree.get("statements", [])) != 1:
         raise SQLRefusedError("give exactly one statement.", reason="multiple")
-    _walk(tree["statements"][0], policy)
+    return tree
+
+
+def wrap(text: str, max_rows: int) -> str:
+    """The statement that runs: the user's SELECT as a subquery under the row cap.
+
+    The newlines keep a trailing ``--`` comment from swallowing the closing parenthesis.
+    """
+    return f"SELECT * FROM (\n{text}\n) AS gs_q LIMIT {int(max_rows) + 1}"
+
+
+def check_sql(query: str, policy: Policy, *, max_rows: int = 0) -> str:
+    """Refuse ``query`` unless it is one SELECT naming only what ``policy`` allows.
+
+    Returns the statement to run (:func:`wrap` of the query); that statement is what the
+    rules were checked on, so what runs is what was checked. Raises
+    :class:`~geomstore.errors.SQLRefusedError` (an attack; ``reason`` says which rule) or
+    :class:`~geomstore.errors.SQLError` (an unknown table or function). Nothing runs.
+
+    Examples
+    --------
+    >>> import tempfile, geomstore
+    >>> from geomstore.store.sandbox import check_sql
+    >>> with geomstore.open(tempfile.mkdtemp()) as store:
+    ...     policy = store._read_path().policy
+    ...     print(check_sql("SELECT count(*) FROM regions", policy, max_rows=10))
+    ...     try:
+    ...         check_sql("SELECT * FROM read_text('/etc/passwd')", policy)
+    ...     except geomstore.errors.SQLRefusedError as exc:
+    ...         print(exc.reason)
+    SELECT * FROM (
+    SELECT count(*) FROM regions
+    ) AS gs_q LIMIT 11
+    function
+    """
+    statement = wrap(_one_statement(query), max_rows)
+    _walk(_tree(statement)["statements"][0], policy)
+    return statement
 
 
 def _walk(root: Any, policy: Policy) -> None:
@@ -273,7 +306,7 @@ def _check_table(node: dict[str, Any], ctes: frozenset[str], policy: Policy) -> 
         return
     if catalog in _CATALOGS and schema in _SCHEMAS and low in policy.relations:
         return
-    if _looks_like_path(name) or catalog not in _CATALOGS or schema not in _SCHEMAS:
+    if _looks_like_path(name) or _denied(low) or catalog not in _CATALOGS or schema not in _SCHEMAS:
         shown = ".".join(p for p in (catalog, schema, name) if p)
         raise SQLRefusedError(
             f"{shown!r} is not a table of this store (files and other databases are not "
@@ -441,13 +474,13 @@ class ReadPath:
             raise SQLError(f"max_rows must be a whole number >= 0, got {max_rows!r}.")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise SQLError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}.")
+        try:
+            statement = check_sql(query, self.policy, max_rows=max_rows)
+        except SQLError:
+            # a table or macro made since the policy was read (a migration): read again
+            self._policy = Policy.of(self.reader())
+            statement = check_sql(query, self._policy, max_rows=max_rows)
         with self._borrow() as (con, broken):
-            try:
-                check_sql(query, self.policy, con)
-            except SQLError:
-                # a table or macro made since the policy was read (a migration): read again
-                self._policy = Policy.of(con)
-                check_sql(query, self._policy, con)
             fired = threading.Event()
 
             def interrupt() -> None:
@@ -459,9 +492,8 @@ class ReadPath:
                 timer.daemon = True
                 timer.start()
             try:
-                rel = con.sql(query, params=params)
-                # a relation, so the row cap reaches the plan and the run stays interruptible
-                table = pa.table({}) if rel is None else rel.limit(max_rows + 1).to_arrow_table()
+                # fetched whole (a streamed fetch cannot be interrupted); LIMIT caps the plan
+                table = con.execute(statement, params).to_arrow_table()
             except duckdb.InterruptException:
                 broken[0] = True
                 raise QueryTimeoutError(
