@@ -34,6 +34,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from geomstore._aliases import renamed_kwargs
 from geomstore.engine.partition import Partition, partition
 from geomstore.errors import (
     AbortedWriteError,
@@ -122,10 +123,11 @@ def compute(
     return pid, part, verified
 
 
+@renamed_kwargs(sl="slice")
 def submit(
     store: Store,
     spec: ModelSpec,
-    sl: Slice,
+    slice: Slice,
     *,
     model: str,
     checkpoint: str | None = None,
@@ -148,11 +150,11 @@ def submit(
     opts = {k: v for k, v in (options or {}).items() if k in PARTITION_OPTIONS}
     spec = ModelSpec(str(path), spec.factory, spec.trust_pickle)
     sha = file_sha256(path)
-    job_id = _hash("job", model, checkpoint or name, sha, spec.factory, sl.content_hash, opts)
+    job_id = _hash("job", model, checkpoint or name, sha, spec.factory, slice.content_hash, opts)
     body = {
         "model": spec.to_dict(),
         "sha256": sha,
-        "slice": sl.to_dict(),
+        "slice": slice.to_dict(),
         "metrics": metrics if metrics is not None else file_metrics,
         "verify": verify,
         "options": opts,

@@ -173,6 +173,20 @@ def test_old_spellings_still_work_with_a_warning(store: geomstore.Store, tmp_pat
         sample_boundary(part.boundary, slice=part.slice, slice_=part.slice, n=1)  # type: ignore[call-arg]
 
 
+def test_submit_takes_slice_and_the_old_sl(tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "step-1.pt2"
+    torch.export.save(torch.export.export(mlp((4,), out=2), (torch.zeros(1, 2),)), str(path))
+    with geomstore.open(tmp_path / "s") as s:
+        new = geomstore.submit(s, geomstore.ModelSpec(str(path)), slice=BOX, model="m")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            old = geomstore.submit(s, geomstore.ModelSpec(str(path)), sl=BOX, model="m")  # type: ignore[call-arg]
+    assert old == new
+    assert any("sl=" in str(x.message) for x in w if issubclass(x.category, DeprecationWarning))
+
+
 def test_new_spellings_are_the_documented_ones(tmp_path: Path) -> None:
     net = mlp((4,), out=2)
     with warnings.catch_warnings():
