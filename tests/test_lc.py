@@ -264,6 +264,7 @@ def test_batches_and_the_sorted_path_agree_with_one_bitmap(
     one = local_complexity(store, model="net", points=u, radius=0.25, layers="all")
     monkeypatch.setattr(complexity, "_BATCH", 97)  # many small batches
     monkeypatch.setattr(complexity, "_BITMAP_MAX", 0)  # distinct units by sorting
+    monkeypatch.setattr(complexity, "_CANDIDATES", 100)  # candidates expanded in pieces
     many = local_complexity(store, model="net", points=u, radius=0.25, layers="all")
     for name in ("checkpoint", "step", "point_id", "n_neurons", "neurons_per_layer", "n_regions"):
         assert many.column(name).equals(one.column(name)), name
@@ -272,3 +273,17 @@ def test_batches_and_the_sorted_path_agree_with_one_bitmap(
         np.asarray(one.column("boundary_density")),
         rtol=1e-12,
     )
+
+
+def test_a_radius_that_covers_the_domain_counts_every_unit(
+    store: geomstore.Store, parts: list[geomstore.Partition]
+) -> None:
+    u = np.random.default_rng(8).uniform(-1, 1, (7, 2))
+    lc = local_complexity(store, model="net", points=u, radius=3.0)
+    for k, part in enumerate(parts):
+        units = part.edges.column("unit").drop_null().to_numpy()
+        got = lc.column("n_neurons").to_numpy()[k * len(u) : (k + 1) * len(u)]
+        assert (got == len(np.unique(units))).all()
+        assert (
+            lc.column("n_regions").to_numpy()[k * len(u) : (k + 1) * len(u)] == part.n_regions
+        ).all()

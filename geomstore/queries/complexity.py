@@ -11,8 +11,9 @@ stored affine maps ``A u + c``: inside each region the zero set of logit ``j`` i
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, get_args
 
 import duckdb
@@ -34,6 +35,7 @@ _SHAPES: tuple[str, ...] = get_args(Shape)
 _LAYERS: tuple[str, ...] = get_args(Layers)
 _BITMAP_MAX = 1 << 27  # distinct (cell, unit) pairs by a bitmap up to this many bits
 _BATCH = 1 << 16  # segments per batch (about 5 candidate points each at 10k regions)
+_CANDIDATES = 1 << 19  # (segment, point) candidates processed at a time
 
 
 class LCArgumentError(GeomstoreError, ValueError):
@@ -239,9 +241,10 @@ class _PointGrid:
         self.start = np.searchsorted(key[self.order], np.arange(self.nr * self.nc + 1))
 
     def pairs(
-        self, ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate (segment, point) pairs: every point within the radius of each segment."""
+        self, ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray, limit: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Candidate (segment, point) pairs, at most about ``limit`` at a time: every point
+        within the radius of each segment."""
         r, g = self.radius * (1 + 1e-9), self.size  # widened: rounding drops no candidate
         x_lo = (np.minimum(ax, bx) - r - self.x0) / g
         x_hi = (np.maximum(ax, bx) + r - self.x0) / g
@@ -256,10 +259,16 @@ class _PointGrid:
         which = np.repeat(np.arange(len(seg)), rows)
         row = r0[which] + _ramp(rows)
         lo = self.start[row * self.nc + c0[which]]
-        hi = self.start[row * self.nc + c1[which] + 1]
-        take = np.repeat(np.arange(len(lo)), hi - lo)
-        pos = lo[take] + _ramp(hi - lo)
-        return seg[which[take]], self.order[pos]
+        count = self.start[row * self.nc + c1[which] + 1] - lo
+        # a large radius meets many points per segment: expand the ranges in pieces
+        ends = np.cumsum(count)
+        cuts = np.searchsorted(ends, np.arange(limit, int(ends[-1]) if len(ends) else 0, limit))
+        for a, b in itertools.pairwise([0, *np.unique(cuts).tolist(), len(lo)]):
+            if b == a:
+                continue
+            take = a + np.repeat(np.arange(b - a), count[a:b])
+            pos = lo[take] + _ramp(count[a:b])
+            yield seg[which[take]], self.order[pos]
 
 
 def _ramp(counts: np.ndarray) -> np.ndarray:
@@ -466,7 +475,22 @@ class _Tally:
     ) -> None:
         """Clip a batch of segments to the neighbourhoods near them; note units, regions,
         lengths."""
-        seg, pt = grid.pairs(ax, ay, bx, by)
+        for seg, pt in grid.pairs(ax, ay, bx, by, _CANDIDATES):
+            self._add(seg, pt, pidx, unit, left, right, ax, ay, bx, by)
+
+    def _add(
+        self,
+        seg: np.ndarray,
+        pt: np.ndarray,
+        pidx: np.ndarray,
+        unit: np.ndarray,
+        left: np.ndarray,
+        right: np.ndarray,
+        ax: np.ndarray,
+        ay: np.ndarray,
+        bx: np.ndarray,
+        by: np.ndarray,
+    ) -> None:
         cell = pidx[seg].astype(np.int64) * self.n + pt
         length = _clipped(
             ax[seg], ay[seg], bx[seg], by[seg], self.u0[pt], self.u1[pt], self.radius, self.shape
