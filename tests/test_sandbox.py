@@ -357,6 +357,7 @@ def test_refusals_say_which_rule(target: Target, planted: Planted) -> None:
     assert reason("SELECT 1; SELECT 2") == "multiple"
     assert reason("SET threads = 64") in ("statement", "parse")
     assert reason("SELECT " + "1 + " * 60_000 + "1") == "size"
+    assert reason("SELECT " + "abs(" * 900 + "1" + ")" * 900) == "size"
     # refusals are still ReadOnlyQueryError (the old class) and ValueError
     with pytest.raises(ReadOnlyQueryError):
         target.store.sql("DELETE FROM regions")

@@ -203,7 +203,13 @@ def _parser() -> duckdb.DuckDBPyConnection:
 
 def _tree(query: str) -> dict[str, Any]:
     raw = _parser().execute("SELECT json_serialize_sql(?)", [query]).fetchone()
-    tree: dict[str, Any] = json.loads(raw[0]) if raw else {"error": True}
+    try:
+        tree: dict[str, Any] = json.loads(raw[0]) if raw else {"error": True}
+    except RecursionError:
+        raise SQLRefusedError(
+            "the query is nested too deeply to check; flatten it (CTEs instead of nesting).",
+            reason="size",
+        ) from None
     if tree.get("error"):
         msg = str(tree.get("error_message", "not a SELECT"))
         raise SQLRefusedError(
