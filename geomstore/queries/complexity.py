@@ -36,6 +36,7 @@ _LAYERS: tuple[str, ...] = get_args(Layers)
 _BITMAP_MAX = 1 << 27  # distinct (cell, unit) pairs by a bitmap up to this many bits
 _BATCH = 1 << 16  # segments per batch (about 5 candidate points each at 10k regions)
 _CANDIDATES = 1 << 19  # (segment, point) candidates processed at a time
+_PIDX = "list_position($ids, e.partition_id)::INTEGER - 1 AS pidx"  # index into the ids
 
 
 class LCArgumentError(GeomstoreError, ValueError):
@@ -186,34 +187,25 @@ def local_complexity(
     units, n_outputs, max_region = _architecture(con, ids)
     if layers == "all":
         units = [*units, n_outputs]
-    con.register(
-        "_gs_parts",
-        pa.table(
-            {
-                "partition_id": pa.array(ids, pa.string()),
-                "pidx": np.arange(len(ids), dtype=np.int32),
-            }
-        ),
-    )
     tally = _Tally(u, len(ids), units, max_region + 1, radius, shape)
     grid = _PointGrid(u, radius)
-    try:
-        edges = con.execute(
-            "SELECT g.pidx, coalesce(e.unit, -1)::INTEGER AS unit, "
-            "coalesce(e.region_left, -1)::INTEGER AS rl, coalesce(e.region_right, -1)::INTEGER"
-            " AS rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g "
-            "USING (partition_id)"
-        ).to_arrow_reader(_BATCH)
-        for batch in edges:  # small batches: numpy's temporaries stay in cache
-            tally.add(grid, *(np.asarray(c.to_numpy()) for c in batch.columns))
-        if layers == "all":
-            segs = _logit_segments(con, len(ids), sum(units[:-1]), n_outputs)
-            none = np.full(segs.num_rows, -1, dtype=np.int32)
-            for batch in segs.to_batches(_BATCH):
-                c = [np.asarray(x.to_numpy()) for x in batch.columns]
-                tally.add(grid, c[0], c[1], none[: len(c[0])], none[: len(c[0])], *c[2:])
-    finally:
-        con.unregister("_gs_parts")
+    # the partition ids go in as a parameter: registering an Arrow table would import
+    # pyarrow.dataset (a third of a second) on a process's first query
+    edges = con.execute(
+        f"SELECT {_PIDX}, coalesce(e.unit, -1)::INTEGER AS unit, "
+        "coalesce(e.region_left, -1)::INTEGER AS rl, coalesce(e.region_right, -1)::INTEGER"
+        " AS rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e "
+        "WHERE list_contains($ids, e.partition_id)",
+        {"ids": ids},
+    ).to_arrow_reader(_BATCH)
+    for batch in edges:  # small batches: numpy's temporaries stay in cache
+        tally.add(grid, *(np.asarray(c.to_numpy()) for c in batch.columns))
+    if layers == "all":
+        segs = _logit_segments(con, ids, sum(units[:-1]), n_outputs)
+        none = np.full(segs.num_rows, -1, dtype=np.int32)
+        for batch in segs.to_batches(_BATCH):
+            c = [np.asarray(x.to_numpy()) for x in batch.columns]
+            tally.add(grid, c[0], c[1], none[: len(c[0])], none[: len(c[0])], *c[2:])
     return tally.table(parts, split)
 
 
@@ -326,7 +318,9 @@ def _architecture(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[list[
     return [int(x) for x in units], k, max(int(r[2] or 0) for r in rows) - 1
 
 
-def _logit_segments(con: duckdb.DuckDBPyConnection, n_parts: int, offset: int, k: int) -> pa.Table:
+def _logit_segments(
+    con: duckdb.DuckDBPyConnection, ids: list[str], offset: int, k: int
+) -> pa.Table:
     """The zero set of every output unit inside every region, as segments.
 
     Inside a convex region the zero set of logit j is the line A[j] u + c[j] = 0 clipped to
@@ -336,13 +330,17 @@ def _logit_segments(con: duckdb.DuckDBPyConnection, n_parts: int, offset: int, k
     on its left is also the crossing for the region on its right. A logit that is
     identically zero on a region has no line there and is skipped.
     """
+    n_parts = len(ids)
     reg = con.execute(
-        "SELECT g.pidx, r.region_id, r.A, r.c FROM regions r JOIN _gs_parts g USING (partition_id)"
+        f"SELECT {_PIDX.replace('e.', 'r.')}, r.region_id, r.A, r.c FROM regions r "
+        "WHERE list_contains($ids, r.partition_id)",
+        {"ids": ids},
     ).to_arrow_table()
     edg = con.execute(
-        "SELECT g.pidx, e.region_left AS rl, coalesce(e.region_right, -1) AS rr, "
-        "e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e JOIN _gs_parts g USING (partition_id) "
-        "WHERE e.region_left IS NOT NULL"
+        f"SELECT {_PIDX}, e.region_left AS rl, coalesce(e.region_right, -1) AS rr, "
+        "e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e "
+        "WHERE list_contains($ids, e.partition_id) AND e.region_left IS NOT NULL",
+        {"ids": ids},
     ).to_arrow_table()
     cols = {"pidx": np.int32, "unit": np.int32, "u0_a": float, "u1_a": float}
     cols |= {"u0_b": float, "u1_b": float}
@@ -530,11 +528,12 @@ class _Tally:
         sides = _distinct(np.concatenate([np.zeros(0, np.int64), *self.side_keys]), 1 << 62)
         regions = np.maximum(np.bincount(sides // self.rspan, minlength=cells), 1)
         area = np.pi * self.radius**2 if self.shape == "disk" else 2 * self.radius**2
-        take = np.repeat(np.arange(k), n)
+        names = np.array(parts.column("checkpoint").to_pylist(), dtype=object)
+        steps = np.array(parts.column("step").to_pylist(), dtype=object)
         return pa.table(
             {
-                "checkpoint": parts.column("checkpoint").combine_chunks().take(take),
-                "step": parts.column("step").combine_chunks().cast(pa.int64()).take(take),
+                "checkpoint": pa.array(np.repeat(names, n), type=pa.string()),
+                "step": pa.array(np.repeat(steps, n), type=pa.int64()),
                 "point_id": pa.array(np.tile(np.arange(n, dtype=np.int64), k)),
                 "split": pa.array(split * k, type=pa.string()),
                 "n_neurons": pa.array(per_layer.reshape(cells, n_layers).sum(1).astype(np.int64)),

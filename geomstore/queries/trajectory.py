@@ -67,23 +67,16 @@ def lc_trajectory(
         shape=shape,
         layers=layers,
     )
-    con = store.reader()
-    con.register("_gs_lc", lc)
-    try:
-        table = con.execute(
-            "SELECT checkpoint, step, coalesce(split, 'all') AS split, count(*) AS n_points, "
-            "avg(n_neurons) AS lc_mean, quantile_cont(n_neurons, 0.25) AS lc_q25, "
-            "quantile_cont(n_neurons, 0.5) AS lc_q50, quantile_cont(n_neurons, 0.75) AS lc_q75, "
-            "avg(boundary_density) AS density_mean FROM _gs_lc "
-            "GROUP BY ALL ORDER BY split, step NULLS LAST, checkpoint"
-        ).to_arrow_table()
-        metrics = con.execute(
+    table = _per_checkpoint(lc)
+    metrics = (
+        store.reader()
+        .execute(
             "SELECT c.name AS checkpoint, c.metrics FROM checkpoints c "
             "JOIN models m USING (model_id) WHERE m.name = ?",
             [model],
-        ).fetchall()
-    finally:
-        con.unregister("_gs_lc")
+        )
+        .fetchall()
+    )
     by_name = dict(metrics)
     table = table.append_column(
         "metrics", pa.array([by_name.get(c) for c in table.column("checkpoint").to_pylist()])
@@ -95,3 +88,51 @@ def lc_trajectory(
         tp = turning_points([r["lc_mean"] for r in sub])
         turns[split] = {k: (sub[i]["step"] if i is not None else None) for k, i in tp.items()}
     return table, turns
+
+
+def _per_checkpoint(lc: pa.Table) -> pa.Table:
+    """Mean and quartiles (linear interpolation, as SQL's quantile_cont) of n_neurons and
+    the mean density per (split, checkpoint), ordered by split, step and checkpoint.
+
+    ``lc`` is :func:`local_complexity`'s table: one block of the same points per
+    checkpoint, the checkpoints ordered by step (nulls last) and name.
+    """
+    names = lc.column("checkpoint").to_pylist()
+    n_rows = len(names)
+    splits = ["all" if x is None else x for x in lc.column("split").to_pylist()]
+    ids = np.asarray(lc.column("point_id"))
+    n = int(ids.max()) + 1 if n_rows else 0
+    k = n_rows // n if n else 0
+    lcv = np.asarray(lc.column("n_neurons"), dtype=np.float64).reshape(k, n)
+    dens = np.asarray(lc.column("boundary_density"), dtype=np.float64).reshape(k, n)
+    steps = lc.column("step").to_pylist()[::n] if n else []
+    point_split = np.array(splits[:n], dtype=object)
+    cols: dict[str, list[object]] = {c: [] for c in _COLUMNS}
+    for split in sorted(set(point_split.tolist())):
+        sel = point_split == split
+        q = np.quantile(lcv[:, sel], [0.25, 0.5, 0.75], axis=1)
+        cols["checkpoint"] += names[::n]
+        cols["step"] += steps
+        cols["split"] += [split] * k
+        cols["n_points"] += [int(sel.sum())] * k
+        cols["lc_mean"] += lcv[:, sel].mean(axis=1).tolist()
+        for j, name in enumerate(("lc_q25", "lc_q50", "lc_q75")):
+            cols[name] += q[j].tolist()
+        cols["density_mean"] += dens[:, sel].mean(axis=1).tolist()
+    return pa.table(
+        {c: pa.array(v, type=t) for (c, v), t in zip(cols.items(), _TYPES, strict=True)}
+    )
+
+
+_COLUMNS = (
+    "checkpoint",
+    "step",
+    "split",
+    "n_points",
+    "lc_mean",
+    "lc_q25",
+    "lc_q50",
+    "lc_q75",
+    "density_mean",
+)
+_TYPES = (pa.string(), pa.int64(), pa.string(), pa.int64()) + (pa.float64(),) * 5
