@@ -19,7 +19,7 @@ from geomstore.errors import (
     ModelShapeError,
     UnsupportedModelError,
 )
-from geomstore.jobs import Worker, submit
+from geomstore.jobs import Worker, compute, submit
 from geomstore.loading import ModelLoadError, ModelSpec, load_model
 from geomstore.recorder import Recorder
 from geomstore.slice import Slice
@@ -44,6 +44,7 @@ __all__ = [
     "VerifyReport",
     "Worker",
     "__version__",
+    "compute",
     "connect",
     "load_model",
     "open",

@@ -64,6 +64,10 @@ class DataPathError(StoreError, ValueError):
     """A store's data path (a directory or ``s3://`` URL) or its S3 settings cannot be used."""
 
 
+class ExecutorError(GeomstoreError, ValueError):
+    """A compute executor is unknown, missing (Ray not installed) or cannot use this store."""
+
+
 class SQLRefusedError(ReadOnlyQueryError, ValueError):
     """The SQL sandbox refused a statement before running it (``reason`` says which rule).
 

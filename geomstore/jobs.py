@@ -26,10 +26,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import duckdb
 import pyarrow as pa
@@ -38,6 +38,7 @@ from geomstore._aliases import renamed_kwargs
 from geomstore.engine.partition import Partition, partition
 from geomstore.errors import (
     AbortedWriteError,
+    ExecutorError,
     GeomstoreError,
     InvalidSliceError,
     ModelShapeError,
@@ -49,10 +50,13 @@ from geomstore.store.sqlutil import ALIAS, _hash, _retry, transaction
 from geomstore.store.store import Store
 
 __all__ = [
+    "ComputeSummary",
     "Job",
+    "JobResult",
     "Worker",
     "checkpoint_meta",
     "compute",
+    "compute_one",
     "job_table",
     "retry_failed",
     "submit",
@@ -92,7 +96,7 @@ def checkpoint_meta(path: str | Path) -> tuple[str, int | None, dict[str, float]
     return p.stem, step, metrics
 
 
-def compute(
+def compute_one(
     store: Store,
     spec: ModelSpec,
     sl: Slice,
@@ -105,8 +109,13 @@ def compute(
     device: str = "auto",
     options: dict[str, Any] | None = None,
     before_commit: Callable[[duckdb.DuckDBPyConnection, str], bool] | None = None,
+    source: str | None = None,
 ) -> tuple[str, Partition, bool | None]:
-    """Load one checkpoint, partition it on one slice, write it; (partition id, it, verified)."""
+    """Load one checkpoint, partition it on one slice, write it; (partition id, it, verified).
+
+    ``source`` is what the store records as the checkpoint's file (default ``spec.path``;
+    a Ray task loads a temporary copy of the file but records the original).
+    """
     net = spec.load(sl.input_shape)
     part = partition(net, sl, device=device, **(options or {}))
     verified = part.verify(net).ok if verify else None
@@ -115,12 +124,251 @@ def compute(
         model=model,
         checkpoint=checkpoint,
         step=step,
-        source=spec.path,
+        source=source or spec.path,
         metrics=metrics,
         verified=verified,
         before_commit=before_commit,
     )
     return pid, part, verified
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What one checkpoint x slice came to: a partition id, or the error that stopped it."""
+
+    checkpoint: str
+    slice: str | None
+    path: str
+    partition_id: str | None = None
+    n_regions: int | None = None
+    seconds: float | None = None
+    device: str | None = None
+    verified: bool | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the partition was written (or was already there)."""
+        return self.error is None
+
+    def line(self) -> str:
+        """One line for a log or a progress bar."""
+        what = f"{self.checkpoint} x {self.slice or 'slice'}"
+        if self.error is not None:
+            return f"{what}: FAILED {self.error_type}: {self.error}"
+        ver = (
+            "" if self.verified is None else ("  verified" if self.verified else "  VERIFY FAILED")
+        )
+        return (
+            f"{what}: {self.n_regions} regions, {self.seconds or 0.0:.2f} s on {self.device} "
+            f"-> partition {self.partition_id}{ver}"
+        )
+
+
+@dataclass
+class ComputeSummary:
+    """The results of :func:`compute`, one per checkpoint x slice, in submission order."""
+
+    results: list[JobResult]
+    executor: str
+    seconds: float
+
+    @property
+    def done(self) -> list[JobResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self) -> list[JobResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def partition_ids(self) -> list[str]:
+        return [r.partition_id for r in self.results if r.partition_id is not None]
+
+    def __str__(self) -> str:
+        bad = sum(r.verified is False for r in self.results)
+        return (
+            f"{len(self.done)} of {len(self.results)} partition(s) stored, "
+            f"{len(self.failed)} failed"
+            + (f", {bad} failed verification" if bad else "")
+            + f", in {self.seconds:.1f} s ({self.executor})"
+        )
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One checkpoint file x one slice, with the file's name, step and metrics."""
+
+    path: str
+    checkpoint: str
+    step: int | None
+    metrics: dict[str, float]
+    slice: Slice
+
+
+Executor = Literal["local", "ray"]
+EXECUTORS: tuple[str, ...] = ("local", "ray")
+
+
+def plan(
+    checkpoints: str | Path | Sequence[str | Path], slices: Slice | Sequence[Slice]
+) -> list[PlannedJob]:
+    """Every checkpoint x slice once (duplicates dropped), names from :func:`checkpoint_meta`."""
+    files = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
+    sls = [slices] if isinstance(slices, Slice) else list(slices)
+    if not files:
+        raise GeomstoreError("give at least one checkpoint file.")
+    if not sls:
+        raise GeomstoreError("give at least one slice.")
+    jobs: dict[tuple[str, str], PlannedJob] = {}
+    for f in files:
+        p = Path(f).resolve()
+        if not p.is_file():
+            raise GeomstoreError(f"checkpoint file {f} does not exist.")
+        name, step, metrics = checkpoint_meta(p)
+        for sl in sls:
+            jobs.setdefault((str(p), sl.content_hash), PlannedJob(str(p), name, step, metrics, sl))
+    return list(jobs.values())
+
+
+def compute(
+    store: Store,
+    checkpoints: str | Path | Sequence[str | Path],
+    slices: Slice | Sequence[Slice],
+    *,
+    model: str,
+    factory: str | None = None,
+    trust_pickle: bool = False,
+    verify: bool = False,
+    device: str = "auto",
+    options: dict[str, Any] | None = None,
+    executor: Executor = "local",
+    address: str | None = None,
+    on_result: Callable[[JobResult], None] | None = None,
+) -> ComputeSummary:
+    """Partition checkpoint files on slices and store them: here, or as Ray tasks.
+
+    Each checkpoint x slice is one job. Its name, step and metrics come from the file
+    (:func:`checkpoint_meta`). A job that fails (a bad file, an unsupported layer) is
+    reported in its :class:`JobResult` and the others go on. Partition ids derive from the
+    content (weights, slice, settings), so computing a checkpoint again writes nothing new.
+
+    Parameters
+    ----------
+    store : Store
+        Where the partitions go. With ``executor="ray"`` every Ray worker opens it too: a
+        store directory on a shared file system, or a ``postgres:`` catalog with its data
+        path in S3 (workers read the S3 settings from their own environment).
+    checkpoints : path or sequence of paths
+        Checkpoint files (``torch.export`` programs, weights with ``factory``, TorchScript),
+        loaded with :mod:`geomstore.loading`, never unpickled unless ``trust_pickle``.
+    slices : Slice or sequence of Slice
+    model : str
+        The model's name in the store.
+    executor : {"local", "ray"}
+        ``"local"`` computes in this process, one job after another; ``"ray"`` runs one
+        Ray task per job (see :func:`geomstore.distributed.compute_ray`).
+    address : str, optional
+        The Ray cluster to join (``ray.init(address=...)``; default ``$RAY_ADDRESS`` or a
+        new local cluster). Only with ``executor="ray"``.
+    on_result : callable, optional
+        Called with each :class:`JobResult` as it finishes (a progress bar).
+
+    Examples
+    --------
+    >>> import tempfile, torch, geomstore
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> d = tempfile.mkdtemp()
+    >>> torch.export.save(torch.export.export(net, (torch.zeros(1, 2),)), d + "/step-5.pt2")
+    >>> box = geomstore.Slice.box((-1, -1), (1, 1))
+    >>> with geomstore.open(d + "/store") as store:
+    ...     res = geomstore.compute(store, [d + "/step-5.pt2"], box, model="toy", device="cpu")
+    >>> len(res.done), res.results[0].checkpoint
+    (1, 'step-5')
+    """
+    if executor not in EXECUTORS:
+        raise ExecutorError(
+            f"executor={executor!r} is not one of {', '.join(map(repr, EXECUTORS))}; "
+            'pick one ("ray" needs pip install geomstore[ray]).'
+        )
+    if address is not None and executor != "ray":
+        raise ExecutorError("address= names a Ray cluster: give it with executor='ray'.")
+    if store.read_only:
+        raise GeomstoreError("this store is open read-only; open it for writing to compute.")
+    jobs = plan(checkpoints, slices)
+    opts = dict(options or {})
+    start = time.monotonic()
+    if executor == "ray":
+        from geomstore.distributed import compute_ray
+
+        results = compute_ray(
+            store,
+            jobs,
+            model=model,
+            factory=factory,
+            trust_pickle=trust_pickle,
+            verify=verify,
+            device=device,
+            options=opts,
+            address=address,
+            on_result=on_result,
+        )
+        return ComputeSummary(results, "ray", time.monotonic() - start)
+    results = []
+    for job in jobs:
+        result = run_planned(store, job, model, factory, trust_pickle, verify, device, opts)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return ComputeSummary(results, "local", time.monotonic() - start)
+
+
+def run_planned(
+    store: Store,
+    job: PlannedJob,
+    model: str,
+    factory: str | None,
+    trust_pickle: bool,
+    verify: bool,
+    device: str,
+    options: dict[str, Any],
+    *,
+    load_from: str | None = None,
+) -> JobResult:
+    """Compute and store one planned job; any failure becomes the result's ``error``.
+
+    ``load_from`` is a local copy of ``job.path`` to load instead (a Ray task's).
+    """
+    sl_name = job.slice.name
+    try:
+        pid, part, verified = compute_one(
+            store,
+            ModelSpec(load_from or job.path, factory, trust_pickle),
+            job.slice,
+            model=model,
+            checkpoint=job.checkpoint,
+            step=job.step,
+            metrics=job.metrics,
+            verify=verify,
+            device=device,
+            options=options,
+            source=job.path,
+        )
+    except Exception as exc:
+        return JobResult(
+            job.checkpoint, sl_name, job.path, error=str(exc), error_type=type(exc).__name__
+        )
+    return JobResult(
+        job.checkpoint,
+        sl_name,
+        job.path,
+        partition_id=pid,
+        n_regions=part.n_regions,
+        seconds=part.seconds,
+        device=str(part.settings.get("device")),
+        verified=verified,
+    )
 
 
 @renamed_kwargs(sl="slice")
@@ -396,7 +644,7 @@ class Worker:
 
             spec = job.spec
             self._interruptible = True  # an interrupted write rolls back; the job is released
-            _, part, _ = compute(
+            _, part, _ = compute_one(
                 self.store,
                 ModelSpec.from_dict(spec["model"]),
                 Slice.from_dict(spec["slice"]),

@@ -47,6 +47,6 @@ def test_public_api_is_pinned() -> None:
     expected = (
         "ENGINE_VERSION GeomstoreError InvalidSliceError ModelLoadError ModelShapeError "
         "ModelSpec Partition QueryResult Recorder Slice Store UnsupportedModelError "
-        "VerifyReport Worker __version__ load_model open partition submit verify"
+        "VerifyReport Worker __version__ compute connect load_model open partition submit verify"
     )
     assert sorted(geomstore.__all__) == sorted(expected.split())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import glob
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from geomstore.cli.common import (
     BOX,
@@ -58,6 +61,25 @@ def _files(patterns: list[str]) -> list[Path]:
     return files
 
 
+class _OptionalRayValue(TyperCommand):
+    """``--ray`` with or without an ADDRESS: a bare ``--ray`` becomes ``--ray=`` (no address).
+
+    The next word is taken as the address only when it looks like one (``ray://...``,
+    ``host:port`` or ``auto``), so ``--ray 'ckpt/*.pt2'`` still reads the checkpoints.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        out = list(args)
+        for i, word in enumerate(out):
+            if word == "--":
+                break
+            if word == "--ray":
+                nxt = out[i + 1] if i + 1 < len(out) else ""
+                if not re.match(r"^(ray://|auto$|[A-Za-z0-9.-]+:\d+$)", nxt):
+                    out[i] = "--ray="
+        return super().parse_args(ctx, out)
+
+
 def _options(levels: list[float], threshold: float | None) -> dict[str, object]:
     opts: dict[str, object] = {}
     if levels:
@@ -67,7 +89,7 @@ def _options(levels: list[float], threshold: float | None) -> dict[str, object]:
     return opts
 
 
-@app.command()
+@app.command(cls=_OptionalRayValue)
 def compute(
     store: str = STORE,
     checkpoints: list[str] = CHECKPOINTS,
@@ -82,50 +104,65 @@ def compute(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     level: list[float] = LEVELS,
     threshold: float | None = typer.Option(None, help="Single-output decision threshold."),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Run one Ray task per checkpoint x slice: on the cluster at ADDRESS "
+        "(--ray=ray://head:10001), or $RAY_ADDRESS / a new local cluster with a bare --ray. "
+        "The store must be reachable from the workers (postgres: catalog + "
+        "GEOMSTORE_DATA_PATH=s3://..., or a shared directory).",
+    ),
 ) -> None:
-    """Partition checkpoints on slices now, in this process, and store them.
+    """Partition checkpoints on slices and store them: in this process, or on Ray (--ray).
 
     Name, step and metrics come from each file (step-0300.pt2 -> step 300; a step-0300.json
-    beside it may hold {"step": ..., "metrics": {...}}).
+    beside it may hold {"step": ..., "metrics": {...}}). A checkpoint that fails (a bad
+    file, an unsupported layer) is reported and the others go on; the exit code is 1 then.
 
     Example: geomstore compute runs/moons 'ckpt/*.pt2' --model moons-mlp --box=-2,-1.5,3,2
+
+    Example: geomstore compute postgres:host=db 'ckpt/*.pt2' -m resnet --slice s1 --ray
     """
-    from geomstore.jobs import checkpoint_meta
-    from geomstore.jobs import compute as compute_one
+    from geomstore.jobs import JobResult
+    from geomstore.jobs import compute as compute_all
 
     files = _files(checkpoints)
     with open_store(store) as st:
         sls = slices_from(st, box, through, slice_name, margin)
-        opts = _options(level, threshold)
-        failed = 0
         with progress() as bar:
-            task = bar.add_task("partitioning", total=len(files) * len(sls))
-            for f in files:
-                name, step, metrics = checkpoint_meta(f)
-                spec = ModelSpec(str(f.resolve()), factory, trust_pickle)
-                for sl in sls:
-                    bar.update(task, description=f"{name} on {sl.name or 'slice'}")
-                    pid, part, ok = compute_one(
-                        st,
-                        spec,
-                        sl,
-                        model=model,
-                        checkpoint=name,
-                        step=step,
-                        metrics=metrics,
-                        verify=verify,
-                        device=device,
-                        options=opts,
-                    )
-                    failed += ok is False
-                    bar.console.print(
-                        f"{name} x {sl.name}: {part.n_regions} regions, "
-                        f"{part.seconds:.2f} s -> partition {pid}"
-                        + ("" if ok is None else ("  verified" if ok else "  VERIFY FAILED"))
-                    )
-                    bar.advance(task)
-    if failed:
-        raise GeomstoreError(f"{failed} partition(s) failed verification; see above.")
+            where = "partitioning" if ray is None else "partitioning on Ray"
+            task = bar.add_task(where, total=len(files) * len(sls))
+
+            single = len(files) * len(sls) == 1
+
+            def show(result: JobResult) -> None:
+                if result.ok or not single:  # one job's failure is the error line itself
+                    bar.console.print(result.line())
+                bar.advance(task)
+
+            summary = compute_all(
+                st,
+                files,
+                sls,
+                model=model,
+                factory=factory,
+                trust_pickle=trust_pickle,
+                verify=verify,
+                device=device,
+                options=_options(level, threshold),
+                executor="local" if ray is None else "ray",
+                address=ray or None,
+                on_result=show,
+            )
+    if single and summary.failed:
+        raise GeomstoreError(summary.failed[0].error or "the job failed.")
+    err.print(str(summary))
+    if summary.failed:
+        raise GeomstoreError(f"{len(summary.failed)} job(s) failed; see above.")
+    bad = sum(r.verified is False for r in summary.results)
+    if bad:
+        raise GeomstoreError(f"{bad} partition(s) failed verification; see above.")
 
 
 @app.command()

@@ -1,0 +1,259 @@
+"""Partitions computed on a Ray cluster: one Ray task per checkpoint x slice.
+
+The driver (:func:`compute_ray`, behind ``geomstore.compute(..., executor="ray")`` and
+``geomstore compute --ray``) reads each checkpoint file once and puts its bytes in Ray's
+object store, so workers need no shared file system for the checkpoints; a task writes
+them to a private temporary file and loads it with :mod:`geomstore.loading` (export
+programs, weights + factory, TorchScript; pickles only with ``trust_pickle``): no Python
+module is ever pickled. Each task opens the store itself (once per worker process) and
+writes its partition in one transaction, so the store must be reachable from every worker:
+a ``postgres:`` catalog with its data path in S3 (or on a shared file system), or a store
+directory on a shared file system.
+
+Exactly once: a task whose worker dies is retried by Ray (``max_retries``); its partition
+id derives from the content (weights, slice, settings), so when the dead attempt had
+committed, the retry's write is a no-op, and when it had not, nothing of it is visible (a
+DuckLake transaction commits whole). A task that fails on its input (a bad file, an
+unsupported layer) returns its error; the others go on. Tasks ask for ``num_gpus=1`` when
+the cluster has GPUs, one CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from geomstore.errors import ExecutorError
+from geomstore.jobs import JobResult, PlannedJob, run_planned
+from geomstore.slice import Slice
+from geomstore.store.store import Store
+
+__all__ = ["compute_ray", "ray_resources"]
+
+# one open store per worker process, keyed by (target, data path)
+_STORES: dict[tuple[str, str | None], Store] = {}
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ExecutorError(
+            f"Ray is not installed ({exc}); install it with: pip install geomstore[ray]"
+        ) from None
+    return ray
+
+
+def ray_resources(gpus: float) -> dict[str, float]:
+    """The resources of one task: a whole GPU where the cluster has GPUs, else one CPU.
+
+    >>> ray_resources(8), ray_resources(0)
+    ({'num_gpus': 1, 'num_cpus': 1}, {'num_cpus': 1})
+    """
+    return {"num_gpus": 1, "num_cpus": 1} if gpus > 0 else {"num_cpus": 1}
+
+
+def _worker_store(target: str, data_path: str | None) -> Store:
+    key = (target, data_path)
+    store = _STORES.get(key)
+    if store is None:
+        for old in _STORES.values():  # one store per worker: close the last one
+            old.close()
+        _STORES.clear()
+        store = Store(target, data_path=data_path)
+        _STORES[key] = store
+    return store
+
+
+def _task(
+    target: str,
+    data_path: str | None,
+    blob: bytes | None,
+    job: dict[str, Any],
+    settings: dict[str, Any],
+    *after: Any,
+) -> dict[str, Any]:
+    """One checkpoint x slice, in a Ray worker; returns the JobResult's fields.
+
+    ``after`` are the results of the tasks that must have written first (unused values:
+    Ray starts this task once they are done; see :func:`_write_order`).
+    """
+    planned = PlannedJob(
+        job["path"], job["checkpoint"], job["step"], job["metrics"], Slice.from_dict(job["slice"])
+    )
+    try:
+        store = _worker_store(target, data_path)
+    except Exception as exc:  # the store is unreachable from this worker: say so per job
+        return JobResult(
+            planned.checkpoint,
+            planned.slice.name,
+            planned.path,
+            error=f"cannot open the store from a Ray worker: {exc}",
+            error_type=type(exc).__name__,
+        ).__dict__
+    args = (
+        store,
+        planned,
+        settings["model"],
+        settings["factory"],
+        settings["trust_pickle"],
+        settings["verify"],
+        settings["device"],
+        settings["options"],
+    )
+    if blob is None:  # a shared file system: load the file where it is
+        return run_planned(*args).__dict__
+    suffix = "".join(Path(planned.path).suffixes[-2:]) or ".pt"
+    with tempfile.TemporaryDirectory(prefix="geomstore-ray-") as tmp:
+        local = Path(tmp) / f"checkpoint{suffix}"
+        local.write_bytes(blob)
+        return run_planned(*args, load_from=str(local)).__dict__
+
+
+def _write_order(jobs: list[PlannedJob]) -> list[list[int]]:
+    """For each job, the earlier jobs it waits for, so that no catalog row is written twice.
+
+    ``Store.add`` inserts a partition's model, checkpoint and slice rows when they are not
+    there yet, and DuckLake has no unique keys: two tasks committing the same new row at
+    once would both insert it. So the first job writes alone (the model row), the first job
+    of each checkpoint and of each slice write those rows, and every other job of that
+    checkpoint or slice waits for them. The rest run in parallel.
+
+    >>> from geomstore import Slice
+    >>> a, b = Slice.box((0, 0), (1, 1)), Slice.box((0, 0), (2, 2))
+    >>> jobs = [PlannedJob(p, p, None, {}, s) for p in ("x", "y") for s in (a, b)]
+    >>> _write_order(jobs)
+    [[], [0], [0], [0, 2, 1]]
+    """
+    first_ckpt: dict[str, int] = {}
+    first_slice: dict[str, int] = {}
+    order = []
+    for i, job in enumerate(jobs):
+        c = first_ckpt.setdefault(job.path, i)
+        s = first_slice.setdefault(job.slice.content_hash, i)
+        deps = [d for d in dict.fromkeys((0, c, s)) if d != i]
+        order.append(deps)
+    return order
+
+
+def _connect(address: str | None) -> bool:
+    """Join (or start) a Ray cluster; True when this call started it."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
+    except Exception as exc:
+        raise ExecutorError(
+            f"cannot join the Ray cluster at {address or '$RAY_ADDRESS / a new local one'} "
+            f"({type(exc).__name__}: {exc}); check the address (ray://host:10001 or host:6379)."
+        ) from None
+    return True
+
+
+def compute_ray(
+    store: Store,
+    jobs: list[PlannedJob],
+    *,
+    model: str,
+    factory: str | None = None,
+    trust_pickle: bool = False,
+    verify: bool = False,
+    device: str = "auto",
+    options: dict[str, Any] | None = None,
+    address: str | None = None,
+    ship: str = "bytes",
+    max_retries: int = 3,
+    on_result: Callable[[JobResult], None] | None = None,
+    poll: float = 0.5,
+) -> list[JobResult]:
+    """Run planned jobs as Ray tasks that write into ``store``; results in job order.
+
+    ``ship="bytes"`` sends each checkpoint's bytes through Ray's object store (no shared
+    file system needed); ``ship="path"`` lets workers open the files where they are. A
+    task killed with its worker is retried up to ``max_retries`` times; after that its
+    job reports the error. Use :func:`geomstore.compute` (``executor="ray"``) rather than
+    this function directly.
+
+    >>> # geomstore.compute(store, ckpts, slices, model="resnet", executor="ray")
+    """
+    if store.kind == "duckdb":
+        raise ExecutorError(
+            "a .duckdb store belongs to one process, so Ray workers cannot write to it; use "
+            "a store directory on a shared file system or a postgres: catalog."
+        )
+    if ship not in ("bytes", "path"):
+        raise ExecutorError(f"ship={ship!r} is not one of 'bytes', 'path'; pick one.")
+    ray = _ray()
+    started = _connect(address)
+    try:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        task = ray.remote(max_retries=max_retries, retry_exceptions=False)(_task)
+        task = task.options(**ray_resources(gpus))
+        target = store.target if store.kind != "ducklake" else str(Path(store.target).resolve())
+        settings = {
+            "model": model,
+            "factory": factory,
+            "trust_pickle": trust_pickle,
+            "verify": verify,
+            "device": device,
+            "options": dict(options or {}),
+        }
+        blobs: dict[str, Any] = {}
+        refs: list[Any] = []
+        after = _write_order(jobs)
+        for i, job in enumerate(jobs):
+            if ship == "bytes" and job.path not in blobs:
+                blobs[job.path] = ray.put(Path(job.path).read_bytes())
+            payload = {
+                "path": job.path,
+                "checkpoint": job.checkpoint,
+                "step": job.step,
+                "metrics": job.metrics,
+                "slice": job.slice.to_dict(),
+            }
+            blob = blobs.get(job.path)
+            deps = [refs[d] for d in after[i]]
+            refs.append(task.remote(target, store.data_path, blob, payload, settings, *deps))
+        return _collect(ray, refs, jobs, on_result, poll)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _collect(
+    ray: Any,
+    refs: list[Any],
+    jobs: list[PlannedJob],
+    on_result: Callable[[JobResult], None] | None,
+    poll: float,
+) -> list[JobResult]:
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[JobResult | None] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll)
+        for ref in ready:
+            i = index[ref]
+            job = jobs[i]
+            try:
+                result = JobResult(**ray.get(ref))
+            except Exception as exc:  # the task's retries ran out (its worker kept dying)
+                result = JobResult(
+                    job.checkpoint,
+                    job.slice.name,
+                    job.path,
+                    error=str(exc).splitlines()[0],
+                    error_type=type(exc).__name__,
+                )
+            results[i] = result
+            if on_result is not None:
+                on_result(result)
+    return [r for r in results if r is not None]

@@ -1,0 +1,173 @@
+"""Ray: one task per checkpoint x slice against a real local cluster (one per module)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import geomstore
+from geomstore.errors import ExecutorError
+from geomstore.jobs import JobResult
+from tests.nets import BOX, mlp
+
+ray = pytest.importorskip("ray")
+
+SLICES = [BOX, geomstore.Slice.box((0.0, -0.5), (2.0, 1.5), name="shifted")]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _export(path: Path, net: torch.nn.Module) -> Path:
+    torch.export.save(torch.export.export(net.eval(), (torch.zeros(1, 2),)), str(path))
+    return path
+
+
+class Sigmoid(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.lin(x))
+
+
+def _counts(store: geomstore.Store) -> list[dict[str, object]]:
+    """Each partition with its stored n_regions and the regions actually there."""
+    return store.sql(
+        "SELECT p.partition_id, p.n_regions, "
+        "(SELECT count(*) FROM regions r WHERE r.partition_id = p.partition_id) AS nr "
+        "FROM partitions p ORDER BY 1"
+    ).table.to_pylist()
+
+
+def _kill_first_task(name: str, seconds: float, killed: list[int]) -> None:
+    """SIGKILL the first Ray worker seen running a task called ``name`` (proc title)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not killed:
+        for f in glob.glob("/proc/[0-9]*/cmdline"):
+            try:
+                cmd = Path(f).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(f"ray::{name}"):
+                pid = int(f.split("/")[2])
+                time.sleep(0.2)  # let it get into its computation
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(pid)
+                return
+        time.sleep(0.01)
+
+
+def test_ray_runs_every_job_once_and_reports_bad_ones(cluster: None, tmp_path: Path) -> None:
+    ckpts = [_export(tmp_path / f"step-{i}.pt2", mlp((12, 12), 3, seed=i)) for i in range(3)]
+    garbage = tmp_path / "step-7.pt2"
+    garbage.write_bytes(b"not a checkpoint at all")
+    sigmoid = _export(tmp_path / "step-8.pt2", Sigmoid())
+    files = [*ckpts, garbage, sigmoid]
+    seen: list[JobResult] = []
+    with geomstore.open(tmp_path / "ray-store") as store:
+        res = geomstore.compute(
+            store,
+            files,
+            SLICES,
+            model="m",
+            device="cpu",
+            verify=True,
+            executor="ray",
+            on_result=seen.append,
+        )
+        assert len(res.results) == len(seen) == 10
+        assert len(res.done) == 6 and all(r.verified for r in res.done)
+        errors = {(r.checkpoint, r.error_type) for r in res.failed}
+        assert errors == {("step-7", "ModelLoadError"), ("step-8", "UnsupportedModelError")}
+        assert all("sigmoid" in (r.error or "") for r in res.failed if r.checkpoint == "step-8")
+        rows = _counts(store)
+        assert len(rows) == 6 and all(r["n_regions"] == r["nr"] for r in rows)
+        assert sorted(r["partition_id"] for r in rows) == sorted(res.partition_ids)
+        steps = store.sql("SELECT step FROM gs_partitions ORDER BY 1").table
+        assert steps.column("step").to_pylist() == [0, 0, 1, 1, 2, 2]
+        rows_of = store.sql(
+            "SELECT (SELECT count(*) FROM models) AS m, (SELECT count(*) FROM checkpoints) AS c, "
+            "(SELECT count(*) FROM slices) AS s"
+        ).table.to_pylist()
+        assert rows_of == [{"m": 1, "c": 3, "s": 2}]  # catalog rows written once each
+        # the same checkpoints again: content ids make every write a no-op
+        again = geomstore.compute(store, ckpts, SLICES, model="m", device="cpu", executor="ray")
+        assert sorted(again.partition_ids) == sorted(res.partition_ids)
+        assert _counts(store) == rows
+    # the same jobs computed here, in this process, give the same partitions
+    with geomstore.open(tmp_path / "local-store") as local:
+        here = geomstore.compute(local, ckpts, SLICES, model="m", device="cpu")
+        assert here.partition_ids == [r.partition_id for r in res.results if r.ok]
+        assert _counts(local) == rows
+
+
+def test_a_killed_worker_is_retried_and_each_partition_lands_once(
+    cluster: None, tmp_path: Path
+) -> None:
+    ckpts = [_export(tmp_path / f"step-{i}.pt2", mlp((48, 48), 3, seed=i)) for i in range(4)]
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_first_task, args=("_task", 120.0, killed))
+    killer.start()
+    try:
+        with geomstore.open(tmp_path / "store") as store:
+            res = geomstore.compute(store, ckpts, SLICES, model="m", device="cpu", executor="ray")
+            rows = _counts(store)
+    finally:
+        killer.join(timeout=130)
+    assert killed, "no Ray worker was seen running a task"
+    assert not res.failed, [r.line() for r in res.failed]
+    assert len(res.done) == 8 and len(set(res.partition_ids)) == 8
+    assert len(rows) == 8 and all(r["n_regions"] == r["nr"] for r in rows)
+
+
+def test_cli_compute_on_ray(cluster: None, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from geomstore.cli import app
+
+    ckpts = [str(_export(tmp_path / f"step-{i}.pt2", mlp((8,), 2, seed=i))) for i in range(2)]
+    store = str(tmp_path / "store")
+    # a bare --ray before the checkpoints does not swallow one of them as its address
+    res = CliRunner().invoke(
+        app, ["compute", store, "--ray", *ckpts, "-m", "m", "--box=-1,-1,1,1", "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "2 of 2 partition(s) stored, 0 failed" in res.output
+    assert "(ray)" in res.output
+    with geomstore.open(store, read_only=True) as s:
+        assert len(_counts(s)) == 2
+
+
+def test_bad_executor_options_are_refused(tmp_path: Path) -> None:
+    ckpt = _export(tmp_path / "step-1.pt2", mlp((8,), 2))
+    with geomstore.open(tmp_path / "store") as store:
+        with pytest.raises(ExecutorError, match=r"executor='spark' is not one of 'local', 'ray'"):
+            geomstore.compute(store, [ckpt], BOX, model="m", executor="spark")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="address= names a Ray cluster"):
+            geomstore.compute(store, [ckpt], BOX, model="m", address="ray://x:1")
+        with pytest.raises(geomstore.GeomstoreError, match="does not exist"):
+            geomstore.compute(store, [tmp_path / "nope.pt2"], BOX, model="m")
+    with (
+        geomstore.open(tmp_path / "one.duckdb") as store,
+        pytest.raises(ExecutorError, match="belongs to one process"),
+    ):
+        geomstore.compute(store, [ckpt], BOX, model="m", executor="ray")
