@@ -19,7 +19,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import geomstore.engine.arrangement as arrangement
+import geomstore.engine.split as split
 from geomstore import Slice, partition
+from geomstore.engine.reference import reference_regions
 from geomstore.engine.split import clip_both
 from tests.nets import BOX, mlp
 
@@ -27,8 +29,8 @@ HOW = ["arrangement", "rounds"]
 
 
 def _how(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    """Build the first layer as one arrangement, or (no elements allowed) in rounds."""
-    monkeypatch.setattr(arrangement, "MAX_ELEMENTS", 1 << 25 if how == HOW[0] else 0)
+    """Split line units by arrangements (on any device) or always in rounds."""
+    monkeypatch.setattr(split, "ARRANGEMENT_DEVICES", ("cpu", "cuda") if how == HOW[0] else ())
 
 
 def _convex(rng: np.random.Generator) -> Polygon:
@@ -221,8 +223,11 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_operations_do_not_grow_with_polygons() -> None:
-    # the same cell and lines repeated 2x and 32x: the rounds, and so the operations, match
+@pytest.mark.parametrize("how", HOW)
+def test_operations_do_not_grow_with_polygons(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same cell and lines repeated 2x and 32x: the same operations (arrangements: a
+    # fixed number per layer; rounds: the same rounds)
+    _how(monkeypatch, how)
     from geomstore.engine.graph import Program
     from geomstore.engine.split import Crossings, CutLog, Polys, split_layer
 
@@ -258,3 +263,39 @@ def test_deterministic_bit_for_bit() -> None:
     b = partition(model, BOX, device="cpu")
     for name in ("regions", "edges", "boundary"):
         assert getattr(a, name).equals(getattr(b, name))
+
+
+@pytest.mark.parametrize("limit", [1 << 24, 0])
+def test_cells_not_in_general_position_go_to_rounds(
+    limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # layer 2's unit h1 - h2 runs through the corner (0.25, 0.125) of the cell where both
+    # are active: that cell goes to rounds, the others are arrangements (limit 0: all
+    # cells of a layer too large for one arrangement go to rounds)
+    _how(monkeypatch, HOW[0])
+    monkeypatch.setattr(arrangement, "MAX_ELEMENTS", limit)
+    left: list[int] = []
+    real = arrangement.arrangements
+
+    def spy(*args: Any) -> Any:
+        res = real(*args)
+        left.append(-1 if res is None else int(res[2].sum()))
+        return res
+
+    monkeypatch.setattr(arrangement, "arrangements", spy)
+    w1 = [[1.0, 0.0], [0.0, 1.0], [1.0, -1.0], [0.5, 1.0]]
+    b1 = [-0.25, -0.125, 0.0625, 0.3]
+    w2 = [[1.0, -1.0, 0.0, 0.0], [0.5, 0.25, -1.0, 0.5], [0.0, 1.0, 1.0, -1.0]]
+    b2 = [0.0, -0.1, 0.05]
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        for lin, (w, b) in zip((model[0], model[2]), ((w1, b1), (w2, b2)), strict=True):
+            lin.weight.copy_(torch.tensor(w))
+            lin.bias.copy_(torch.tensor(b))
+    part = partition(model.eval(), BOX, device="cpu")
+    assert left[1] == (1 if limit else -1)
+    ref = reference_regions(model, BOX)
+    assert part.n_regions == len(ref)
+    ours = sorted(bytes(s) for s in part.states)
+    assert ours == sorted(bytes(np.array(p, np.uint8)) for _, p in ref)
+    assert part.verify(model).ok

@@ -29,7 +29,7 @@ from geomstore.engine.split import Crossings, CutLog, Polys, pad_polys
 __all__ = ["MAX_ELEMENTS", "arrangements"]
 
 _BITS = 62  # sign bits per int64 word (the sign bit stays clear)
-MAX_ELEMENTS = 1 << 25  # points x lines evaluated at once (float64: 256 MiB)
+MAX_ELEMENTS = 1 << 24  # (point, line) pairs evaluated at once (~40 bytes each)
 
 
 def arrangements(
@@ -60,16 +60,14 @@ def arrangements(
     t = len(cross)
     k = torch.bincount(cross.cell, minlength=p)
     kmax = int(k.max().item())
-    n_pts = int((k * (k - 1) // 2 + 2 * k + cells.n).sum().item())
-    if n_pts * max(kmax, 1) > MAX_ELEMENTS:
+    # (point, line) pairs: each cell's points (corners, 2 per line, intersections) x lines
+    n_pairs = int(((k * (k - 1) // 2 + 2 * k + cells.n) * k).sum().item())
+    if n_pairs > MAX_ELEMENTS:
         return None
     first_cut = cuts.count
     start = torch.cumsum(k, 0) - k
     raw = cross.vals[:, :, 0]
     lines = raw / torch.sqrt(raw[:, 0] * raw[:, 0] + raw[:, 1] * raw[:, 1])[:, None]
-    lane = torch.arange(t, device=dev) - start[cross.cell]  # the line's index in its cell
-    table = torch.zeros((p, max(kmax, 1), 3), dtype=lines.dtype, device=dev)
-    table[cross.cell, lane] = lines
     verts, side = pad_polys(cells.verts, cells.side, int(cells.n.max().item()) + 1)
     w = int(verts.shape[1])
     ar = torch.arange(w, device=dev)
@@ -116,21 +114,31 @@ def arrangements(
     pcell = torch.cat([cc, cross.cell[bt], i_cell])
     expect = torch.cat([torch.zeros_like(cc), torch.ones_like(bt), torch.full_like(i_cell, 2)])
 
-    # 2. signs of each cell's lines at its points; zeros only where the point was defined
-    tab = table[pcell]
-    f = torch.baddbmm(tab[:, :, 2:], tab[:, :, :2], pts[:, :, None]).squeeze(2)
-    in_cell = torch.arange(max(kmax, 1), device=dev)[None, :] < k[pcell, None]
-    zero = (f.abs() <= tol) & in_cell
-    bad[pcell[zero.sum(1) != expect]] = True
+    # 2. signs of each cell's lines at its points (point, line) pairs, ragged: a point
+    # meets only its own cell's lines; zeros only where the point was defined
+    words = max(1, (kmax + _BITS - 1) // _BITS)
+    weight = torch.pow(2, torch.arange(_BITS, device=dev, dtype=torch.int64))
+    n_all = int(pts.shape[0])
+    if p == 1:  # one cell: all points against all lines, one matrix product
+        f = torch.addmm(lines[:, 2], pts, lines[:, :2].T)
+        n_zero = (f.abs() <= tol).sum(1)
+        up = torch.nn.functional.pad(f > tol, (0, words * _BITS - t))
+        bits = (up.view(n_all, words, _BITS).to(torch.int64) * weight).sum(2)
+    else:  # (point, line of its cell) pairs, ragged
+        per = k[pcell]
+        pt_of = torch.repeat_interleave(torch.arange(n_all, device=dev), per)
+        pl = torch.arange(pt_of.numel(), device=dev) - (torch.cumsum(per, 0) - per)[pt_of]
+        li = start[pcell[pt_of]] + pl
+        f = (lines[li, :2] * pts[pt_of]).sum(1) + lines[li, 2]
+        n_zero = torch.bincount(pt_of[f.abs() <= tol], minlength=n_all)
+        up = f > tol
+        bits = torch.zeros((n_all, words), dtype=torch.int64, device=dev)
+        bits.index_put_((pt_of[up], pl[up] // _BITS), weight[pl[up] % _BITS], accumulate=True)
+    bad[pcell[n_zero != expect]] = True
     n_inner = torch.bincount(i_cell, minlength=p)
 
     # 3. corners: one per (point, choice of sides of its zero lines), keyed by sign vector
-    words = max(1, (kmax + _BITS - 1) // _BITS)
-    weight = torch.pow(2, torch.arange(_BITS, device=dev, dtype=torch.int64))
-    bits = (f > tol) & in_cell
-    bits = torch.nn.functional.pad(bits, (0, words * _BITS - bits.shape[1]))
-    base = (bits.view(-1, words, _BITS).to(torch.int64) * weight).sum(2)
-    base = torch.cat([pcell[:, None], base], 1)  # (points, 1 + words): cell, then sign bits
+    base = torch.cat([pcell[:, None], bits], 1)  # (points, 1 + words): cell, then sign bits
     on = torch.where(labs >= first_cut, labs - first_cut - start[pcell, None], -1)
     n_combo = torch.pow(2, (on >= 0).sum(1))
     owner = torch.repeat_interleave(torch.arange(pts.shape[0], device=dev), n_combo)
@@ -142,7 +150,7 @@ def arrangements(
         row = torch.nonzero((ln >= 0) & (((rank >> c) & 1) == 1), as_tuple=True)[0]
         ln = ln[row]
         key.index_put_((row, 1 + ln // _BITS), weight[ln % _BITS], accumulate=True)
-    faces, face_of = torch.unique(key, dim=0, return_inverse=True)
+    faces, face_of = _unique_rows(key)
     fcell = faces[:, 0]
     cnt = torch.bincount(face_of, minlength=faces.shape[0])
     bad[fcell[cnt < 3]] = True
@@ -178,13 +186,28 @@ def arrangements(
     a0 = lab[:, :, 0]
     out_side = torch.where((a0 == nxt[:, :, 0]) | (a0 == nxt[:, :, 1]), a0, lab[:, :, 1])
     # states: the cell's crossing units take the child's bits, the others as in state0
-    fbits = ((faces[:, 1:, None] >> torch.arange(_BITS, device=dev)) & 1).view(
-        n_faces, words * _BITS
-    )
+    per = k[fcell]
+    fr = torch.repeat_interleave(torch.arange(n_faces, device=dev), per)
+    fl = torch.arange(fr.numel(), device=dev) - (torch.cumsum(per, 0) - per)[fr]
+    bit = (faces[fr, 1 + fl // _BITS] >> (fl % _BITS)) & 1
     states = state0[fcell]
-    fr, fl = torch.nonzero(
-        torch.arange(max(kmax, 1), device=dev)[None, :] < k[fcell, None], as_tuple=True
-    )
-    states[fr, cross.unit[start[fcell[fr]] + fl]] = fbits[fr, fl].to(states.dtype)
+    states[fr, cross.unit[start[fcell[fr]] + fl]] = bit.to(states.dtype)
     cuts.add(unit_offset + cross.unit, raw[:, 0], raw[:, 1])
     return Polys(out_v, cnt, out_side, fcell), states, bad
+
+
+def _unique_rows(key: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows of an int64 matrix (lexicographic order) and each row's index there.
+
+    ``torch.unique(dim=0)`` compares rows one by one on the CPU; stable sorts by column,
+    last column first, then one comparison of neighbours do the same in a few operations.
+    """
+    order = torch.argsort(key[:, -1], stable=True)
+    for col in range(key.shape[1] - 2, -1, -1):
+        order = order[torch.argsort(key[order, col], stable=True)]
+    srt = key[order]
+    new = torch.ones(srt.shape[0], dtype=torch.bool, device=key.device)
+    new[1:] = (srt[1:] != srt[:-1]).any(1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.cumsum(new, 0) - 1
+    return srt[new], inverse
