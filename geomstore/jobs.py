@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,7 @@ def compute_one(
     options: dict[str, Any] | None = None,
     before_commit: Callable[[duckdb.DuckDBPyConnection, str], bool] | None = None,
     source: str | None = None,
+    progress: Callable[[Any], None] | None = None,
 ) -> tuple[str, Partition, bool | None]:
     """Load one checkpoint, partition it on one slice, write it; (partition id, it, verified).
 
@@ -117,7 +119,7 @@ def compute_one(
     a Ray task loads a temporary copy of the file but records the original).
     """
     net = spec.load(sl.input_shape)
-    part = partition(net, sl, device=device, **(options or {}))
+    part = partition(net, sl, device=device, **{"progress": progress, **(options or {})})
     verified = part.verify(net).ok if verify else None
     pid = store.add(
         part,
@@ -628,6 +630,8 @@ class Worker:
 
         _retry(write)
 
+    on_progress: Callable[[Job, Any], None] | None = None  # (job, engine Progress) while it runs
+
     def run_one(self, job: Job) -> str:
         """Compute and write one claimed job: 'done', 'retry', 'failed' or 'lost'."""
         beat = _Heartbeat(self.store, job.token, self.heartbeat)
@@ -656,6 +660,7 @@ class Worker:
                 device=self.device,
                 options=spec.get("options"),
                 before_commit=mark_done,
+                progress=None if self.on_progress is None else partial(self.on_progress, job),
             )
             self._interruptible = False
             self.last = (

@@ -136,6 +136,15 @@ def compute(
 
             single = len(files) * len(sls) == 1
 
+            regions = bar.add_task("regions", total=None, visible=ray is None)
+
+            def partial_regions(p: Any) -> None:
+                bar.update(
+                    regions,
+                    completed=p.regions,
+                    description=f"regions ({sum(p.pending):,} cells pending)",
+                )
+
             def show(result: JobResult) -> None:
                 if result.ok or not single:  # one job's failure is the error line itself
                     bar.console.print(result.line())
@@ -150,7 +159,8 @@ def compute(
                 trust_pickle=trust_pickle,
                 verify=verify,
                 device=device,
-                options=_options(level, threshold),
+                options=_options(level, threshold)
+                | ({"progress": partial_regions} if ray is None else {}),
                 executor="local" if ray is None else "ray",
                 address=ray or None,
                 on_result=show,
@@ -248,6 +258,17 @@ def worker(
             what = f": {w.last}" if outcome == "done" else ""
             err.print(f"{outcome:>8}  {job.model} {job.checkpoint}{what}  (job {job.job_id})")
 
+        shown: dict[str, float] = {}
+
+        def running(job: Job, p: Any) -> None:  # a long partition is never silent
+            if p.elapsed - shown.get(job.job_id, 0.0) >= 10.0:
+                shown[job.job_id] = p.elapsed
+                err.print(
+                    f"{'running':>8}  {job.model} {job.checkpoint}: {p.regions:,} regions, "
+                    f"{sum(p.pending):,} cells pending, {p.elapsed:.0f} s  (job {job.job_id})"
+                )
+
+        w.on_progress = running
         counts = w.run(once=once, max_jobs=max_jobs, poll=poll, on_event=log)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     err.print(f"worker {w.name} stopped: {summary or 'no jobs'}")

@@ -59,6 +59,7 @@ def class_cells(part: Partition) -> tuple[list[np.ndarray], np.ndarray]:
     for i, poly in enumerate(polys):  # small; a vectorised ragged fill would also do
         xy = np.asarray(poly.exterior.coords)[:-1]
         verts[i, : len(xy)] = xy
+        verts[i, len(xy) :] = xy[0]  # the clip reads padding as repeats of vertex 0
     areas = np.zeros((p, k))
     cells: list[np.ndarray] = []
     for cls in range(k):
@@ -79,13 +80,18 @@ def class_cells(part: Partition) -> tuple[list[np.ndarray], np.ndarray]:
         ar, _ = polygon_measures(vv, nn)
         live = alive.numpy() & (ar > 0)
         areas[:, cls] = np.where(live, ar, 0.0)
-        ring = np.arange(vv.shape[1])[None, :] < nn[:, None]
+        # only live cells become polygons: a clipped-away cell may keep fewer than 3 vertices
+        keep_n = np.where(live, nn, 0)
+        ring = np.arange(vv.shape[1])[None, :] < keep_n[:, None]
         coords = vv[ring]
-        offsets = np.concatenate([[0], np.cumsum(nn)])
-        polys = shapely.from_ragged_array(
-            shapely.GeometryType.POLYGON, coords, (offsets, np.arange(p + 1))
-        )
-        cells.append(np.where(live, polys, shapely.Polygon()))
+        rows = np.flatnonzero(live)
+        offsets = np.concatenate([[0], np.cumsum(keep_n[rows])])
+        polys = np.full(p, shapely.Polygon(), dtype=object)
+        if rows.size:
+            polys[rows] = shapely.from_ragged_array(
+                shapely.GeometryType.POLYGON, coords, (offsets, np.arange(rows.size + 1))
+            )
+        cells.append(polys)
     if k == 1:
         areas[:, 0] = np.asarray(part.regions.column("area"))
         cells = [part.polygons()]

@@ -1,0 +1,204 @@
+"""The model zoo benchmark: exact partitions of the networks researchers train.
+
+Each network runs in its own process (so that its peak RSS is its own), on the plane
+through a fixed synthetic input ``a`` and two copies ``a + s * noise`` (triangle domain,
+margin 0.05; the INR: a triangle in its own 2-D input). One JSON line per network:
+regions, seconds, peak RSS, float64 multiply-adds per region (counted by
+``torch.utils.flop_counter`` over the whole partition), the achieved GFLOP/s beside this
+machine's float64 matmul GFLOP/s (2048 x 2048, measured in the same run), whether the
+partition passed ``verify()``, and, for a run stopped at ``--max-seconds``, the regions
+finished by then and the region rate (from the progress callback).
+
+    python benchmarks/zoo.py --quick          # LeNet-5 and a digits-sized ResNet (CI)
+    python benchmarks/zoo.py                  # the whole zoo
+    python benchmarks/zoo.py --only resnet20 --scale 0.003 --max-seconds 900
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_nets import build
+
+# network -> noise scale of the plane (chosen so that the full triangle finishes here)
+SCALES = {
+    "lenet5": 0.05,
+    "resnet-digits": 0.05,
+    "maxout-mlp": 0.05,
+    "inr-2-256x4-3": 0.0,
+    "resnet20": 0.0005,
+    "vgg11": 0.0005,
+    "resnet18": 0.0005,
+}
+QUICK = ["lenet5", "resnet-digits"]
+QUICK_SCALES = {"lenet5": 0.01, "resnet-digits": 0.05}
+FULL = ["lenet5", "resnet-digits", "maxout-mlp", "inr-2-256x4-3", "resnet20", "vgg11", "resnet18"]
+
+
+def matmul_gflops(n: int = 2048, repeat: int = 3) -> float:
+    """This machine's float64 matmul rate (best of ``repeat``)."""
+    a = torch.rand(n, n, dtype=torch.float64)
+    b = torch.rand(n, n, dtype=torch.float64)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def plane(name: str, shape: tuple[int, ...], scale: float) -> Any:
+    from geomstore import Slice
+
+    g = torch.Generator().manual_seed(1)
+    if name.startswith("inr"):
+        pts = torch.tensor([[-0.9, -0.8], [0.9, -0.7], [0.0, 0.95]], dtype=torch.float64)
+        return Slice.through(*pts.numpy(), margin=0.05, domain="triangle", name=name)
+    a = torch.rand(shape, generator=g, dtype=torch.float64)
+    b = a + scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    c = a + scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    return Slice.through(a.numpy(), b.numpy(), c.numpy(), margin=0.05, domain="triangle")
+
+
+def _child(name: str, scale: float, memory: str, verify: bool, out: Any) -> None:
+    """Run one network; send progress lines and a final result through ``out``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from geomstore import partition
+
+    model, shape = build(name)
+    sl = plane(name, shape, scale)
+    last = [0.0]
+
+    def progress(p: Any) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 2.0:
+            last[0] = now
+            out.put({"progress": p.regions, "elapsed": p.elapsed, "pending": list(p.pending)})
+
+    counter = FlopCounterMode(display=False)
+    t0 = time.perf_counter()
+    with counter:
+        part = partition(model, sl, device="cpu", memory=memory, progress=progress)
+    seconds = time.perf_counter() - t0
+    ok = None
+    if verify:
+        ok = bool(part.verify(model, grid=24, points=1).ok)
+    out.put(
+        {
+            "regions": part.n_regions,
+            "seconds": seconds,
+            "flops": counter.get_total_flops(),
+            "units": part.model_summary["n_units"],
+            "patterns": part.model_summary["patterns"],
+            "verified": ok,
+            "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        }
+    )
+
+
+def _hwm_gib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def run(name: str, scale: float, memory: str, max_seconds: float, verify: bool, gf: float) -> dict:
+    ctx = mp.get_context("spawn")
+    q: Any = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, scale, memory, verify, q), daemon=True)
+    t0 = time.perf_counter()
+    proc.start()
+    prog: dict[str, Any] = {}
+    result: dict[str, Any] | None = None
+    rss = None
+    while result is None and time.perf_counter() - t0 < max_seconds:
+        try:
+            msg = q.get(timeout=1.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                break
+            rss = _hwm_gib(proc.pid) or rss
+            continue
+        rss = _hwm_gib(proc.pid) or rss
+        if "progress" in msg:
+            prog = msg
+            print(json.dumps({"network": name, **msg}), file=sys.stderr, flush=True)
+        else:
+            result = msg
+    line: dict[str, Any] = {"network": name, "scale": scale, "memory": memory}
+    if result is None:
+        proc.kill()
+        proc.join(5)
+        done = prog.get("progress", 0)
+        line |= {
+            "completed": False,
+            "stopped_after_s": round(time.perf_counter() - t0, 1),
+            "regions_finished": done,
+            "regions_per_s": round(done / max(prog.get("elapsed", 1e-9), 1e-9), 2),
+            "pending_cells_per_depth": prog.get("pending"),
+            "peak_rss_gib": round(rss, 2) if rss else None,
+            "exitcode": proc.exitcode,
+        }
+        return line
+    proc.join(30)
+    regions = max(1, result["regions"])
+    flops = result["flops"]
+    line |= {
+        "completed": True,
+        "regions": result["regions"],
+        "seconds": round(result["seconds"], 2),
+        "regions_per_s": round(result["regions"] / result["seconds"], 1),
+        "peak_rss_gib": round(result["rss_gib"], 2),
+        "units": result["units"],
+        "patterns": result["patterns"],
+        "madds_per_region": round(flops / 2 / regions),
+        "gflops": round(flops / result["seconds"] / 1e9, 2),
+        "matmul_gflops": round(gf, 1),
+        "share_of_matmul": round(flops / result["seconds"] / 1e9 / gf, 3),
+        "verified": result["verified"],
+    }
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="LeNet-5 and a digits-sized ResNet")
+    ap.add_argument("--only", nargs="*", help="networks to run (default: the whole zoo)")
+    ap.add_argument("--scale", type=float, help="noise scale of the plane (overrides)")
+    ap.add_argument("--memory", default="4GiB", help="memory budget of each partition")
+    ap.add_argument("--max-seconds", type=float, default=900.0, help="stop a network after")
+    ap.add_argument("--no-verify", action="store_true", help="skip verify() (large partitions)")
+    args = ap.parse_args()
+    names = args.only or (QUICK if args.quick else FULL)
+    gf = matmul_gflops()
+    print(json.dumps({"machine": "cpu", "cores": os.cpu_count(), "matmul_gflops": round(gf, 1)}))
+    for name in names:
+        scales = QUICK_SCALES if args.quick else SCALES
+        scale = args.scale if args.scale is not None else scales[name]
+        line = run(name, scale, args.memory, args.max_seconds, not args.no_verify, gf)
+        print(json.dumps(line), flush=True)
+        if args.quick and not (line.get("completed") and line.get("verified")):
+            sys.exit(f"{name}: the quick zoo must complete and verify")
+
+
+if __name__ == "__main__":
+    main()
