@@ -630,7 +630,8 @@ class Worker:
 
         _retry(write)
 
-    on_progress: Callable[[Job, Any], None] | None = None  # (job, engine Progress) while it runs
+    # called with (job, the engine's Progress) while a job's partition runs
+    on_progress: Callable[[Job, Any], None] | None = field(default=None, init=False, repr=False)
 
     def run_one(self, job: Job) -> str:
         """Compute and write one claimed job: 'done', 'retry', 'failed' or 'lost'."""
