@@ -301,6 +301,8 @@ def test_sql_row_cap_and_one_line_errors(http: httpx.Client) -> None:
         pa.ipc.open_stream(arrow.content).read_all().schema.metadata[b"geomstore.truncated"]
         == b"true"
     )
+    got = http.get("/api/sql", params={"sql": "SELECT * FROM range(50)", "max_rows": 5})
+    assert got.json()["num_rows"] == 5 and got.json()["truncated"] is True
     err = _error(http.post("/api/sql", json={"sql": "SELECT * FROM nosuch"}), 400)
     assert "nosuch" in err["message"] and "LIMIT" not in err["message"]
 

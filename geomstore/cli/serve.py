@@ -27,6 +27,9 @@ def serve(
     ),
     timeout: float = typer.Option(30.0, help="Seconds before a query is interrupted."),
     max_rows: int = typer.Option(100_000, help="Rows of a SQL answer (more are cut)."),
+    max_partition_rows: int = typer.Option(
+        2_000_000, help="Rows of one partition's regions, edges or boundary (more are cut)."
+    ),
     max_body: int = typer.Option(8 * 2**20, help="Request body size in bytes."),
     max_points: int = typer.Option(10_000, help="Points in one per-point request."),
     max_samples: int = typer.Option(100_000, help="Boundary samples per checkpoint."),
@@ -56,7 +59,11 @@ def serve(
         tokens=load_tokens(token_file) if token_file is not None else None,
         cors_origins=tuple(cors_origin),
         limits=Limits(
-            max_body=max_body, max_rows=max_rows, max_points=max_points, max_samples=max_samples
+            max_body=max_body,
+            max_rows=max_rows,
+            max_partition_rows=max_partition_rows,
+            max_points=max_points,
+            max_samples=max_samples,
         ),
         timeout=timeout,
         pool_size=pool,

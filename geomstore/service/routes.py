@@ -364,6 +364,21 @@ def run_sql(request: Request, s: State, body: SQLRequest, format: str | None = F
     return answer(request, res.table, format, truncated=res.truncated)
 
 
+@router.get(
+    "/api/sql", summary="One read-only SELECT (as POST, in the query string)", tags=["query"]
+)
+def run_sql_get(
+    request: Request,
+    s: State,
+    sql: str = Query(..., description="One SELECT statement."),
+    max_rows: int | None = Query(None, ge=0),
+    timeout: float | None = Query(None, gt=0),
+    format: str | None = FORMAT,
+) -> Response:
+    body = SQLRequest(sql=sql, max_rows=max_rows, timeout=timeout)
+    return run_sql(request, s, body, format)
+
+
 # per-point queries --------------------------------------------------------------------------
 def _points(s: ServiceState, body: PointsRequest | CompareRequest) -> np.ndarray | str:
     if (body.points is None) == (body.dataset is None):
