@@ -375,7 +375,7 @@ def run_sql_get(
     timeout: float | None = Query(None, gt=0),
     format: str | None = FORMAT,
 ) -> Response:
-    body = SQLRequest(sql=sql, max_rows=max_rows, timeout=timeout)
+    body = SQLRequest(sql=sql, params=None, max_rows=max_rows, timeout=timeout)
     return run_sql(request, s, body, format)
 
 
