@@ -13,6 +13,7 @@ from geomstore.engine import partition as partition_mod
 from geomstore.engine.descent import Progress
 from geomstore.engine.patterns import PatternHash
 from geomstore.errors import MemoryBudgetError
+from geomstore.queries import region_patterns
 from tests.nets import BOX, ConvKinds, Residual, digits_slice, mlp
 
 
@@ -62,6 +63,8 @@ def test_patterns_of_a_stored_hashed_partition_need_the_right_model(
     with geomstore.open(str(tmp_path)) as store:
         pid = store.add(part, model="m", checkpoint="c", step=0)
         back = store.load_partition(pid)
+        some = region_patterns(store, partition_id=pid, net=net, region_ids=[2, 0])
+    np.testing.assert_array_equal(some, part.patterns([2, 0]))
     assert back.states is None
     np.testing.assert_array_equal(back.pattern_hashes(), part.pattern_hashes())
     with pytest.raises(GeomstoreError, match="model="):

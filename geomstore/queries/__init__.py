@@ -15,6 +15,7 @@ from geomstore.queries.catalog import (
 from geomstore.queries.complexity import local_complexity
 from geomstore.queries.fragmentation import fragmentation
 from geomstore.queries.migration import migration_index
+from geomstore.queries.patterns import region_patterns
 from geomstore.queries.points import churn, point_regions
 from geomstore.queries.stats import partition_stats, resolve_partitions
 from geomstore.queries.stored import agreement_over, boundary_samples, fragmentation_over
@@ -47,6 +48,7 @@ __all__ = [
     "partition_stats",
     "partitions",
     "point_regions",
+    "region_patterns",
     "resolve_partitions",
     "sample_boundary",
     "slices",
