@@ -230,7 +230,8 @@ function draw() {
   if (state.hover) {
     ctx.beginPath();
     state.hover.rings.forEach(path);
-    ctx.strokeStyle = "#000"; ctx.lineWidth = 2; ctx.stroke();
+    ctx.strokeStyle = "#fff"; ctx.lineWidth = 3.5; ctx.stroke();
+    ctx.strokeStyle = "#000"; ctx.lineWidth = 1.5; ctx.stroke();
   }
   state.drawn = part.regions.length;
 }
