@@ -133,7 +133,9 @@ class Recorder:
         path = self.folder / f"step-{step}.pt2"
         param = next(iter(net.parameters()), None)
         dtype = param.dtype if param is not None else torch.float32
-        x = torch.as_tensor(self.slices[0].lift([0.0, 0.0], shaped=True), dtype=dtype)[None]
+        sl = self.slices[0]
+        # one example input, batch of 1, however lift shapes a single point
+        x = torch.as_tensor(sl.lift([[0.0, 0.0]]), dtype=dtype).reshape(1, *sl.input_shape)
         try:
             program = torch.export.export(net, (x,))
         except Exception as exc:
