@@ -10,7 +10,6 @@ import base64
 import binascii
 import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +20,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from geomstore import queries
-from geomstore.engine.partition import Partition
 from geomstore.errors import GeomstoreError, NotFoundError
 from geomstore.queries import catalog
 from geomstore.service.formats import choose_format, encode_table
@@ -288,38 +286,15 @@ def partition_table(
     return answer(request, rows, format, truncated=truncated)
 
 
-class _Loaded:
-    """The last few partitions rebuilt for clients (stored partitions do not change)."""
-
-    def __init__(self, size: int = 4) -> None:
-        self.size = size
-        self._items: OrderedDict[str, Partition] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, store: Store, partition_id: str) -> Partition:
-        with self._lock:
-            if partition_id in self._items:
-                self._items.move_to_end(partition_id)
-                return self._items[partition_id]
-        _require_partition(store, partition_id)
-        part = store.load_partition(partition_id)
-        with self._lock:
-            self._items[partition_id] = part
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return part
-
-
-_LOADED = _Loaded()
-
-
 @router.get(
     "/api/partitions/{partition_id}",
     summary="A stored partition's slice, model summary and settings",
     tags=["partition"],
 )
 def partition_meta(s: State, partition_id: str) -> dict[str, Any]:
-    part = _run(s, "/api/partitions/{id}", lambda st: _LOADED.get(st, partition_id))
+    part = _run(
+        s, "/api/partitions/{id}", lambda st: s.loaded.get(st, partition_id, _require_partition)
+    )
     return {
         "partition_id": partition_id,
         "slice": part.slice.to_dict(),
@@ -344,7 +319,11 @@ def partition_load(
     table: Literal["regions", "edges", "boundary", "states"],
     format: str | None = FORMAT,
 ) -> Response:
-    part = _run(s, "/api/partitions/{id}/load", lambda st: _LOADED.get(st, partition_id))
+    part = _run(
+        s,
+        "/api/partitions/{id}/load",
+        lambda st: s.loaded.get(st, partition_id, _require_partition),
+    )
     if table == "states":
         flat = pa.array(np.ascontiguousarray(part.states).reshape(-1), pa.uint8())
         width = part.states.shape[1]

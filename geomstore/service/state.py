@@ -12,17 +12,26 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import duckdb
 
+from geomstore.engine.partition import Partition
 from geomstore.errors import GeomstoreError, QueryTimeoutError
 from geomstore.service.auth import Tokens
 from geomstore.service.metrics import Metrics
 from geomstore.store.store import Store
 
-__all__ = ["LimitError", "Limits", "ServiceConfig", "ServiceState", "StorePool"]
+__all__ = [
+    "LimitError",
+    "Limits",
+    "PartitionCache",
+    "ServiceConfig",
+    "ServiceState",
+    "StorePool",
+]
 
 
 class LimitError(GeomstoreError, ValueError):
@@ -194,6 +203,31 @@ def deadline(st: Store, seconds: float | None) -> Iterator[None]:
         timer.cancel()
 
 
+class PartitionCache:
+    """The last few partitions rebuilt for clients (a stored partition does not change)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: OrderedDict[str, Partition] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self, store: Store, partition_id: str, require: Callable[[Store, str], None]
+    ) -> Partition:
+        """The partition, rebuilt on a miss (``require`` raises for an unknown id)."""
+        with self._lock:
+            if partition_id in self._items:
+                self._items.move_to_end(partition_id)
+                return self._items[partition_id]
+        require(store, partition_id)
+        part = store.load_partition(partition_id)
+        with self._lock:
+            self._items[partition_id] = part
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return part
+
+
 class ServiceState:
     """The pool, the settings and the metrics of one running service."""
 
@@ -202,6 +236,7 @@ class ServiceState:
         self.limits = config.limits
         self.pool = StorePool(config.store, config.pool_size, data_path=config.data_path)
         self.metrics = Metrics()
+        self.loaded = PartitionCache()
         self.started = time.time()
         self._writer_lock = threading.Lock()
         self._writer: Store | None = None
