@@ -84,7 +84,8 @@ def timed(fn: Callable[[], httpx.Response], n: int) -> dict[str, float]:
 
 
 def concurrent(url: str, clients: int, seconds: float) -> dict[str, float]:
-    """Small queries from ``clients`` threads, each with its own connection."""
+    """Small queries (a one-row SQL count, /healthz) from ``clients`` threads, each with
+    its own connection."""
     counts = [0] * clients
     errors = [0] * clients
     stop = time.perf_counter() + seconds
@@ -94,7 +95,7 @@ def concurrent(url: str, clients: int, seconds: float) -> dict[str, float]:
             i = 0
             while time.perf_counter() < stop:
                 if i % 2:
-                    r = c.get("/api/models")
+                    r = c.get("/healthz")
                 else:
                     r = c.post("/api/sql", json={"sql": "SELECT count(*) FROM partitions"})
                 counts[k] += 1
