@@ -29,8 +29,11 @@ HOW = ["arrangement", "rounds"]
 
 
 def _how(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    """Split line units by arrangements (on any device) or always in rounds."""
+    """Split line units by arrangements (every layer, any device) or in rounds (also the
+    first layer: no arrangement is small enough)."""
     monkeypatch.setattr(split, "ARRANGEMENT_DEVICES", ("cpu", "cuda") if how == HOW[0] else ())
+    if how == HOW[1]:
+        monkeypatch.setattr(arrangement, "MAX_ELEMENTS", 0)
 
 
 def _convex(rng: np.random.Generator) -> Polygon:

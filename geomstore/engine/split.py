@@ -185,35 +185,28 @@ def _initial_states_lines(
     is constant on the cell, with the sign it has at the centre; only the other
     (cell, unit) pairs are evaluated at the vertices.
     """
-    nv = valid.sum(dim=1, keepdim=True)
-    centre = (verts * valid[..., None]).sum(dim=1) / nv  # (P, 2)
-    radius = ((verts - centre[:, None, :]).norm(dim=2) * valid).amax(dim=1)  # (P,)
-    a0, a1, b = coef[:, 0], coef[:, 1], coef[:, 2]  # (P, N)
-    norm = torch.sqrt(a0 * a0 + a1 * a1)
-    fc = a0 * centre[:, 0, None] + a1 * centre[:, 1, None] + b
-    reach = norm * (radius[:, None] + 2 * tol)
+    # padded slots repeat vertex 0: their mean is still inside, their extremes the vertices'
+    centre = verts.mean(dim=1, keepdim=True)  # (P, 1, 2)
+    radius = (verts - centre).norm(dim=2).amax(dim=1, keepdim=True)  # (P, 1)
+    norm = coef[:, :2].norm(dim=1)  # (P, N)
+    fc = torch.baddbmm(coef[:, 2:], centre, coef[:, :2]).squeeze(1)  # value at the centre
+    reach = norm * (radius + 2 * tol)
     thresholds = [spec.lo, spec.hi] if spec.kind == "hardtanh" else [0.0]
     states = torch.zeros(fc.shape, dtype=torch.uint8, device=fc.device)
     crossing = torch.zeros(fc.shape, dtype=torch.bool, device=fc.device)
     for thr in thresholds:
-        g = fc - thr
-        cand = g.abs() <= reach
-        rows, cols = torch.nonzero(cand, as_tuple=True)
-        f = (
-            verts[rows, :, 0] * a0[rows, cols, None]
-            + verts[rows, :, 1] * a1[rows, cols, None]
-            + (b[rows, cols] - thr)[:, None]
-        )
+        g = fc - thr if thr else fc
+        rows, cols = torch.nonzero(g.abs() <= reach, as_tuple=True)
+        c = coef[rows, :, cols]  # (pairs, 3)
+        f = torch.baddbmm(c[:, 2:, None] - thr, verts[rows], c[:, :2, None])
         tau = tol * norm[rows, cols]
-        pos = f.amax(dim=1) > tau  # padded slots repeat vertex 0
-        neg = f.amin(dim=1) < -tau
+        pos = f.amax(dim=(1, 2)) > tau
+        neg = f.amin(dim=(1, 2)) < -tau
         above = g > 0
-        above[rows, cols] = pos
-        cross = torch.zeros_like(cand)
-        cross[rows, cols] = pos & neg
-        states += (above & ~cross).to(torch.uint8)
-        crossing |= cross
-    return torch.where(crossing, torch.zeros_like(states), states), crossing
+        above[rows, cols] = pos & ~neg
+        crossing[rows, cols] |= pos & neg
+        states += above
+    return torch.where(crossing, 0, states), crossing
 
 
 def split_layer(
@@ -315,7 +308,7 @@ def _split_line_units(
     """
     from geomstore.engine.arrangement import arrangements
 
-    if cells.verts.device.type not in ARRANGEMENT_DEVICES:
+    if len(cells) > 1 and cells.verts.device.type not in ARRANGEMENT_DEVICES:
         return _split_lines(spec, cells, state0, cross, tol, cuts)
     res = arrangements(cells, state0, cross, tol, cuts, spec.unit_offset)
     if res is None:
@@ -344,11 +337,13 @@ def _split_line_units(
 
 
 ARRANGEMENT_DEVICES: tuple[str, ...] = ("cuda",)
-"""Device types on which line units are split by arrangements rather than rounds.
+"""Device types on which every layer of line units is split by arrangements.
 
-On a GPU each operation is a kernel launch, so the arrangements' fixed number of
-operations per layer wins; on this project's 2-core CPU, rounds (fewer sorts and
-gathers) measured 2-4x faster on the benchmark MLPs. Both give the same partition.
+Elsewhere only a single cell (the first layer's domain) is: on a GPU each operation is
+a kernel launch, so the arrangements' fixed number of operations per layer wins; on this
+project's 2-core CPU, rounds took the same CPU time as arrangements or less on the
+benchmark MLPs after the first layer (2-256-256-1: 0.44 s against 0.54 s, one thread).
+Both give the same partition.
 """
 
 _HIGH = -(1 << 32)  # the float64 bits that order non-negative distances (to ~1e-6)
@@ -362,18 +357,19 @@ def _split_lines(
 
     Every round evaluates all remaining (polygon, line) pairs at once: lines that miss a
     polygon settle the unit's state and leave its list; each polygon that still meets a
-    line is split by the first one (in unit order), and both children keep the rest of the
-    list. The number of rounds is the longest chain of splits, and the number of tensor
-    operations per round does not depend on the number of polygons or pairs.
+    line is split by the one through its middle (fewest rounds), and both children keep
+    the rest of the list. The number of rounds is the longest chain of splits, and the
+    number of tensor operations per round does not depend on the number of polygons or
+    pairs.
     """
     lines = cross.vals[:, :, 0]  # (T, 3): a0, a1, b
-    a = lines[:, :2, None].contiguous()
-    b = lines[:, 2:, None].contiguous()
-    tau = (tol * torch.sqrt(lines[:, 0] * lines[:, 0] + lines[:, 1] * lines[:, 1]))[:, None]
+    # unit normals: values are distances, so the tolerance is one number for all lines
+    unit_lines = lines / lines[:, :2].norm(dim=1, keepdim=True)
+    a = unit_lines[:, :2, None].contiguous()
+    b = unit_lines[:, 2:, None].contiguous()
     units = cross.unit
     n_units = int(state0.shape[1])
     buf = _Grow(cells, state0, cross)
-    zero = torch.zeros((), dtype=lines.dtype, device=lines.device)
     pp, pt = cross.cell, torch.arange(len(cross), device=lines.device)
     split_tests: list[Tensor] = []
     first_id = cuts.count
@@ -381,19 +377,19 @@ def _split_lines(
     while pp.numel():
         va = buf.verts.index_select(0, pp)
         f = torch.baddbmm(b.index_select(0, pt), va, a.index_select(0, pt)).squeeze(2)
-        f = torch.where(f.abs() <= tau.index_select(0, pt), zero, f)
+        f.masked_fill_(f.abs() <= tol, 0.0)
         hi, lo = f.amax(1), f.amin(1)
         pos, neg = hi > 0, lo < 0
-        key = pp * n_units + units.index_select(0, pt)
-        buf.states.view(-1).index_fill_(0, key[pos > neg], 1)  # the line misses: settled
+        key = units.index_select(0, pt).add_(pp, alpha=n_units)  # flat (polygon, unit)
+        buf.flat.index_fill_(0, key[pos > neg], 1)  # the line misses: settled
         ci = torch.nonzero(pos & neg).squeeze(1)
         if ci.numel() == 0:
             break
         cp, ct = pp[ci], pt[ci]
         # split each polygon by the crossing line nearest its middle (fewest rounds);
-        # the key orders by distance (float bits, top half) and breaks ties by unit
+        # the key orders by distance (float bits, top half) and breaks ties by position
         mid = ((hi + lo).abs_() / (hi - lo))[ci]
-        ckey = (mid.view(torch.int64) & _HIGH) | units.index_select(0, ct)
+        ckey = (mid.view(torch.int64) & _HIGH) | ci
         best = torch.full((buf.count,), _MAX, dtype=torch.int64, device=pp.device)
         chosen = ckey == best.scatter_reduce_(0, cp, ckey, "amin")[cp]
         fi, sp, st = ci[chosen], cp[chosen], ct[chosen]
@@ -492,6 +488,7 @@ class _Grow:
         self.n = _alloc(cells.n, cap)
         self.cell = _alloc(torch.arange(p, device=state0.device), cap)
         self.states = _alloc(state0, cap)
+        self.flat = self.states.view(-1)
         self.count = p
 
     def split(self, rows: Tensor, children: tuple[Tensor, Tensor, Tensor], key: Tensor) -> None:
@@ -504,12 +501,13 @@ class _Grow:
             cap = max(m + k, 2 * self.n.shape[0])
             for name in ("verts", "side", "n", "cell", "states"):
                 setattr(self, name, _alloc(getattr(self, name), cap))
+            self.flat = self.states.view(-1)
         if verts.shape[1] > self.verts.shape[1]:
             self.verts, self.side = pad_polys(self.verts, self.side, int(verts.shape[1]))
         new = torch.arange(m, m + k, device=rows.device)
-        self.cell[m : m + k] = self.cell[rows]
-        self.states[m : m + k] = self.states[rows]
-        self.states.view(-1).index_fill_(0, key, 1)
+        self.cell.index_copy_(0, new, self.cell[rows])
+        self.states.index_copy_(0, new, self.states[rows])
+        self.flat.index_fill_(0, key, 1)
         dest = torch.cat([rows, new])
         self.verts.index_copy_(0, dest, verts)
         self.side.index_copy_(0, dest, side)
