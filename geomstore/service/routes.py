@@ -165,16 +165,18 @@ def list_partitions(
 
 
 # one partition -----------------------------------------------------------------------------
-_COLUMNS: dict[str, list[str]] = {}
+_COLUMNS: dict[tuple[str, str], list[str]] = {}
 _COLUMNS_LOCK = threading.Lock()
 
 
 def _columns_of(store: Store, table: str) -> list[str]:
+    """A data table's columns (but partition_id), per store."""
+    key = (store.target, table)
     with _COLUMNS_LOCK:
-        if table not in _COLUMNS:
+        if key not in _COLUMNS:
             names = store.sql(f"SELECT * FROM {table} LIMIT 0").table.column_names
-            _COLUMNS[table] = [c for c in names if c != "partition_id"]
-        return _COLUMNS[table]
+            _COLUMNS[key] = [c for c in names if c != "partition_id"]
+        return _COLUMNS[key]
 
 
 def _require_partition(store: Store, partition_id: str) -> None:
