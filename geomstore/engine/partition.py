@@ -16,6 +16,7 @@ import torch
 
 from geomstore.engine.descent import Descent, Progress
 from geomstore.engine.graph import Program
+from geomstore.engine.merge import merge_equal_patterns
 from geomstore.engine.patterns import (
     PATTERN_LIMIT_BITS,
     PatternHash,
@@ -360,6 +361,12 @@ def partition(
         hash_patterns=big,
     )
     raw = descent.run().concat()
+    if big:
+        hashes = raw["hashes"]
+    else:
+        hashes = PatternHash(program.n_units).of(torch.from_numpy(raw["states"])).numpy()
+    if any(s.kind == "maxpool" for s in specs):  # a max unit's tournament can cut a cell
+        raw, hashes = merge_equal_patterns(raw, hashes, tol * slice.diameter)
     centre = descent.centre
     verts_c, n = raw["verts"], raw["n"]
     vals = raw["values"]  # (P, 3, K) output slopes along u0, u1 and value at the centre
