@@ -381,10 +381,8 @@ def partition(
     fcen = np.einsum("pkd,pd->pk", amap, cen_c) + c_centre
     label = fcen.argmax(1) if k > 1 else (fcen[:, 0] > threshold).astype(np.int64)
     if big:
-        hashes = raw["hashes"]
         patterns = pa.nulls(len(n), pa.binary())
     else:
-        hashes = PatternHash(program.n_units).of(torch.from_numpy(raw["states"])).numpy()
         patterns = pack_patterns(raw["states"], [(s.unit_offset, s.n_units, s.bits) for s in specs])
     regions = table_regions(verts, n, area, cen, patterns, amap, cvec, label)
     at = regions.schema.get_field_index("pattern") + 1
