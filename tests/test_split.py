@@ -82,7 +82,7 @@ def test_clip_both_matches_shapely_on_random_lines() -> None:
             want = poly.intersection(half)
             assert got.is_valid and got.exterior.is_ccw
             assert abs(got.area - want.area) < 1e-12
-            assert got.symmetric_difference(want).area < 1e-12
+            assert got.hausdorff_distance(want) < 1e-12  # (overlays of equal shapes are fragile)
             assert len(shapely.get_coordinates(want)) - 1 == k
             # padding repeats vertex 0; exactly one side is the chord, labelled with the cut
             assert torch.equal(out_v[child, k:], out_v[child, :1].expand(out_v.shape[1] - k, 2))

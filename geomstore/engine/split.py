@@ -378,7 +378,7 @@ def _split_lines(
         va = buf.verts.index_select(0, pp)
         f = torch.baddbmm(b.index_select(0, pt), va, a.index_select(0, pt)).squeeze(2)
         f.masked_fill_(f.abs() <= tol, 0.0)
-        hi, lo = f.amax(1), f.amin(1)
+        lo, hi = torch.aminmax(f, dim=1)
         pos, neg = hi > 0, lo < 0
         key = units.index_select(0, pt).add_(pp, alpha=n_units)  # flat (polygon, unit)
         buf.flat.index_fill_(0, key[pos > neg], 1)  # the line misses: settled
@@ -388,7 +388,7 @@ def _split_lines(
         cp, ct = pp[ci], pt[ci]
         # split each polygon by the crossing line nearest its middle (fewest rounds);
         # the key orders by distance (float bits, top half) and breaks ties by position
-        mid = ((hi + lo).abs_() / (hi - lo))[ci]
+        mid = (hi + lo).abs_()[ci]  # twice the line's distance from the middle
         ckey = (mid.view(torch.int64) & _HIGH) | ci
         best = torch.full((buf.count,), _MAX, dtype=torch.int64, device=pp.device)
         chosen = ckey == best.scatter_reduce_(0, cp, ckey, "amin")[cp]
@@ -449,7 +449,7 @@ def clip_both(
     v0 = v[:, :-1]
     cross = s0 * s1 < 0
     t = f0 / (f0 - f[:, 1:])
-    x = v0 + t.unsqueeze(2) * (v[:, 1:] - v0)
+    x = torch.addcmul(v0, t.unsqueeze(2), v[:, 1:] - v0)
     pts = torch.stack([v0, x], 2).view(s, 2 * w - 2, 2)
     ar = torch.arange(2 * w - 2, device=f.device)
     valid = ar[: w - 1] < n[:, None]
