@@ -69,12 +69,12 @@ def test_patterns_of_a_stored_hashed_partition_need_the_right_model(
     np.testing.assert_array_equal(some, part.patterns([2, 0]))
     assert back.states is None
     np.testing.assert_array_equal(back.pattern_hashes(), part.pattern_hashes())
-    with pytest.raises(GeomstoreError, match="model="):
+    with pytest.raises(GeomstoreError, match="net="):
         back.patterns([0])
-    got = back.patterns([0, 1, back.n_regions - 1], model=net)
+    got = back.patterns([0, 1, back.n_regions - 1], net=net)
     np.testing.assert_array_equal(got, part.patterns([0, 1, part.n_regions - 1]))
     with pytest.raises(GeomstoreError, match="weights differ"):
-        back.patterns([0], model=mlp((10, 10), 2, seed=4))
+        back.patterns([0], net=mlp((10, 10), 2, seed=4))
     with pytest.raises(GeomstoreError, match="region ids"):
         part.patterns([part.n_regions])
 
@@ -122,3 +122,11 @@ def test_progress_reports_regions_pending_cells_and_time() -> None:
     assert all(len(p.pending) == 3 for p in seen)
     assert any(sum(p.pending) > 0 for p in seen)  # small chunks: cells wait their turn
     assert seen[-1].elapsed >= seen[0].elapsed >= 0
+
+
+def test_old_keyword_model_still_works_with_a_warning() -> None:
+    net = mlp((6,), 2)
+    with pytest.warns(DeprecationWarning, match="net="):
+        part = partition(model=net, slice=BOX, device="cpu")
+    with pytest.warns(DeprecationWarning, match="net="):
+        assert part.verify(model=net, grid=16).ok

@@ -1,4 +1,4 @@
-"""``partition(model, slice)``: the exact tiling of a slice by a network, as Arrow tables."""
+"""``partition(net, slice)``: the exact tiling of a slice by a network, as Arrow tables."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pyarrow as pa
 import shapely
 import torch
 
+from geomstore._aliases import renamed_kwargs
 from geomstore.engine.descent import Descent, Progress
 from geomstore.engine.graph import Program
 from geomstore.engine.merge import merge_equal_patterns
@@ -150,13 +151,14 @@ class Partition:
         raw = np.frombuffer(col.buffers()[1], dtype="<i8", count=2 * col.offset + 2 * len(col))
         return raw[2 * col.offset :].reshape(-1, 2).astype(np.int64)
 
-    def patterns(self, region_ids: Any = None, *, model: Any = None) -> np.ndarray:
+    @renamed_kwargs(model="net")
+    def patterns(self, region_ids: Any = None, *, net: Any = None) -> np.ndarray:
         """Whole activation patterns (n, units) of ``region_ids`` (all when None).
 
         Stored whole for small models; for large ones (see ``partition(memory=)``)
         recomputed by running the network at an interior point of each region and checked
-        against the region's stored pattern hash. ``model`` is needed when the partition
-        has no program attached (one loaded from a store).
+        against the region's stored pattern hash. ``net`` (the checkpoint's network) is
+        needed when the partition has no program attached (one loaded from a store).
 
         Examples
         --------
@@ -180,13 +182,13 @@ class Partition:
             return self.states[ids]
         program = self.program
         if program is None:
-            if model is None:
+            if net is None:
                 raise GeomstoreError(
-                    "this partition keeps pattern hashes only; pass model= (the checkpoint's "
+                    "this partition keeps pattern hashes only; pass net= (the checkpoint's "
                     "network) to recompute its patterns."
                 )
             program = Program(
-                model,
+                net,
                 self.slice.input_shape,
                 torch.device("cpu"),
                 logits=self.settings.get("logits", False),
@@ -204,13 +206,14 @@ class Partition:
 
         return shapely.from_wkb(self.regions.column("geometry").to_numpy(zero_copy_only=False))
 
+    @renamed_kwargs(model="net")
     def verify(
-        self, model: Any = None, *, grid: int = 96, brute_force: bool = True, points: int = 2
+        self, net: Any = None, *, grid: int = 96, brute_force: bool = True, points: int = 2
     ) -> Any:
         """Run the exactness checks of design.md section 3; see :func:`geomstore.verify`."""
         from geomstore.engine.verify import verify
 
-        return verify(self, model=model, grid=grid, brute_force=brute_force, points=points)
+        return verify(self, net, grid=grid, brute_force=brute_force, points=points)
 
     def __repr__(self) -> str:
         return (
@@ -271,8 +274,9 @@ def _interior_points(polys: np.ndarray, rng: np.random.Generator, k: int) -> lis
     return pts
 
 
+@renamed_kwargs(model="net")
 def partition(
-    model: Any,
+    net: Any,
     slice: Slice,
     *,
     device: str | torch.device = "auto",
@@ -285,12 +289,13 @@ def partition(
     progress: Callable[[Progress], None] | None = None,
     logits: bool = False,
 ) -> Partition:
-    """Compute every linear region of ``model`` on ``slice``, exactly, in float64.
+    """Compute every linear region of ``net`` on ``slice``, exactly, in float64.
 
     Parameters
     ----------
-    model : torch.nn.Module or torch.export.ExportedProgram
-        A network of affine layers and piecewise-linear activations, in eval mode.
+    net : torch.nn.Module or torch.export.ExportedProgram
+        A network of affine layers and piecewise-linear activations, in eval mode
+        (``model=`` is the deprecated spelling).
     slice : Slice
         The plane and its convex domain.
     device : {"auto", "cpu", "cuda"}
@@ -337,7 +342,7 @@ def partition(
         raise GeomstoreError(f"tol must lie in (0, 1e-3); got {tol!r}.")
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    program = Program(model, slice.input_shape, dev, logits=logits)
+    program = Program(net, slice.input_shape, dev, logits=logits)
     k = program.n_outputs
     if levels is not None:
         if not 0 <= output < k:

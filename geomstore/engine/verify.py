@@ -9,6 +9,7 @@ import numpy as np
 import shapely
 import torch
 
+from geomstore._aliases import renamed_kwargs
 from geomstore.errors import GeomstoreError
 
 __all__ = ["Check", "VerifyReport", "verify"]
@@ -86,9 +87,10 @@ def _pattern_mismatch(
     return clear & (got != partition.pattern_hashes()[regions]).any(1)
 
 
+@renamed_kwargs(model="net")
 def verify(
     partition: Any,
-    model: Any = None,
+    net: Any = None,
     *,
     grid: int = 96,
     brute_force: bool = True,
@@ -100,7 +102,7 @@ def verify(
     Parameters
     ----------
     partition : Partition
-    model : torch.nn.Module, optional
+    net : torch.nn.Module, optional
         Needed for check 5 (the brute-force region count of plain ReLU MLPs).
     grid : int
         Points per side of the dense grid of check 3.
@@ -239,8 +241,8 @@ def verify(
             )
         )
     # 5. independent count
-    if brute_force and model is not None and is_plain_relu_mlp(model) and sl.dim == 2:
-        ref = reference_regions(model, sl)
+    if brute_force and net is not None and is_plain_relu_mlp(net) and sl.dim == 2:
+        ref = reference_regions(net, sl)
         report.checks.append(
             Check(
                 "brute-force count",

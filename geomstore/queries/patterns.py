@@ -39,4 +39,4 @@ def region_patterns(
     (1, 4)
     """
     part = store.load_partition(partition_id)
-    return part.patterns(region_ids, model=net)
+    return part.patterns(region_ids, net=net)
