@@ -9,8 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,12 +31,18 @@ from geomstore.service.models import (
     SQLRequest,
 )
 from geomstore.service.state import ServiceState
+from geomstore.service.tables import (
+    Table,
+    parse_bbox,
+    partition_rows,
+    require_partition,
+    with_affine,
+)
 from geomstore.store.store import Store
 
 __all__ = ["router"]
 
 router = APIRouter()
-Table = Literal["regions", "edges", "boundary"]
 FORMAT = Query(None, description="json (default), arrow, parquet, csv or geojson.")
 CHECKPOINT = Query(None, description="Only these checkpoints (repeatable).")
 
@@ -165,98 +170,6 @@ def list_partitions(
 
 
 # one partition -----------------------------------------------------------------------------
-_COLUMNS: dict[tuple[str, str], list[str]] = {}
-_COLUMNS_LOCK = threading.Lock()
-
-
-def _columns_of(store: Store, table: str) -> list[str]:
-    """A data table's columns (but partition_id), per store."""
-    key = (store.target, table)
-    with _COLUMNS_LOCK:
-        if key not in _COLUMNS:
-            names = store.sql(f"SELECT * FROM {table} LIMIT 0").table.column_names
-            _COLUMNS[key] = [c for c in names if c != "partition_id"]
-        return _COLUMNS[key]
-
-
-def _require_partition(store: Store, partition_id: str) -> None:
-    found = store.sql(
-        "SELECT count(*) AS n FROM partitions WHERE partition_id = ?", [partition_id]
-    ).table
-    if found.column("n")[0].as_py() == 0:
-        raise NotFoundError(
-            f"no partition {partition_id!r} in this store; list them with GET /api/partitions.",
-            kind="partition",
-            name=partition_id,
-        )
-
-
-def _parse_bbox(bbox: str | None) -> list[float] | None:
-    if bbox is None:
-        return None
-    try:
-        vals = [float(v) for v in bbox.split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) != 4 or not all(np.isfinite(vals)) or vals[0] > vals[2] or vals[1] > vals[3]:
-        raise GeomstoreError(
-            f"bbox {bbox!r}: give four finite numbers u0_min,u1_min,u0_max,u1_max "
-            "(min before max), e.g. bbox=-1,-1,1,1"
-        )
-    return vals
-
-
-def pattern_hashes(patterns: Sequence[bytes | None]) -> pa.Array:
-    """A short hash of each packed activation pattern (the first 16 bytes of its SHA-256),
-    for stores written before regions carried the engine's ``pattern_hash``.
-
-    Examples
-    --------
-    >>> pattern_hashes([b"\\x01", None]).to_pylist()[0].hex()
-    '4bf5122f344554c53bde2ebb8cd2b7e3'
-    """
-    return pa.array(
-        [None if p is None else hashlib.sha256(p).digest()[:16] for p in patterns], pa.binary()
-    )
-
-
-def partition_rows(
-    store: Store,
-    partition_id: str,
-    table: Table,
-    *,
-    columns: Sequence[str] | None,
-    bbox: Sequence[float] | None,
-    max_rows: int,
-) -> tuple[pa.Table, bool]:
-    """Rows of one partition's table (geometry as WKB), optionally within a bbox."""
-    known = _columns_of(store, table)
-    derived = table == "regions" and "pattern_hash" not in known  # an older store
-    wanted = list(columns) if columns else list(known) + (["pattern_hash"] if derived else [])
-    bad = [c for c in wanted if c not in known and not (derived and c == "pattern_hash")]
-    if bad:
-        extra = ", pattern_hash" if derived else ""
-        raise GeomstoreError(
-            f"unknown column {bad[0]!r} of {table}; columns: {', '.join(known)}{extra}."
-        )
-    select = [c for c in wanted if c != "pattern_hash"]
-    if "pattern_hash" in wanted and "pattern" not in select:
-        select.append("pattern")
-    exprs = ["ST_AsWKB(geometry)::BLOB AS geometry" if c == "geometry" else c for c in select]
-    order = known[0] if table != "boundary" else "region_id, u0_a, u1_a"
-    sql = f"SELECT {', '.join(exprs) or 'NULL AS none'} FROM {table} WHERE partition_id = ?"
-    params: list[Any] = [partition_id]
-    if bbox is not None:
-        sql += " AND ST_Intersects(geometry, ST_MakeEnvelope(?, ?, ?, ?))"
-        params += list(bbox)
-    _require_partition(store, partition_id)
-    res = store.sql(sql + f" ORDER BY {order}", params, max_rows=max_rows)
-    out = res.table
-    if "pattern_hash" in wanted:
-        out = out.append_column("pattern_hash", pattern_hashes(out.column("pattern").to_pylist()))
-    return out.select(wanted), res.truncated
-
-
 @router.get(
     "/api/partitions/{partition_id}/{table}",
     summary="One partition's regions, edges or decision boundary",
@@ -271,7 +184,7 @@ def partition_table(
     columns: str | None = Query(None, description="Comma-separated columns; default: all."),
     format: str | None = FORMAT,
 ) -> Response:
-    box = _parse_bbox(bbox)
+    box = parse_bbox(bbox)
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     rows, truncated = _run(
         s,
@@ -295,7 +208,7 @@ def partition_table(
 )
 def partition_meta(s: State, partition_id: str) -> dict[str, Any]:
     part = _run(
-        s, "/api/partitions/{id}", lambda st: s.loaded.get(st, partition_id, _require_partition)
+        s, "/api/partitions/{id}", lambda st: s.loaded.get(st, partition_id, require_partition)
     )
     return {
         "partition_id": partition_id,
@@ -324,7 +237,7 @@ def partition_load(
     part = _run(
         s,
         "/api/partitions/{id}/load",
-        lambda st: s.loaded.get(st, partition_id, _require_partition),
+        lambda st: s.loaded.get(st, partition_id, require_partition),
     )
     if table == "states":
         flat = pa.array(np.ascontiguousarray(part.states).reshape(-1), pa.uint8())
@@ -435,7 +348,7 @@ def region_at(
     table = _run(
         s,
         "/api/points/regions",
-        lambda st: _with_affine(
+        lambda st: with_affine(
             st,
             queries.point_regions(
                 st,
@@ -449,47 +362,6 @@ def region_at(
         body,
     )
     return answer(request, table, format)
-
-
-def _with_affine(store: Store, table: pa.Table, body: PointsRequest) -> pa.Table:
-    """Add each holding region's partition id, affine map (A, c) and pattern hash (one
-    query: ``point_regions`` has checked the model, slice and checkpoints already)."""
-    checkpoints = sorted(set(table.column("checkpoint").to_pylist()))
-    rids = sorted(set(table.column("region_id").to_pylist()))
-    stored = "pattern_hash" in _columns_of(store, "regions")
-    sql = (
-        "WITH ps AS (SELECT p.partition_id, c.name AS checkpoint FROM partitions p "
-        "JOIN checkpoints c USING (checkpoint_id) JOIN models m ON m.model_id = c.model_id "
-        "JOIN slices s ON s.slice_id = p.slice_id WHERE m.name = $model "
-        "AND list_contains($checkpoints, c.name)"
-        + (" AND (s.name = $slice OR s.slice_id = $slice)" if body.slice is not None else "")
-        + ") SELECT ps.checkpoint, ps.partition_id, r.region_id, r.A, r.c"
-        + (", r.pattern_hash" if stored else "")
-        + " FROM regions r JOIN ps USING (partition_id) WHERE list_contains($rids, r.region_id)"
-    )
-    params: dict[str, Any] = {"model": body.model, "checkpoints": checkpoints, "rids": rids}
-    if body.slice is not None:
-        params["slice"] = body.slice
-    maps = store.sql(sql, params, max_rows=len(checkpoints) * len(rids) + 1).table.to_pylist()
-    by_key = {(m["checkpoint"], m["region_id"]): m for m in maps}
-    found = [
-        by_key.get((c, r), {})
-        for c, r in zip(
-            table.column("checkpoint").to_pylist(), table.column("region_id").to_pylist()
-        )
-    ]
-    out = table.add_column(
-        0, "partition_id", pa.array([f.get("partition_id") for f in found], pa.string())
-    )
-    out = out.append_column("A", pa.array([f.get("A") for f in found], pa.list_(pa.float64())))
-    out = out.append_column("c", pa.array([f.get("c") for f in found], pa.list_(pa.float64())))
-    if "pattern_hash" in out.column_names:  # the query gave it already
-        return out
-    if stored:
-        hashes = pa.array([f.get("pattern_hash") for f in found], pa.binary())
-    else:
-        hashes = pattern_hashes(out.column("pattern").to_pylist())
-    return out.append_column("pattern_hash", hashes)
 
 
 # partition-level queries --------------------------------------------------------------------
