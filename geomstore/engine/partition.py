@@ -56,8 +56,8 @@ def parse_memory(memory: int | str) -> int:
 
     Examples
     --------
-    >>> parse_memory("4GiB"), parse_memory("512 MiB"), parse_memory(1000)
-    (4294967296, 536870912, 1000)
+    >>> parse_memory("4GiB"), parse_memory("512 MiB"), parse_memory(1 << 30)
+    (4294967296, 536870912, 1073741824)
     """
     if isinstance(memory, int) and not isinstance(memory, bool):
         value = memory
