@@ -129,6 +129,11 @@ def run(
     ops: bool = True,
     compare_cpu: bool = False,
 ) -> dict[str, object]:
+    count = None
+    if ops:  # untimed, and it warms up (tracing, first-call allocations) before the timing
+        with OpCounter() as counter:
+            partition(model, sl, device=device)
+        count = counter.count
     best, part = _timed(model, sl, device, repeat)
     dev = str(part.settings["device"])
     res: dict[str, object] = {
@@ -141,11 +146,9 @@ def run(
         "regions_per_second": round(part.n_regions / best),
         "peak_rss_mib": round(_peak_mib(), 1),
     }
-    if ops:
-        with OpCounter() as counter:
-            partition(model, sl, device=device)
-        res["ops"] = counter.count
-        res["ops_per_1k_regions"] = round(1000 * counter.count / part.n_regions, 1)
+    if count is not None:
+        res["ops"] = count
+        res["ops_per_1k_regions"] = round(1000 * count / part.n_regions, 1)
     if dev.startswith("cuda"):
         res["gpu_busy_share"] = round(_gpu_busy_share(model, sl, device), 3)
     if compare_cpu:
