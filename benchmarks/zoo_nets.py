@@ -49,10 +49,12 @@ class BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """A CIFAR ResNet: 3x3 stem, stages of basic blocks, nn.AdaptiveAvgPool2d(1) head."""
 
-    def __init__(self, widths: tuple[int, ...], blocks: int, classes: int = 10) -> None:
+    def __init__(
+        self, widths: tuple[int, ...], blocks: int, classes: int = 10, in_ch: int = 3
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+            nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
         layers: list[nn.Module] = []
         cin = widths[0]
@@ -157,5 +159,5 @@ NETS = {
     "resnet18": lambda: (resnet18(), (3, 32, 32)),
     "maxout-mlp": lambda: (MaxoutMLP(), (1, 28, 28)),
     "inr-2-256x4-3": lambda: (inr(), (2,)),
-    "resnet-digits": lambda: (ResNetCifar((8, 16), 1), (1, 8, 8)),
+    "resnet-digits": lambda: (ResNetCifar((8, 16), 1, in_ch=1), (1, 8, 8)),
 }
