@@ -102,21 +102,27 @@ def _timed(model: nn.Module, sl: Slice, device: str, repeat: int) -> tuple[float
 
 
 def _gpu_busy_share(model: nn.Module, sl: Slice, device: str) -> float:
-    """Kernel time over wall time of one partition on CUDA (kernels of one stream)."""
+    """Time the GPU runs kernels (union of their intervals) over the wall time of one run."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
         partition(model, sl, device=device)
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    busy_us = 0.0
-    for e in prof.key_averages():
-        busy_us += float(
-            getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
-        )
-    return busy_us / 1e6 / wall
+        wall = time.perf_counter() - t
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    )
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # merge overlapping kernels (several streams)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e6 / wall
 
 
 def run(
