@@ -188,8 +188,7 @@ def _initial_states_lines(
     # padded slots repeat vertex 0: their mean is still inside, their extremes the vertices'
     centre = verts.mean(dim=1, keepdim=True)  # (P, 1, 2)
     radius = (verts - centre).norm(dim=2).amax(dim=1, keepdim=True)  # (P, 1)
-    a0, a1 = coef[:, 0], coef[:, 1]
-    norm = torch.sqrt(a0 * a0 + a1 * a1)  # (P, N); torch.norm over dim 1 is slow here
+    norm = torch.hypot(coef[:, 0], coef[:, 1])  # (P, N); torch.norm over dim 1 is slow
     fc = torch.baddbmm(coef[:, 2:], centre, coef[:, :2]).squeeze(1)  # value at the centre
     reach = norm * (radius + 2 * tol)
     thresholds = [spec.lo, spec.hi] if spec.kind == "hardtanh" else [0.0]
@@ -199,7 +198,8 @@ def _initial_states_lines(
         g = fc - thr if thr else fc
         rows, cols = torch.nonzero(g.abs() <= reach, as_tuple=True)
         c = coef[rows, :, cols]  # (pairs, 3)
-        f = torch.baddbmm(c[:, 2:, None] - thr, verts[rows], c[:, :2, None])
+        b = c[:, 2:, None] - thr if thr else c[:, 2:, None]
+        f = torch.baddbmm(b, verts[rows], c[:, :2, None])
         tau = tol * norm[rows, cols]
         pos = f.amax(dim=(1, 2)) > tau
         neg = f.amin(dim=(1, 2)) < -tau
@@ -365,7 +365,7 @@ def _split_lines(
     """
     lines = cross.vals[:, :, 0]  # (T, 3): a0, a1, b
     # unit normals: values are distances, so the tolerance is one number for all lines
-    unit_lines = lines / torch.sqrt(lines[:, :1] * lines[:, :1] + lines[:, 1:2] * lines[:, 1:2])
+    unit_lines = lines / torch.hypot(lines[:, 0], lines[:, 1]).unsqueeze(1)
     a = unit_lines[:, :2, None].contiguous()
     b = unit_lines[:, 2:, None].contiguous()
     units = cross.unit
