@@ -60,24 +60,25 @@ def _side_labels(
     tol: float,
 ) -> np.ndarray:
     """For each side of the union, the label of the longest piece side lying on it."""
-    m = len(ring)
-    labels = np.full(m, -(1 << 62), dtype=np.int64)
-    best = np.zeros(m)
+    starts, ends, labels = [], [], []
     for r in rows:
         pv = verts[r, : n[r]]
-        for j in range(n[r]):
-            a, b = pv[j], pv[(j + 1) % n[r]]
-            length = float(np.linalg.norm(b - a))
-            for s in range(m):
-                p, q = ring[s], ring[(s + 1) % m]
-                d = q - p
-                norm = float(np.linalg.norm(d)) or 1e-300
-                da = abs(d[0] * (a[1] - p[1]) - d[1] * (a[0] - p[0])) / norm
-                db = abs(d[0] * (b[1] - p[1]) - d[1] * (b[0] - p[0])) / norm
-                if da <= tol and db <= tol and length > best[s]:
-                    best[s] = length
-                    labels[s] = side[r, j]
-    return labels
+        starts.append(pv)
+        ends.append(np.roll(pv, -1, axis=0))
+        labels.append(side[r, : n[r]])
+    a, b, lab = np.concatenate(starts), np.concatenate(ends), np.concatenate(labels)
+    p, q = ring, np.roll(ring, -1, axis=0)
+    d = q - p  # (m, 2)
+    norm = np.maximum(np.linalg.norm(d, axis=1), 1e-300)
+
+    def dist(x: np.ndarray) -> np.ndarray:  # (E, m) distance of points x to each side's line
+        rel = x[:, None, :] - p[None, :, :]
+        return np.abs(d[None, :, 0] * rel[..., 1] - d[None, :, 1] * rel[..., 0]) / norm
+
+    on = (dist(a) <= tol) & (dist(b) <= tol)
+    length = np.where(on, np.linalg.norm(b - a, axis=1)[:, None], -1.0)
+    best = length.argmax(axis=0)
+    return np.where(length.max(axis=0) > 0, lab[best], -(1 << 62)).astype(np.int64)
 
 
 def merge_equal_patterns(
