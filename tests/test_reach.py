@@ -99,6 +99,13 @@ PIECEWISE: dict[str, tuple[Callable[[Tensor], Tensor], tuple[int, ...], int, boo
         {"relu"},
     ),
     "maxout amax": (lambda h: h.view(h.shape[0], 3, 4).amax(-1), VEC, 12, False, {"maxpool"}),
+    "maxout view(n, -1, k)": (
+        lambda h: h.view(h.shape[0], -1, 4).amax(-1),
+        VEC,
+        12,
+        False,
+        {"maxpool"},
+    ),
     "maxout max.values": (
         lambda h: h.view(h.shape[0], 3, 4).max(-1).values,
         VEC,

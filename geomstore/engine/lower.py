@@ -449,7 +449,9 @@ class _Canon:
         if packet in _BATCH_SHAPED and len(args) > 1 and isinstance(args[1], (list, tuple)):
             shape = list(args[1])
             if shape and shape[0] == 1 and self._shape(node)[0] == 1:
-                shape[0] = -1  # the traced batch of one becomes any batch
+                # the traced batch of one becomes any batch; an inferred -1 elsewhere takes
+                # its traced size, since only one dimension can be inferred
+                shape = [-1, *self._shape(node)[1:]]
                 node.args = (args[0], shape, *args[2:])
 
     # piecewise-linear rewrites ---------------------------------------------------------------

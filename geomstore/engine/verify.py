@@ -69,6 +69,34 @@ def model_states(
     return np.concatenate(outs), np.concatenate(sts), np.concatenate(mgs)
 
 
+def _blockwise(
+    program: Any,
+    partition: Any,
+    x: torch.Tensor,
+    rid: np.ndarray,
+    check: np.ndarray,
+    amb: float,
+    *,
+    block: int = 1 << 24,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs at x, and which checked rows disagree with their region's pattern.
+
+    Row blocks keep memory bounded: a ResNet's states and margins for every test point at
+    once would be tens of gigabytes.
+    """
+    rows = max(1, block // max(1, program.n_units))
+    outs, bad = [], []
+    for lo in range(0, max(1, x.shape[0]), rows):
+        out, st, mg = model_states(program, x[lo : lo + rows], block=block)
+        c = check[lo : lo + rows]
+        b = np.zeros(len(c), dtype=bool)
+        if c.any():
+            b[c] = _pattern_mismatch(partition, program, rid[lo : lo + rows][c], st[c], mg[c], amb)
+        outs.append(out)
+        bad.append(b)
+    return np.concatenate(outs), np.concatenate(bad)
+
+
 def _pattern_mismatch(
     partition: Any,
     program: Any,
@@ -174,7 +202,8 @@ def verify(
     uu = np.concatenate([cen, *extra]) if extra else cen
     rid = np.tile(np.arange(len(cen)), 1 + len(extra))
     x = torch.as_tensor(sl.lift(uu, shaped=True), device=dev)
-    out, states, margins = model_states(program, x)
+    n = len(cen)
+    out, bad = _blockwise(program, partition, x, rid, np.arange(len(rid)) < n, amb)
     pred = np.einsum("pkd,pd->pk", amap[rid], uu) + cvec[rid]
     scale = 1.0 + np.abs(out).max() + np.abs(amap).max() * sl.diameter if len(out) else 1.0
     err = float(np.abs(out - pred).max()) if len(out) else 0.0
@@ -186,8 +215,7 @@ def verify(
             f"region {err:.3g}",
         )
     )
-    n = len(cen)
-    mism = _pattern_mismatch(partition, program, rid[:n], states[:n], margins[:n], amb)
+    mism = bad[:n]
     report.checks.append(
         Check(
             "patterns at centroids",
@@ -200,8 +228,8 @@ def verify(
     first[pin] = reg
     has = first >= 0
     xg = torch.as_tensor(sl.lift(gu[has], shaped=True), device=dev)
-    _, gst, gmg = model_states(program, xg)
-    gm = _pattern_mismatch(partition, program, first[has], gst, gmg, amb)
+    rg = first[has]
+    _, gm = _blockwise(program, partition, xg, rg, np.ones(len(rg), dtype=bool), amb)
     report.checks.append(
         Check(
             "patterns on grid",
