@@ -26,6 +26,10 @@ def point_regions(
     """For each point and checkpoint: its region, label, pattern, and its distances to the
     region's border and to the decision boundary (null where a partition has none).
 
+    ``pattern`` is the packed activation pattern, or its 128-bit hash for models whose
+    patterns are stored as hashes only (either identifies the region's pattern, so churn
+    compares them across checkpoints of one model).
+
     Points on an edge are given the region with the lowest id among those holding them.
     """
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
@@ -57,7 +61,7 @@ def point_regions(
                 WHERE list_contains($ids, b.partition_id)
                 GROUP BY ALL)
             SELECT list_position($ids, h.partition_id) - 1 AS pidx, h.point_id, p.split,
-                   h.region_id, r.label, r.pattern,
+                   h.region_id, r.label, coalesce(r.pattern, r.pattern_hash) AS pattern,
                    ST_Distance(ST_Boundary(r.geometry), ST_Point(p.pu0, p.pu1))
                        AS distance_to_border,
                    bd.d AS distance_to_boundary
