@@ -36,6 +36,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from geomstore.engine.ops import MAX_LIKE as _MAX_LIKE
 from geomstore.engine.ops import op_name, rule
 from geomstore.engine.windows import (
     adaptive_candidates,
@@ -50,21 +51,6 @@ __all__ = ["Lowered", "lower"]
 A = torch.ops.aten
 _TRAINING_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.modules.dropout._DropoutNd)
 _BATCH_SHAPED = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.expand", "aten.view_copy"}
-_MAX_LIKE = {
-    "aten.amax",
-    "aten.amin",
-    "aten.max",
-    "aten.min",
-    "aten.max_pool1d",
-    "aten.max_pool2d",
-    "aten.max_pool3d",
-    "aten.max_pool1d_with_indices",
-    "aten.max_pool2d_with_indices",
-    "aten.max_pool3d_with_indices",
-    "aten.adaptive_max_pool1d",
-    "aten.adaptive_max_pool2d",
-    "aten.adaptive_max_pool3d",
-}
 # kept whole so that they are recognised (prelu) or refused by their own name
 _KEEP = (
     "prelu",

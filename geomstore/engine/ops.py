@@ -34,7 +34,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["TABLE", "OpRule", "Treatment", "markdown_table", "op_name", "rule"]
+__all__ = ["MAX_LIKE", "TABLE", "OpRule", "Treatment", "markdown_table", "op_name", "rule"]
 
 Treatment = Literal["affine", "one-input", "static-index", "piecewise", "refused"]
 
@@ -50,6 +50,15 @@ class OpRule:
 def _rules(kind: Treatment, how: str, *names: str) -> dict[str, OpRule]:
     return {n: OpRule(kind, how) for n in names}
 
+
+# every max over a fixed set of elements: rewritten into one max unit per output element
+MAX_REDUCTIONS = ("aten.amax", "aten.amin", "aten.max", "aten.min")
+MAX_POOLS = tuple(
+    f"aten.{kind}max_pool{d}d{suffix}"
+    for kind, suffix in (("", ""), ("", "_with_indices"), ("adaptive_", ""))
+    for d in (1, 2, 3)
+)
+MAX_LIKE = frozenset(MAX_REDUCTIONS + MAX_POOLS)
 
 TABLE: dict[str, OpRule] = {
     # shape and layout: affine (each output element is one input element or a constant)
@@ -272,23 +281,12 @@ TABLE: dict[str, OpRule] = {
         "piecewise",
         "max / min over dimensions (maxout): one unit per output, splitting by the pairwise "
         "comparisons of its candidates",
-        "aten.amax",
-        "aten.amin",
-        "aten.max",
-        "aten.min",
+        *MAX_REDUCTIONS,
     ),
     **_rules(
         "piecewise",
         "max pooling 1-3-D, adaptive included, ceil mode included: one unit per window",
-        "aten.max_pool1d",
-        "aten.max_pool2d",
-        "aten.max_pool3d",
-        "aten.max_pool1d_with_indices",
-        "aten.max_pool2d_with_indices",
-        "aten.max_pool3d_with_indices",
-        "aten.adaptive_max_pool1d",
-        "aten.adaptive_max_pool2d",
-        "aten.adaptive_max_pool3d",
+        *MAX_POOLS,
     ),
     # refused with a reason
     **_rules(
