@@ -1,7 +1,7 @@
 """Partition speed: prints one JSON object per network (regions, seconds, regions/s, memory).
 
 Usage: python benchmarks/partition.py [--device auto|cpu|cuda] [--repeat 3] [--quick]
-       [--large] [--compare-cpu] [--no-ops]
+       [--large] [--compare-cpu] [--no-ops] [--widths 1024,1024 2048,2048]
 
 Networks: seeded, PyTorch-default-initialised ReLU MLPs on [-1, 1]^2 and a small CNN
 (conv, batch norm, max-pooling) on the plane through three 8x8 images. Seconds are the
@@ -125,6 +125,24 @@ def _gpu_busy_share(model: nn.Module, sl: Slice, device: str) -> float:
     return busy / 1e6 / wall
 
 
+def _profile(name: str, model: nn.Module, sl: Slice, device: str, path: str) -> None:
+    """Append the profiler's operator table of one run to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        acts.append(ProfilerActivity.CUDA)
+    with profile(activities=acts) as prof:
+        partition(model, sl, device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"== {name} on {device}\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=50))
+        f.write("\n")
+
+
 def run(
     name: str,
     model: nn.Module,
@@ -134,6 +152,7 @@ def run(
     *,
     ops: bool = True,
     compare_cpu: bool = False,
+    profile: str | None = None,
 ) -> dict[str, object]:
     count = None
     if ops:  # untimed, and it warms up (tracing, first-call allocations) before the timing
@@ -157,6 +176,8 @@ def run(
         res["ops_per_1k_regions"] = round(1000 * count / part.n_regions, 1)
     if dev.startswith("cuda"):
         res["gpu_busy_share"] = round(_gpu_busy_share(model, sl, device), 3)
+    if profile:
+        _profile(name, model, sl, device, profile)
     if compare_cpu:
         cpu_best, cpu_part = _timed(model, sl, "cpu", repeat)
         res["cpu_seconds"] = round(cpu_best, 4)
@@ -175,19 +196,38 @@ def main() -> None:
         "--compare-cpu", action="store_true", help="also run on the CPU, print the ratio"
     )
     ap.add_argument("--no-ops", action="store_true", help="skip the operation count")
+    ap.add_argument(
+        "--widths",
+        nargs="+",
+        metavar="W,W,...",
+        help="hidden widths of the MLPs to run instead of the default ones (e.g. 1024,1024)",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="write the profiler's table of operators (by device time) of one run per network",
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     box = Slice.box((-1, -1), (1, 1))
-    opts = {"ops": not args.no_ops and not args.large, "compare_cpu": args.compare_cpu}
+    opts = {
+        "ops": not args.no_ops and not args.large,
+        "compare_cpu": args.compare_cpu,
+        "profile": args.profile,
+    }
     if args.large:
         res = run(mlp_name(LARGE), mlp(LARGE), box, args.device, 1, **opts)
         print(json.dumps(res), flush=True)
         return
     nets = MLPS[:1] if args.quick else MLPS
     repeat = 1 if args.quick else args.repeat
+    if args.widths:
+        nets = [tuple(int(w) for w in spec.split(",")) for spec in args.widths]
     for widths in nets:
         res = run(mlp_name(widths), mlp(widths), box, args.device, repeat, **opts)
         print(json.dumps(res), flush=True)
+    if args.widths:
+        return
     g = torch.Generator().manual_seed(0)
     imgs = [torch.rand((1, 8, 8), generator=g, dtype=torch.float64).numpy() for _ in range(3)]
     plane = Slice.through(*imgs, margin=0.1)

@@ -13,6 +13,7 @@ finished by then and the region rate (from the progress callback).
     python benchmarks/zoo.py --quick          # LeNet-5 and a digits-sized ResNet (CI)
     python benchmarks/zoo.py                  # the whole zoo
     python benchmarks/zoo.py --only resnet20 --scale 0.003 --max-seconds 900
+    python benchmarks/zoo.py --device cuda --compare-cpu --only lenet5 resnet20
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from zoo_nets import build
 
@@ -49,15 +51,18 @@ QUICK_SCALES = {"lenet5": 0.01, "resnet-digits": 0.05}
 FULL = ["lenet5", "resnet-digits", "maxout-mlp", "inr-2-256x4-3", "resnet20", "vgg11", "resnet18"]
 
 
-def matmul_gflops(n: int = 2048, repeat: int = 3) -> float:
-    """This machine's float64 matmul rate (best of ``repeat``)."""
-    a = torch.rand(n, n, dtype=torch.float64)
-    b = torch.rand(n, n, dtype=torch.float64)
+def matmul_gflops(n: int = 2048, repeat: int = 3, device: str = "cpu") -> float:
+    """This machine's float64 matmul rate on ``device`` (best of ``repeat``)."""
+    a = torch.rand(n, n, dtype=torch.float64, device=device)
+    b = torch.rand(n, n, dtype=torch.float64, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -75,7 +80,7 @@ def plane(name: str, shape: tuple[int, ...], scale: float) -> Any:
     return Slice.through(a.numpy(), b.numpy(), c.numpy(), margin=0.05, domain="triangle")
 
 
-def _child(name: str, scale: float, memory: str, verify: bool, out: Any) -> None:
+def _child(name: str, scale: float, memory: str, verify: bool, device: str, out: Any) -> None:
     """Run one network; send progress lines and a final result through ``out``."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -91,14 +96,16 @@ def _child(name: str, scale: float, memory: str, verify: bool, out: Any) -> None
             last[0] = now
             out.put({"progress": p.regions, "elapsed": p.elapsed, "pending": list(p.pending)})
 
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
-    part = partition(model, sl, device="cpu", memory=memory, progress=progress)
+    part = partition(model, sl, device=device, memory=memory, progress=progress)
+    sync()
     seconds = time.perf_counter() - t0
     flops = None
     if seconds < 120:  # count in a second, untimed run: the counter slows small ops down
         counter = FlopCounterMode(display=False)
         with counter:
-            partition(model, sl, device="cpu", memory=memory)
+            partition(model, sl, device=device, memory=memory)
         flops = counter.get_total_flops()
     ok = None
     if verify:
@@ -112,6 +119,10 @@ def _child(name: str, scale: float, memory: str, verify: bool, out: Any) -> None
             "patterns": part.model_summary["patterns"],
             "verified": ok,
             "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "device": str(part.settings["device"]),
+            "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30
+            if device.startswith("cuda")
+            else None,
         }
     )
 
@@ -126,10 +137,19 @@ def _hwm_gib(pid: int) -> float | None:
     return None
 
 
-def run(name: str, scale: float, memory: str, max_seconds: float, verify: bool, gf: float) -> dict:
+def run(
+    name: str,
+    scale: float,
+    memory: str,
+    max_seconds: float,
+    verify: bool,
+    gf: float,
+    device: str = "cpu",
+) -> dict:
     ctx = mp.get_context("spawn")
     q: Any = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, scale, memory, verify, q), daemon=True)
+    args = (name, scale, memory, verify, device, q)
+    proc = ctx.Process(target=_child, args=args, daemon=True)
     t0 = time.perf_counter()
     proc.start()
     prog: dict[str, Any] = {}
@@ -149,7 +169,7 @@ def run(name: str, scale: float, memory: str, max_seconds: float, verify: bool, 
             print(json.dumps({"network": name, **msg}), file=sys.stderr, flush=True)
         else:
             result = msg
-    line: dict[str, Any] = {"network": name, "scale": scale, "memory": memory}
+    line: dict[str, Any] = {"network": name, "device": device, "scale": scale, "memory": memory}
     if result is None:
         proc.kill()
         proc.join(5)
@@ -169,6 +189,7 @@ def run(name: str, scale: float, memory: str, max_seconds: float, verify: bool, 
     flops = result["flops"]
     line |= {
         "completed": True,
+        "device": result["device"],
         "regions": result["regions"],
         "seconds": round(result["seconds"], 2),
         "regions_per_s": round(result["regions"] / result["seconds"], 1),
@@ -183,6 +204,8 @@ def run(name: str, scale: float, memory: str, max_seconds: float, verify: bool, 
         else round(flops / result["seconds"] / 1e9 / gf, 3),
         "verified": result["verified"],
     }
+    if result["gpu_peak_gib"] is not None:
+        line["gpu_peak_gib"] = round(result["gpu_peak_gib"], 2)
     return line
 
 
@@ -194,14 +217,34 @@ def main() -> None:
     ap.add_argument("--memory", default="4GiB", help="memory budget of each partition")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop a network after")
     ap.add_argument("--no-verify", action="store_true", help="skip verify() (large partitions)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument(
+        "--compare-cpu",
+        action="store_true",
+        help="also run each network on the CPU (own process), print cpu_over_device",
+    )
     args = ap.parse_args()
     names = args.only or (QUICK if args.quick else FULL)
-    gf = matmul_gflops()
-    print(json.dumps({"machine": "cpu", "cores": os.cpu_count(), "matmul_gflops": round(gf, 1)}))
+    gf = matmul_gflops(device=args.device)
+    head = {"machine": args.device, "cores": os.cpu_count(), "matmul_gflops": round(gf, 1)}
+    cpu_gf = gf
+    if args.compare_cpu and args.device != "cpu":
+        cpu_gf = matmul_gflops()
+        head["cpu_matmul_gflops"] = round(cpu_gf, 1)
+    print(json.dumps(head), flush=True)
     for name in names:
         scales = QUICK_SCALES if args.quick else SCALES
         scale = args.scale if args.scale is not None else scales[name]
-        line = run(name, scale, args.memory, args.max_seconds, not args.no_verify, gf)
+        verify = not args.no_verify
+        line = run(name, scale, args.memory, args.max_seconds, verify, gf, args.device)
+        if args.compare_cpu and args.device != "cpu":
+            cpu = run(name, scale, args.memory, args.max_seconds, False, cpu_gf, "cpu")
+            if cpu.get("completed") and line.get("completed"):
+                line["cpu_seconds"] = cpu["seconds"]
+                line["cpu_regions"] = cpu["regions"]
+                line["cpu_over_device"] = round(cpu["seconds"] / max(line["seconds"], 1e-9), 2)
+            else:
+                line["cpu"] = cpu
         print(json.dumps(line), flush=True)
         if args.quick and not (line.get("completed") and line.get("verified")):
             sys.exit(f"{name}: the quick zoo must complete and verify")

@@ -284,7 +284,7 @@ class Descent:
             vals = cells.cross.vals[k]
             d = spec.unit_values(vals, u_idx, states[q_idx, u_idx])
             d -= spec.unit_values(vals, u_idx, base_states[q_idx, u_idx])
-            coef.index_add_(0, q_idx, d[:, :, None] * m.jt[u_idx][:, None, :])
+            _index_add(coef, q_idx, d[:, :, None] * m.jt[u_idx][:, None, :])
         return coef
 
     def _dense_input(self, layer: int) -> bool:
@@ -465,3 +465,20 @@ class Descent:
             cells_info = _Cells(cross, state0, base, whole)
             self._descend(layer + 1, children, child_states, live, cells_info, child_hist)
         self.pending[layer] = 0
+
+
+def _index_add(out: Tensor, index: Tensor, values: Tensor) -> None:
+    """``out.index_add_(0, index, values)``, bit-for-bit the same on every run.
+
+    CUDA's default ``index_add_`` adds with atomics, so rows that receive several terms
+    sum them in a different order on each run (the last bits of the affine maps moved
+    between two runs on an H200); its deterministic form sorts the terms by row first.
+    """
+    if out.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        out.index_add_(0, index, values)
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        out.index_add_(0, index, values)
+    finally:
+        torch.use_deterministic_algorithms(False)

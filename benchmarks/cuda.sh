@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks in one prepared run, for a machine with CUDA (CI has none):
+# the CUDA-against-CPU tests, the MLP benchmark, the 10^6-region MLPs and the zoo's conv
+# nets, each on CUDA and on the same machine's CPU. Figures go to OUTDIR as JSON lines.
+#
+#   bash benchmarks/cuda.sh [OUTDIR]            # default: $OUT or /tmp/geomstore-cuda
+#
+# Packages the machine lacks (duckdb, shapely) may travel as wheels in .whl/; they are
+# installed into /tmp/site. Each step has its own time limit (seconds, from the
+# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO) so that one slow step cannot eat the rest.
+set -u
+out=${1:-${OUT:-/tmp/geomstore-cuda}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+step() { echo "== $1 ($(date +%T))"; }
+
+step gpu
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'threads', torch.get_num_threads())" \
+    | tee -a "$out/gpu.txt"
+
+step tests
+timeout "${T_TESTS:-60}" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+    tests/test_engine.py::test_cuda_matches_cpu 2>&1 | tail -25 | tee "$out/tests.txt"
+
+step mlps
+timeout "${T_MLP:-50}" python3 benchmarks/partition.py --device cuda --compare-cpu \
+    --repeat 1 --profile "$out/profile.txt" | tee "$out/partition.jsonl"
+
+step large
+timeout "${T_LARGE:-110}" python3 benchmarks/partition.py --device cuda --compare-cpu \
+    --repeat 1 --widths 1024,1024 | tee -a "$out/partition.jsonl"
+timeout "${T_HUGE:-140}" python3 benchmarks/partition.py --device cuda --compare-cpu \
+    --repeat 1 --no-ops --widths 2048,2048 | tee -a "$out/partition.jsonl"
+
+step zoo
+timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \
+    2>/dev/null | tee "$out/zoo.jsonl"
+timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu \
+    --only ${ZOO:-resnet20} --max-seconds 20 --no-verify 2>/dev/null | tee -a "$out/zoo.jsonl"
+step done

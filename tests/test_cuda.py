@@ -1,0 +1,81 @@
+"""The CUDA path against the CPU path: every operator family, partitions equal region for region.
+
+Skipped where there is no CUDA (as in CI); run on a GPU machine by ``benchmarks/cuda.sh``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from geomstore import Slice, partition
+from geomstore.engine import split
+from tests.nets import BOX, ConvKinds, SmallCNN, digits_slice, mlp
+from tests.test_engine import NETWORKS
+from tests.test_reach import AFFINE, PIECEWISE, TinyResNet, Wrap, _plane
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _after_relu(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda h: f(torch.relu(h))
+
+
+def _cases() -> dict[str, tuple[nn.Module, Slice]]:
+    cases: dict[str, tuple[nn.Module, Slice]] = {
+        f"engine/{k}": (f(), BOX) for k, f in NETWORKS.items()
+    }
+    for k, (f, shape, width, conv, _kinds) in PIECEWISE.items():
+        cases[f"piecewise/{k}"] = (
+            Wrap(f, shape, width, conv=width if conv else 0, seed=1),
+            _plane(shape, scale=4.0),
+        )
+    for k in ("adaptive avg pool (1)", "global mean by hand", "conv transpose", "batch norm eval"):
+        f, shape, width, conv = AFFINE[k]
+        g = nn.Sequential(nn.ReLU(), f) if isinstance(f, nn.Module) else _after_relu(f)
+        model = Wrap(g, shape, width, conv=width if conv else 0, seed=2)
+        cases[f"affine/{k}"] = (model, _plane(shape, scale=4.0))
+    cases["cnn/small"] = (SmallCNN(), digits_slice())
+    cases["cnn/kinds"] = (ConvKinds(), digits_slice(1))
+    cases["cnn/tiny-resnet"] = (TinyResNet(), _plane((1, 5, 5), seed=4, scale=6.0))
+    cases["mlp/2-64-64-1"] = (mlp((64, 64), 1, seed=7), BOX)
+    return cases
+
+
+CASES = _cases()
+
+
+def _same(a: object, b: object) -> None:
+    assert a.n_regions == b.n_regions  # type: ignore[attr-defined]
+    ha = np.sort(a.pattern_hashes().view("V16").ravel())  # type: ignore[attr-defined]
+    hb = np.sort(b.pattern_hashes().view("V16").ravel())  # type: ignore[attr-defined]
+    assert (ha == hb).all(), "CPU and CUDA found different activation patterns"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_partition_equals_cpu(name: str) -> None:
+    model, sl = CASES[name]
+    model = model.eval()
+    cpu = partition(model, sl, device="cpu")
+    gpu = partition(model, sl, device="cuda")
+    assert str(gpu.settings["device"]).startswith("cuda")
+    _same(cpu, gpu)
+    report = gpu.verify(model, grid=48)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("arrangement", [True, False])
+def test_cuda_is_deterministic_with_and_without_arrangements(
+    arrangement: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(split, "ARRANGEMENT_DEVICES", ("cuda",) if arrangement else ())
+    model = mlp((128, 128, 64), 3, seed=11)
+    a = partition(model, BOX, device="cuda")
+    b = partition(model, BOX, device="cuda")
+    assert a.regions.equals(b.regions)
+    assert a.edges.equals(b.edges)
+    _same(partition(model, BOX, device="cpu"), a)
