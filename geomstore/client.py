@@ -232,6 +232,13 @@ class Client:
 
     read_only = True
 
+    def catalog_version(self) -> None:
+        """None: a client reads the served catalog afresh each time (see Store's)."""
+        return None
+
+    def _memo(self, key: str, build: Callable[[], Any]) -> Any:
+        return build()
+
     # catalog -----------------------------------------------------------------------------------
     def healthz(self) -> dict[str, Any]:
         """The server's health answer (``{"status": "ok", ...}``)."""

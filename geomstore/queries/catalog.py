@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from geomstore.errors import NotFoundError
 
@@ -30,8 +31,14 @@ def _known(store: Store, sql: str) -> list[str]:
     return [r[0] for r in store.reader().execute(sql).fetchall()]
 
 
+def _model_names(store: Store) -> list[str]:
+    return store._memo(
+        "model names", lambda: _known(store, "SELECT DISTINCT name FROM models ORDER BY name")
+    )
+
+
 def _require_model(store: Store, model: str) -> None:
-    names = _known(store, "SELECT DISTINCT name FROM models ORDER BY name")
+    names = _model_names(store)
     if model not in names:
         raise NotFoundError(
             f"no model {model!r} in this store; models: {names or 'none yet'} "
@@ -42,7 +49,12 @@ def _require_model(store: Store, model: str) -> None:
 
 
 def _require_slice(store: Store, slice: str) -> None:
-    rows = store.reader().execute("SELECT name, slice_id FROM slices ORDER BY name").fetchall()
+    rows = store._memo(
+        "slice names",
+        lambda: (
+            store.reader().execute("SELECT name, slice_id FROM slices ORDER BY name").fetchall()
+        ),
+    )
     if not any(slice in (name, sid) for name, sid in rows):
         names = sorted({r[0] for r in rows})
         raise NotFoundError(
@@ -67,15 +79,17 @@ def models(store: Store) -> pa.Table:
     ...     models(store).column_names[:3]
     ['model', 'model_id', 'n_checkpoints']
     """
-    return _rows(
-        store,
-        "SELECT m.name AS model, m.model_id, "
-        "(SELECT count(*) FROM checkpoints c WHERE c.model_id = m.model_id) AS n_checkpoints, "
-        "(SELECT count(*) FROM partitions p JOIN checkpoints c USING (checkpoint_id) "
-        " WHERE c.model_id = m.model_id) AS n_partitions, "
-        "m.input_shape, m.n_outputs, m.n_units, m.units_per_layer, m.created_at "
-        "FROM models m ORDER BY m.name, m.created_at",
-    )
+    return store._memo("models", lambda: _rows(store, _MODELS))
+
+
+_MODELS = (
+    "SELECT m.name AS model, m.model_id, "
+    "(SELECT count(*) FROM checkpoints c WHERE c.model_id = m.model_id) AS n_checkpoints, "
+    "(SELECT count(*) FROM partitions p JOIN checkpoints c USING (checkpoint_id) "
+    " WHERE c.model_id = m.model_id) AS n_partitions, "
+    "m.input_shape, m.n_outputs, m.n_units, m.units_per_layer, m.created_at "
+    "FROM models m ORDER BY m.name, m.created_at"
+)
 
 
 def checkpoints(store: Store, *, model: str | None = None) -> pa.Table:
@@ -123,13 +137,15 @@ def slices(store: Store) -> pa.Table:
     ...     "domain" in slices(store).column_names
     True
     """
-    return _rows(
-        store,
-        "SELECT s.name AS slice, s.slice_id, s.dim, s.input_shape, s.origin, s.basis, "
-        "ST_AsText(s.domain) AS domain, "
-        "(SELECT count(*) FROM partitions p WHERE p.slice_id = s.slice_id) AS n_partitions, "
-        "s.created_at FROM slices s ORDER BY s.name, s.created_at",
-    )
+    return store._memo("slices", lambda: _rows(store, _SLICES))
+
+
+_SLICES = (
+    "SELECT s.name AS slice, s.slice_id, s.dim, s.input_shape, s.origin, s.basis, "
+    "ST_AsText(s.domain) AS domain, "
+    "(SELECT count(*) FROM partitions p WHERE p.slice_id = s.slice_id) AS n_partitions, "
+    "s.created_at FROM slices s ORDER BY s.name, s.created_at"
+)
 
 
 def partitions(
@@ -174,31 +190,20 @@ def partitions(
     ...     partitions(store, model="toy").select(["model", "checkpoint", "step"]).to_pylist()
     [{'model': 'toy', 'checkpoint': 'init', 'step': 0}]
     """
-    sql = (
-        "SELECT p.partition_id, m.name AS model, c.name AS checkpoint, c.step, "
-        "s.name AS slice, p.slice_id, p.n_regions, p.n_edges, p.n_boundary, p.engine_version, "
-        "p.device, p.seconds, p.verified, p.checkpoint_id, c.model_id, c.metrics, p.created_at "
-        "FROM partitions p JOIN checkpoints c USING (checkpoint_id) "
-        "JOIN models m ON m.model_id = c.model_id JOIN slices s ON s.slice_id = p.slice_id"
-    )
-    where: list[str] = []
-    params: list[Any] = []
+    table = store._memo("partitions", lambda: _rows(store, _PARTITIONS))
+    keep = None
     if model is not None:
         _require_model(store, model)
-        where.append("m.name = ?")
-        params.append(model)
+        keep = pc.equal(table.column("model"), model)
     if slice is not None:
         _require_slice(store, slice)
-        where.append("(s.name = ? OR s.slice_id = ?)")
-        params += [slice, slice]
+        on = pc.or_(
+            pc.equal(table.column("slice"), slice), pc.equal(table.column("slice_id"), slice)
+        )
+        keep = on if keep is None else pc.and_(keep, on)
     if checkpoints is not None:
         wanted = [str(c) for c in checkpoints]
-        sql_known = "SELECT DISTINCT c.name FROM checkpoints c JOIN models m USING (model_id)"
-        known_params: list[Any] = []
-        if model is not None:
-            sql_known += " WHERE m.name = ?"
-            known_params.append(model)
-        known = {r[0] for r in store.reader().execute(sql_known, known_params).fetchall()}
+        known = set(_checkpoint_names(store, model))
         missing = [c for c in wanted if c not in known]
         if missing:
             of = f" of model {model!r}" if model is not None else ""
@@ -208,12 +213,34 @@ def partitions(
                 kind="checkpoint",
                 name=missing[0],
             )
-        where.append("list_contains(?, c.name)")
-        params.append(wanted)
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY m.name, s.name, c.step NULLS LAST, c.name, p.created_at"
-    return _rows(store, sql, params)
+        on = pc.is_in(table.column("checkpoint"), pa.array(wanted, type=pa.string()))
+        keep = on if keep is None else pc.and_(keep, on)
+    return table if keep is None else table.filter(keep)
+
+
+_PARTITIONS = (
+    "SELECT p.partition_id, m.name AS model, c.name AS checkpoint, c.step, "
+    "s.name AS slice, p.slice_id, p.n_regions, p.n_edges, p.n_boundary, p.engine_version, "
+    "p.device, p.seconds, p.verified, p.checkpoint_id, c.model_id, c.metrics, p.created_at "
+    "FROM partitions p JOIN checkpoints c USING (checkpoint_id) "
+    "JOIN models m ON m.model_id = c.model_id JOIN slices s ON s.slice_id = p.slice_id "
+    "ORDER BY m.name, s.name, c.step NULLS LAST, c.name, p.created_at"
+)
+
+
+def _checkpoint_names(store: Store, model: str | None) -> list[str]:
+    """The checkpoint names of ``model`` (of every model when None)."""
+    pairs = store._memo(
+        "checkpoint names",
+        lambda: (
+            store.reader()
+            .execute(
+                "SELECT DISTINCT m.name, c.name FROM checkpoints c JOIN models m USING (model_id)"
+            )
+            .fetchall()
+        ),
+    )
+    return [c for m, c in pairs if model is None or m == model]
 
 
 def datasets(store: Store, *, slice: str | None = None) -> pa.Table:

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from geomstore.errors import GeomstoreError
 from geomstore.queries.stats import resolve_partitions
+from geomstore.store.sqlutil import sql_in
 from geomstore.store.store import Store
 
 __all__ = ["LCArgumentError", "Layers", "Shape", "clipped_length", "local_complexity"]
@@ -184,7 +185,8 @@ def local_complexity(
     con = store.reader()
     u, split = _points(store, points, parts.column("slice_id")[0].as_py())
     ids = parts.column("partition_id").to_pylist()
-    units, n_outputs, max_region = _architecture(con, ids)
+    ids_in = sql_in(ids)
+    units, n_outputs, max_region = _architecture(store, parts)
     if layers == "all":
         units = [*units, n_outputs]
     tally = _Tally(u, len(ids), units, max_region + 1, radius, shape)
@@ -195,7 +197,7 @@ def local_complexity(
         f"SELECT {_PIDX}, coalesce(e.unit, -1)::INTEGER AS unit, "
         "coalesce(e.region_left, -1)::INTEGER AS rl, coalesce(e.region_right, -1)::INTEGER"
         " AS rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e "
-        "WHERE list_contains($ids, e.partition_id)",
+        f"WHERE e.partition_id IN {ids_in}",
         {"ids": ids},
     ).to_arrow_reader(_BATCH)
     for batch in edges:  # small batches: numpy's temporaries stay in cache
@@ -300,22 +302,23 @@ def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[
     return u, [None] * len(u)
 
 
-def _architecture(con: duckdb.DuckDBPyConnection, ids: list[str]) -> tuple[list[int], int, int]:
+def _architecture(store: Store, parts: pa.Table) -> tuple[list[int], int, int]:
     """Units per nonlinearity, number of outputs and largest region id of the partitions."""
-    rows = con.execute(
-        "SELECT m.units_per_layer, m.n_outputs, max(p.n_regions) FROM partitions p "
-        "JOIN checkpoints c USING (checkpoint_id) JOIN models m USING (model_id) "
-        "WHERE list_contains($ids, p.partition_id) GROUP BY ALL",
-        {"ids": ids},
-    ).fetchall()
-    shapes = {(tuple(json.loads(r[0] or "[]")), int(r[1] or 0)) for r in rows}
+    from geomstore.queries.catalog import models
+
+    arch = {
+        m["model_id"]: (tuple(json.loads(m["units_per_layer"] or "[]")), int(m["n_outputs"] or 0))
+        for m in models(store).select(["model_id", "units_per_layer", "n_outputs"]).to_pylist()
+    }
+    shapes = {arch[m] for m in set(parts.column("model_id").to_pylist())}
     if len(shapes) != 1:
         raise GeomstoreError(
             "the chosen checkpoints come from models with different layers; "
             "pass checkpoints= of one architecture."
         )
     units, k = shapes.pop()
-    return [int(x) for x in units], k, max(int(r[2] or 0) for r in rows) - 1
+    most = max(int(n or 0) for n in parts.column("n_regions").to_pylist())
+    return [int(x) for x in units], k, most - 1
 
 
 def _logit_segments(
@@ -331,15 +334,16 @@ def _logit_segments(
     identically zero on a region has no line there and is skipped.
     """
     n_parts = len(ids)
+    ids_in = sql_in(ids)
     reg = con.execute(
         f"SELECT {_PIDX.replace('e.', 'r.')}, r.region_id, r.A, r.c FROM regions r "
-        "WHERE list_contains($ids, r.partition_id)",
+        f"WHERE r.partition_id IN {ids_in}",
         {"ids": ids},
     ).to_arrow_table()
     edg = con.execute(
         f"SELECT {_PIDX}, e.region_left AS rl, coalesce(e.region_right, -1) AS rr, "
         "e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e "
-        "WHERE list_contains($ids, e.partition_id) AND e.region_left IS NOT NULL",
+        f"WHERE e.partition_id IN {ids_in} AND e.region_left IS NOT NULL",
         {"ids": ids},
     ).to_arrow_table()
     cols = {"pidx": np.int32, "unit": np.int32, "u0_a": float, "u1_a": float}

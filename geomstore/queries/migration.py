@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from geomstore.errors import GeomstoreError
 from geomstore.queries.stats import resolve_partitions
+from geomstore.store.sqlutil import sql_in
 from geomstore.store.store import Store
 
 __all__ = ["migration_index", "near_intervals"]
@@ -75,19 +76,20 @@ def migration_index(
         raise GeomstoreError(f"distance must be > 0; got {distance!r}.")
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     ids = parts.column("partition_id").to_pylist()
+    ids_in = sql_in(ids)
     con = store.reader()
     pairs = con.execute(
         "SELECT list_position($ids, e.partition_id) - 1 AS pidx, e.edge_id, e.u0_a, e.u1_a, "
         "e.u0_b, e.u1_b, e.length, b.u0_a AS s0a, b.u1_a AS s1a, b.u0_b AS s0b, b.u1_b AS s1b "
         "FROM edges e JOIN boundary b ON b.partition_id = e.partition_id "
         "AND ST_DWithin(e.geometry, b.geometry, $d) "
-        "WHERE e.region_right IS NOT NULL AND list_contains($ids, e.partition_id)",
+        f"WHERE e.region_right IS NOT NULL AND e.partition_id IN {ids_in}",
         {"ids": ids, "d": float(distance)},
     ).to_arrow_table()
     totals = dict(
         con.execute(
             "SELECT list_position($ids, partition_id) - 1, sum(length) FROM edges "
-            "WHERE region_right IS NOT NULL AND list_contains($ids, partition_id) GROUP BY 1",
+            f"WHERE region_right IS NOT NULL AND partition_id IN {ids_in} GROUP BY 1",
             {"ids": ids},
         ).fetchall()
     )
@@ -95,7 +97,7 @@ def migration_index(
         i
         for (i,) in con.execute(
             "SELECT DISTINCT list_position($ids, partition_id) - 1 FROM boundary "
-            "WHERE list_contains($ids, partition_id)",
+            f"WHERE partition_id IN {ids_in}",
             {"ids": ids},
         ).fetchall()
     }

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from geomstore.queries.complexity import _points
 from geomstore.queries.stats import resolve_partitions
+from geomstore.store.sqlutil import sql_in
 from geomstore.store.store import Store
 
 __all__ = ["churn", "point_regions"]
@@ -22,63 +23,65 @@ def point_regions(
     points: np.ndarray | str,
     slice: str | None = None,
     checkpoints: Sequence[str] | None = None,
+    affine: bool = False,
 ) -> pa.Table:
     """For each point and checkpoint: its region, label, pattern, and its distances to the
     region's border and to the decision boundary (null where a partition has none).
 
     ``pattern`` is the packed activation pattern, or its 128-bit hash for models whose
     patterns are stored as hashes only (either identifies the region's pattern, so churn
-    compares them across checkpoints of one model).
+    compares them across checkpoints of one model). With ``affine=True`` the rows also
+    hold the partition id, the region's affine map (``A`` row-major K x 2, ``c``) and its
+    stored pattern hash, read in the same scan.
 
     Points on an edge are given the region with the lowest id among those holding them.
     """
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     u, split = _points(store, points, parts.column("slice_id")[0].as_py())
-    pts = pa.table(
-        {
-            "point_id": np.arange(len(u), dtype=np.int64),
-            "pu0": u[:, 0],
-            "pu1": u[:, 1],
-            "split": pa.array(split, type=pa.string()),
-        }
-    )
     ids = parts.column("partition_id").to_pylist()
-    con = store.reader()
-    con.register("_gs_pts", pts)
-    try:
-        table = con.execute(
-            """
-            WITH hold AS (
-                SELECT r.partition_id, p.point_id, min(r.region_id) AS region_id
-                FROM regions r JOIN _gs_pts p
-                  ON ST_Intersects(r.geometry, ST_Point(p.pu0, p.pu1))
-                WHERE list_contains($ids, r.partition_id)
-                GROUP BY ALL),
-            bd AS (
-                SELECT b.partition_id, p.point_id,
-                       min(ST_Distance(b.geometry, ST_Point(p.pu0, p.pu1))) AS d
-                FROM boundary b, _gs_pts p
-                WHERE list_contains($ids, b.partition_id)
-                GROUP BY ALL)
-            SELECT list_position($ids, h.partition_id) - 1 AS pidx, h.point_id, p.split,
-                   h.region_id, r.label, coalesce(r.pattern, r.pattern_hash) AS pattern,
-                   ST_Distance(ST_Boundary(r.geometry), ST_Point(p.pu0, p.pu1))
-                       AS distance_to_border,
-                   bd.d AS distance_to_boundary
-            FROM hold h
-            JOIN regions r ON r.partition_id = h.partition_id AND r.region_id = h.region_id
-            JOIN _gs_pts p ON p.point_id = h.point_id
-            LEFT JOIN bd ON bd.partition_id = h.partition_id AND bd.point_id = h.point_id
-            ORDER BY pidx, h.point_id
-            """,
-            {"ids": ids},
-        ).to_arrow_table()
-    finally:
-        con.unregister("_gs_pts")
+    ids_in = sql_in(ids)
+    extra = ", partition_id := r.partition_id, A := r.A, c := r.c, ph := r.pattern_hash"
+    out = ", h.h.partition_id AS partition_id, h.h.A AS A, h.h.c AS c, h.h.ph AS pattern_hash"
+    # the points go in as list parameters and the partitions as a literal list: the filter
+    # then reaches the scans (one of regions, one of boundary), which skip other partitions
+    sql = f"""
+        WITH p AS (
+            SELECT unnest(range(len($pu0))) AS point_id, unnest($pu0) AS pu0,
+                   unnest($pu1) AS pu1),
+        hold AS (
+            SELECT r.partition_id, p.point_id,
+                   arg_min(struct_pack(
+                       region_id := r.region_id, label := r.label,
+                       pattern := coalesce(r.pattern, r.pattern_hash),
+                       border := ST_Distance(ST_Boundary(r.geometry), ST_Point(p.pu0, p.pu1))
+                       {extra if affine else ""}), r.region_id) AS h
+            FROM regions r JOIN p ON ST_Intersects(r.geometry, ST_Point(p.pu0, p.pu1))
+            WHERE r.partition_id IN {ids_in}
+            GROUP BY ALL),
+        bd AS (
+            SELECT b.partition_id, p.point_id,
+                   min(ST_Distance(b.geometry, ST_Point(p.pu0, p.pu1))) AS d
+            FROM boundary b, p
+            WHERE b.partition_id IN {ids_in}
+            GROUP BY ALL)
+        SELECT list_position($ids, h.partition_id) - 1 AS pidx, h.point_id,
+               h.h.region_id AS region_id, h.h.label AS label, h.h.pattern AS pattern,
+               h.h.border AS distance_to_border, bd.d AS distance_to_boundary
+               {out if affine else ""}
+        FROM hold h
+        LEFT JOIN bd ON bd.partition_id = h.partition_id AND bd.point_id = h.point_id
+        ORDER BY pidx, h.point_id
+    """
+    params = {"ids": ids, "pu0": u[:, 0].tolist(), "pu1": u[:, 1].tolist()}
+    table = store.reader().execute(sql, params).to_arrow_table()
     pidx = table.column("pidx").to_numpy()
+    point_id = table.column("point_id").to_numpy()
     names = np.asarray(parts.column("checkpoint").to_pylist(), dtype=object)
     steps = parts.column("step").to_pylist()
     table = table.drop_columns(["pidx"])
+    table = table.add_column(
+        1, "split", pa.array([split[i] for i in point_id.tolist()], type=pa.string())
+    )
     table = table.add_column(0, "step", pa.array([steps[i] for i in pidx], type=pa.int64()))
     return table.add_column(0, "checkpoint", pa.array(names[pidx].tolist()))
 

@@ -28,9 +28,9 @@ def resolve_partitions(
     model, slice or checkpoint, and :class:`~geomstore.errors.StoreError` when the model has
     partitions on several slices and ``slice`` is not given.
     """
-    from geomstore.queries.catalog import partitions
+    from geomstore.queries.catalog import _model_names, partitions
 
-    known = [r[0] for r in store.reader().execute("SELECT DISTINCT name FROM models").fetchall()]
+    known = _model_names(store)
     if model not in known:
         raise NotFoundError(
             f"no partitions of model {model!r}; models in this store: {sorted(known)}.",
@@ -104,14 +104,14 @@ def partition_stats(
                    quantile_cont(area, 0.9) AS area_q90, avg(n_vertices) AS vertices_mean,
                    avg(slope_norm) AS slope_norm_mean, stddev_pop(slope_norm) AS slope_norm_std,
                    max(slope_norm) AS slope_norm_max
-            FROM regions WHERE list_contains(?, partition_id) GROUP BY partition_id),
+            FROM regions WHERE partition_id = ANY(?) GROUP BY partition_id),
         b AS (
             SELECT partition_id, coalesce(sum(length), 0) AS boundary_length,
                    count(*) AS n_boundary_segments
-            FROM boundary WHERE list_contains(?, partition_id) GROUP BY partition_id),
+            FROM boundary WHERE partition_id = ANY(?) GROUP BY partition_id),
         e AS (
             SELECT partition_id, sum(length) AS edge_length
-            FROM edges WHERE region_right IS NOT NULL AND list_contains(?, partition_id)
+            FROM edges WHERE region_right IS NOT NULL AND partition_id = ANY(?)
             GROUP BY partition_id)
         SELECT r.*, coalesce(b.boundary_length, 0) AS boundary_length,
                coalesce(b.n_boundary_segments, 0) AS n_boundary_segments, e.edge_length

@@ -272,9 +272,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/healthz", tags=["service"], summary="Liveness and store readability")
     def healthz() -> dict[str, Any]:
+        from geomstore.queries.catalog import partitions
+
         with state.reading("/healthz") as st:
-            n = st.reader().execute("SELECT count(*) FROM partitions").fetchone()
-        return {"status": "ok", "store_kind": st.kind, "partitions": n[0] if n else 0}
+            n = partitions(st).num_rows  # kept per catalog version: one metadata read
+        return {"status": "ok", "store_kind": st.kind, "partitions": n}
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics (text format 0.0.4)")
     def metrics() -> PlainTextResponse:

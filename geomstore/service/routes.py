@@ -349,15 +349,14 @@ def region_at(
         s,
         "/api/points/regions",
         lambda st: with_affine(
-            st,
             queries.point_regions(
                 st,
                 model=body.model,
                 points=pts,
                 slice=body.slice,
                 checkpoints=body.checkpoints,
-            ),
-            body,
+                affine=True,
+            )
         ),
         body,
     )

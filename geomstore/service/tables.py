@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 
 from geomstore.errors import GeomstoreError, NotFoundError
-from geomstore.service.models import PointsRequest
 from geomstore.store.store import Store
 
 __all__ = [
@@ -118,42 +117,9 @@ def partition_rows(
     return out.select(wanted), res.truncated
 
 
-def with_affine(store: Store, table: pa.Table, body: PointsRequest) -> pa.Table:
-    """Add each holding region's partition id, affine map (A, c) and pattern hash (one
-    query: ``point_regions`` has checked the model, slice and checkpoints already)."""
-    checkpoints = sorted(set(table.column("checkpoint").to_pylist()))
-    rids = sorted(set(table.column("region_id").to_pylist()))
-    stored = "pattern_hash" in _columns_of(store, "regions")
-    sql = (
-        "WITH ps AS (SELECT p.partition_id, c.name AS checkpoint FROM partitions p "
-        "JOIN checkpoints c USING (checkpoint_id) JOIN models m ON m.model_id = c.model_id "
-        "JOIN slices s ON s.slice_id = p.slice_id WHERE m.name = $model "
-        "AND list_contains($checkpoints, c.name)"
-        + (" AND (s.name = $slice OR s.slice_id = $slice)" if body.slice is not None else "")
-        + ") SELECT ps.checkpoint, ps.partition_id, r.region_id, r.A, r.c"
-        + (", r.pattern_hash" if stored else "")
-        + " FROM regions r JOIN ps USING (partition_id) WHERE list_contains($rids, r.region_id)"
-    )
-    params: dict[str, Any] = {"model": body.model, "checkpoints": checkpoints, "rids": rids}
-    if body.slice is not None:
-        params["slice"] = body.slice
-    maps = store.sql(sql, params, max_rows=len(checkpoints) * len(rids) + 1).table.to_pylist()
-    by_key = {(m["checkpoint"], m["region_id"]): m for m in maps}
-    found = [
-        by_key.get((c, r), {})
-        for c, r in zip(
-            table.column("checkpoint").to_pylist(), table.column("region_id").to_pylist()
-        )
-    ]
-    out = table.add_column(
-        0, "partition_id", pa.array([f.get("partition_id") for f in found], pa.string())
-    )
-    out = out.append_column("A", pa.array([f.get("A") for f in found], pa.list_(pa.float64())))
-    out = out.append_column("c", pa.array([f.get("c") for f in found], pa.list_(pa.float64())))
-    if "pattern_hash" in out.column_names:  # the query gave it already
-        return out
-    if stored:
-        hashes = pa.array([f.get("pattern_hash") for f in found], pa.binary())
-    else:
-        hashes = pattern_hashes(out.column("pattern").to_pylist())
-    return out.append_column("pattern_hash", hashes)
+def with_affine(table: pa.Table) -> pa.Table:
+    """``point_regions(..., affine=True)``'s table with the partition id first, as the
+    service answers it (the holding region's affine map A, c and pattern hash are read in
+    the same scan as the region)."""
+    pid = table.column("partition_id")
+    return table.drop_columns(["partition_id"]).add_column(0, "partition_id", pid)

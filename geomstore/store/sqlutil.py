@@ -7,7 +7,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,3 +102,15 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 def _wkt_polygon(domain: Any) -> str:
     pts = [*domain.tolist(), domain[0].tolist()]
     return "POLYGON((" + ", ".join(f"{x!r} {y!r}" for x, y in pts) + "))"
+
+
+def sql_in(values: Sequence[str]) -> str:
+    """``('a', 'b', ...)``: string literals for ``column IN (...)``, quotes doubled.
+
+    A literal list lets DuckDB (and DuckLake's file pruning) push the filter into the scan;
+    a list parameter (``= ANY($ids)``) becomes a semi join once the query joins anything,
+    and the scan then reads every partition's rows.
+    """
+    if not values:
+        return "(NULL)"
+    return "(" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) + ")"

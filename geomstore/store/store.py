@@ -90,6 +90,8 @@ class Store:
         self.data_path = data_path
         self.read_only = read_only
         self.kind, self._attach = self._describe(target)
+        #: catalog listings by name, each with the catalog version it was read at
+        self._catalog_memo: dict[str, tuple[int, Any]] = {}
         if data_path is not None:
             if self.kind == "duckdb":
                 raise DataPathError(
@@ -479,6 +481,31 @@ class Store:
         return paths
 
     _reader = reader  # the old private name, kept for code written against it
+
+    def catalog_version(self) -> int | None:
+        """A number that changes whenever any writer commits to the store, or None.
+
+        A DuckLake store's current snapshot id (one metadata lookup, about 1.5 ms, seeing
+        writers in other processes too); None for a ``.duckdb`` file, whose catalog is
+        read afresh each time. The catalog listings of :mod:`geomstore.queries.catalog`
+        are kept per version, so that a query service answers the same lookups fast.
+        """
+        if self.kind != "ducklake":
+            return None
+        row = self.reader().execute(f"SELECT id FROM {ALIAS}.current_snapshot()").fetchone()
+        return None if row is None else int(row[0])
+
+    def _memo(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, kept until the store's catalog version changes."""
+        version = self.catalog_version()
+        if version is None:
+            return build()
+        hit = self._catalog_memo.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = build()
+        self._catalog_memo[key] = (version, value)
+        return value
 
     def sql(
         self,
