@@ -348,7 +348,12 @@ def test_metrics_docs_and_viewer_page(http: httpx.Client) -> None:
     assert 'status="404"' in text and "geomstore_request_seconds_bucket" in text
     assert 'geomstore_query_seconds_count{endpoint="/api/models"}' in text
     assert 'geomstore_errors_total{endpoint="/api/partitions",type="NotFoundError"}' in text
-    assert http.get("/docs").status_code == 200
+    docs = http.get("/docs")
+    assert docs.status_code == 200
+    # Swagger UI comes from this server (the swagger-ui-bundle package), never a CDN
+    assert "cdn" not in docs.text.lower() and "https://" not in docs.text
+    js = http.get("/static/swagger/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
     paths = http.get("/openapi.json").json()["paths"]
     for p in (
         "/api/sql",

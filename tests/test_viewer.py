@@ -192,3 +192,12 @@ def test_viewer_pans_and_zooms(browser: Any, server: Server) -> None:
     )
     zoomed = browser.execute_script("return {...window.geomstoreViewer.view}")
     assert zoomed["scale"] > moved["scale"]
+
+
+def test_openapi_page_renders_offline(browser: Any, server: Server) -> None:
+    """/docs draws Swagger UI's operations from files this server holds (no CDN here)."""
+    browser.get(server.url + "/docs")
+    n = _wait(browser, "const ops = document.querySelectorAll('.opblock'); return ops.length;")
+    assert n >= 10
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert "/api/points/regions" in text and "/api/sql" in text

@@ -20,7 +20,13 @@ from typing import Any
 import duckdb
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -265,6 +271,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             "With a token file every request needs `Authorization: Bearer <token>`."
         ),
         version=_version(),
+        docs_url=None,  # served below from the swagger-ui-bundle package, not a CDN
     )
     app.state.geomstore = state
     app.include_router(router)
@@ -288,6 +295,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def viewer() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    _swagger(app)  # before /static, which would take /static/swagger/... too
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -303,6 +311,27 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.router.add_event_handler("startup", state.pool.warm)
     app.router.add_event_handler("shutdown", state.close)
     return app
+
+
+def _swagger(app: FastAPI) -> None:
+    """``/docs``: the OpenAPI page with Swagger UI 5 (OpenAPI 3.1) from the files of the
+    ``fastapi-swagger`` package (MIT), so that it works where no CDN can be reached."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    assets = str(files("fastapi_swagger") / "resources")
+    app.mount("/static/swagger", StaticFiles(directory=assets), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="geomstore API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png",
+        )
 
 
 def _version() -> str:
