@@ -184,11 +184,7 @@ def compute_ray(
 
     >>> # geomstore.compute(store, ckpts, slices, model="resnet", executor="ray")
     """
-    if store.kind == "duckdb":
-        raise ExecutorError(
-            "a .duckdb store belongs to one process, so Ray workers cannot write to it; use "
-            "a store directory on a shared file system or a postgres: catalog."
-        )
+    _refuse_duckdb(store)
     if ship not in ("bytes", "path"):
         raise ExecutorError(f"ship={ship!r} is not one of 'bytes', 'path'; pick one.")
     ray = _ray()
@@ -197,7 +193,7 @@ def compute_ray(
         gpus = float(ray.cluster_resources().get("GPU", 0))
         task = ray.remote(max_retries=max_retries, retry_exceptions=False)(_task)
         task = task.options(**ray_resources(gpus))
-        target = store.target if store.kind != "ducklake" else str(Path(store.target).resolve())
+        target = _target(store)
         settings = {
             "model": model,
             "factory": factory,
@@ -228,6 +224,20 @@ def compute_ray(
             ray.shutdown()
 
 
+def _result(ray: Any, ref: Any, job: PlannedJob) -> JobResult:
+    """A finished task's JobResult; a task whose retries ran out reports its error."""
+    try:
+        return JobResult(**ray.get(ref))
+    except Exception as exc:  # the task's retries ran out (its worker kept dying)
+        return JobResult(
+            job.checkpoint,
+            job.slice.name,
+            job.path,
+            error=str(exc).splitlines()[0],
+            error_type=type(exc).__name__,
+        )
+
+
 def _collect(
     ray: Any,
     refs: list[Any],
@@ -242,18 +252,141 @@ def _collect(
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll)
         for ref in ready:
             i = index[ref]
-            job = jobs[i]
-            try:
-                result = JobResult(**ray.get(ref))
-            except Exception as exc:  # the task's retries ran out (its worker kept dying)
-                result = JobResult(
-                    job.checkpoint,
-                    job.slice.name,
-                    job.path,
-                    error=str(exc).splitlines()[0],
-                    error_type=type(exc).__name__,
-                )
+            result = _result(ray, ref, jobs[i])
             results[i] = result
             if on_result is not None:
                 on_result(result)
     return [r for r in results if r is not None]
+
+
+def _target(store: Store) -> str:
+    """The store as a worker opens it (a directory store by its absolute path)."""
+    return store.target if store.kind != "ducklake" else str(Path(store.target).resolve())
+
+
+def _refuse_duckdb(store: Store) -> None:
+    if store.kind == "duckdb":
+        raise ExecutorError(
+            "a .duckdb store belongs to one process, so Ray workers cannot write to it; use "
+            "a store directory on a shared file system or a postgres: catalog."
+        )
+
+
+class _RayRecorder:
+    """``Recorder(executor="ray")``: each recorded checkpoint becomes one Ray task per
+    slice, submitted without waiting, in the write order of :func:`_write_order` (the
+    first job writes the model row alone; each checkpoint's and each slice's first job
+    writes that row before the jobs that share it)."""
+
+    def __init__(self, rec: Any, *, address: str | None, max_retries: int) -> None:
+        _refuse_duckdb(rec.store)
+        _ray()  # fail at construction, not at the first recorded step
+        self.rec, self.address, self.max_retries = rec, address, max_retries
+        self._task: Any = None
+        self._started = False
+        self._refs: list[Any] = []
+        self._jobs: list[PlannedJob] = []
+        self._done: dict[int, JobResult] = {}
+        self._first_slice: dict[str, Any] = {}
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._settings = {
+            "model": rec.model,
+            "factory": None,
+            "trust_pickle": False,
+            "verify": rec.verify,
+            "device": rec.device,
+            "options": dict(rec.options),
+        }
+
+    def folder(self) -> Path:
+        """Where the exported programs go: the recorder's folder, else a temporary one."""
+        if self.rec.folder is not None:
+            return Path(self.rec.folder)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="geomstore-recorder-")
+        return Path(self._tmp.name)
+
+    def _remote(self) -> Any:
+        if self._task is None:
+            ray = _ray()
+            self._started = _connect(self.address)
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            task = ray.remote(max_retries=self.max_retries, retry_exceptions=False)(_task)
+            self._task = task.options(**ray_resources(gpus))
+        return self._task
+
+    def submit(self, path: Path, step: int, metrics: dict[str, float]) -> list[str]:
+        """Hand one exported checkpoint to Ray (its bytes, through the object store)."""
+        ray = _ray()
+        task = self._remote()
+        blob = ray.put(path.read_bytes())
+        if self.rec.folder is None:  # a temporary program: Ray holds its bytes now
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+        ids = []
+        first_of_checkpoint = None
+        for sl in self.rec.slices:
+            job = PlannedJob(str(path), f"step-{step}", step, metrics, sl)
+            deps = [self._refs[0]] if self._refs else []
+            if first_of_checkpoint is not None:
+                deps.append(first_of_checkpoint)
+            if sl.content_hash in self._first_slice:
+                deps.append(self._first_slice[sl.content_hash])
+            payload = {
+                "path": job.path,
+                "checkpoint": job.checkpoint,
+                "step": job.step,
+                "metrics": job.metrics,
+                "slice": sl.to_dict(),
+            }
+            target = _target(self.rec.store)
+            unique = list(dict.fromkeys(deps))
+            ref = task.remote(
+                target, self.rec.store.data_path, blob, payload, self._settings, *unique
+            )
+            if first_of_checkpoint is None:
+                first_of_checkpoint = ref
+            self._first_slice.setdefault(sl.content_hash, ref)
+            self._refs.append(ref)
+            self._jobs.append(job)
+            ids.append(ref.hex())
+        return ids
+
+    def _gather(self, timeout: float | None) -> bool:
+        """Collect what has finished within ``timeout`` seconds; True when all have."""
+        ray = _ray()
+        pending = [r for i, r in enumerate(self._refs) if i not in self._done]
+        if not pending:
+            return True
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout)
+        index = {ref: i for i, ref in enumerate(self._refs)}
+        for ref in ready:
+            i = index[ref]
+            self._done[i] = _result(ray, ref, self._jobs[i])
+        return len(ready) == len(pending)
+
+    def finished(self) -> list[JobResult]:
+        if self._refs:
+            self._gather(0)
+        return [self._done[i] for i in sorted(self._done)]
+
+    def wait(self, timeout: float | None) -> list[JobResult]:
+        if not self._gather(timeout):
+            raise ExecutorError(
+                f"{len(self._refs) - len(self._done)} of {len(self._refs)} Ray job(s) still "
+                f"running after {timeout} s; they go on (call wait() again)."
+            )
+        return [self._done[i] for i in range(len(self._refs))]
+
+    def close(self) -> None:
+        try:
+            if self._refs:
+                self.wait(None)
+        finally:
+            if self._started:
+                _ray().shutdown()
+                self._started = False
+                self._task = None
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None

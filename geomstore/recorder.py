@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,16 +19,30 @@ from geomstore.store.store import Store
 
 __all__ = ["Recorder"]
 
+if TYPE_CHECKING:
+    from geomstore.distributed import _RayRecorder
+
 
 class Recorder:
-    """Compute (or queue) the partitions of a model's current weights every ``every`` steps.
+    """Compute (or hand off) the partitions of a model's current weights every ``every`` steps.
 
-    Call it from the training loop with the model, the step and any metrics. Directly
-    (the default) it partitions the weights on each slice and writes them to the store
-    before returning; with ``queue=True`` it saves the weights as a ``torch.export``
-    program (``.pt2``, with a JSON of step and metrics) under ``folder`` and submits jobs,
-    so that ``geomstore worker`` processes (on a GPU machine, say) compute them while
-    training goes on. The model's training mode is restored afterwards.
+    Call it from the training loop with the model, the step and any metrics. The
+    ``executor`` says where the partitions are computed:
+
+    - ``"local"`` (the default): on each slice now, written to the store before returning.
+    - ``"queue"`` (or ``queue=True``): the weights are saved as a ``torch.export`` program
+      (``.pt2``, with a JSON of step and metrics) under ``folder`` and jobs are submitted to
+      the store's queue, so that ``geomstore worker`` processes (on a GPU machine, say)
+      compute them while training goes on.
+    - ``"ray"``: the ``.pt2`` program's bytes go to a Ray cluster (``address``, else
+      ``$RAY_ADDRESS`` or a new local one) as one task per slice, and the call returns at
+      once; tasks write into the store exactly once (see :mod:`geomstore.distributed`), so
+      the store must be reachable from the workers (a ``postgres:`` catalog with an S3
+      data path, or a directory on a shared file system). :meth:`wait` (or leaving a
+      ``with`` block) gathers each job's result; one job's error does not stop the others.
+      With ``folder`` the programs are kept there, else they live in a temporary folder.
+
+    The model's training mode is restored afterwards.
 
     ``model`` is the model's name in the store (as everywhere in the query API); the module
     itself is passed to each call as ``net``. The old spellings ``model_name=`` (here) and
@@ -45,6 +59,14 @@ class Recorder:
     >>> store.sql("SELECT count(*) AS n FROM gs_partitions").table.column("n")[0].as_py()
     3
     >>> store.close()
+
+    On a Ray cluster (``pip install geomstore[ray]``), training goes on while it computes:
+
+    >>> # with geomstore.Recorder(store, "resnet", slices, every=500, executor="ray") as rec:
+    >>> #     for step in range(steps):
+    >>> #         ...
+    >>> #         rec(net, step, metrics={"loss": loss})
+    >>> # rec.results  # one JobResult per checkpoint x slice (partition id or error)
     """
 
     @renamed_kwargs(model_name="model")
@@ -60,7 +82,17 @@ class Recorder:
         device: str = "auto",
         verify: bool = False,
         options: dict[str, Any] | None = None,
+        executor: str = "local",
+        address: str | None = None,
+        max_retries: int = 3,
     ) -> None:
+        if executor not in ("local", "queue", "ray"):
+            raise GeomstoreError(
+                f"executor={executor!r} is not one of 'local', 'queue', 'ray'; pick one."
+            )
+        if queue and executor == "ray":
+            raise GeomstoreError("queue=True and executor='ray' exclude each other; pick one.")
+        queue = queue or executor == "queue"
         if every < 1:
             raise GeomstoreError(f"every must be a positive number of steps; got {every}.")
         self.slices = [slices] if isinstance(slices, Slice) else list(slices)
@@ -72,7 +104,13 @@ class Recorder:
             )
         self.store, self.model, self.every = store, model, every
         self.queue, self.device, self.verify = queue, device, verify
+        self.executor = "queue" if queue else executor
         self.options = dict(options or {})
+        self._ray: _RayRecorder | None = None
+        if self.executor == "ray":
+            from geomstore.distributed import _RayRecorder
+
+            self._ray = _RayRecorder(self, address=address, max_retries=max_retries)
         if queue and folder is None:
             if store.kind != "ducklake":
                 raise GeomstoreError(
@@ -97,7 +135,8 @@ class Recorder:
     ) -> list[str]:
         """Record at this step if it is a multiple of ``every`` (or ``force``).
 
-        Returns the partition ids written (or the job ids queued); empty when skipped.
+        Returns the partition ids written (the job ids queued; with ``executor="ray"`` the
+        Ray task ids, whose results :meth:`wait` gathers); empty when skipped.
         """
         if not force and step % self.every:
             return []
@@ -106,9 +145,37 @@ class Recorder:
         net.eval()
         try:
             with torch.no_grad():
+                if self._ray is not None:
+                    path = self._export(net, step, clean, self._ray.folder())
+                    return self._ray.submit(path, step, clean)
                 return self._queue(net, step, clean) if self.queue else self._now(net, step, clean)
         finally:
             net.train(was_training)
+
+    @property
+    def results(self) -> list[Any]:
+        """With ``executor="ray"``: the :class:`~geomstore.jobs.JobResult` of each job
+        finished so far, in the order recorded (``wait`` gathers the rest)."""
+        return [] if self._ray is None else self._ray.finished()
+
+    def wait(self, timeout: float | None = None) -> list[Any]:
+        """Block until every job handed to Ray has finished; their JobResults in order.
+
+        Raises :class:`~geomstore.errors.ExecutorError` when ``timeout`` seconds pass
+        first (the jobs go on). Without Ray there is nothing to wait for: ``[]``.
+        """
+        return [] if self._ray is None else self._ray.wait(timeout)
+
+    def close(self) -> None:
+        """Wait for the Ray jobs, then leave the cluster if this recorder started it."""
+        if self._ray is not None:
+            self._ray.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _now(self, net: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
         ids = []
@@ -127,10 +194,12 @@ class Recorder:
             )
         return ids
 
-    def _queue(self, net: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
-        assert self.folder is not None
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step-{step}.pt2"
+    def _export(
+        self, net: torch.nn.Module, step: int, metrics: dict[str, float], folder: Path
+    ) -> Path:
+        """Save ``net`` as a ``torch.export`` program ``folder/step-N.pt2`` (and its JSON)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step}.pt2"
         param = next(iter(net.parameters()), None)
         dtype = param.dtype if param is not None else torch.float32
         sl = self.slices[0]
@@ -141,10 +210,15 @@ class Recorder:
         except Exception as exc:
             raise GeomstoreError(
                 f"cannot export the model at step {step} with torch.export ({exc}); "
-                "record with queue=False instead."
+                "record with executor='local' instead."
             ) from None
         torch.export.save(program, str(path))
         path.with_suffix(".json").write_text(json.dumps({"step": step, "metrics": metrics}))
+        return path
+
+    def _queue(self, net: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
+        assert self.folder is not None
+        path = self._export(net, step, metrics, self.folder)
         return [
             submit(
                 self.store,

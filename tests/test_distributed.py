@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import signal
@@ -171,3 +172,57 @@ def test_bad_executor_options_are_refused(tmp_path: Path) -> None:
         pytest.raises(ExecutorError, match="belongs to one process"),
     ):
         geomstore.compute(store, [ckpt], BOX, model="m", executor="ray")
+
+
+def test_recorder_hands_checkpoints_to_ray_while_training_goes_on(
+    cluster: None, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    net = mlp((16, 16), 3, seed=5).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    snaps: dict[int, torch.nn.Module] = {}
+    with geomstore.open(tmp_path / "store") as store:
+        with geomstore.Recorder(store, "run", SLICES, every=2, executor="ray", device="cpu") as rec:
+            for step in range(6):
+                ids = rec(net, step, metrics={"loss": float(step)})
+                assert len(ids) == (2 if step % 2 == 0 else 0)
+                if ids:
+                    snaps[step] = copy.deepcopy(net).eval()
+                loss = net(torch.randn(32, 2)).pow(2).mean()  # the weights move on
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            assert net.training  # the recorder restored the training mode
+            results = rec.wait(timeout=300)
+        # a model Ray cannot partition reports its error per job; the recorder goes on
+        with geomstore.Recorder(store, "bad", SLICES, executor="ray", device="cpu") as bad:
+            bad(Sigmoid(), 0)
+            bad_results = bad.wait(timeout=300)
+        assert [r.error for r in results] == [None] * 6, [r.line() for r in results]
+        assert [r.checkpoint for r in results] == [f"step-{s}" for s in (0, 0, 2, 2, 4, 4)]
+        assert len({r.partition_id for r in results}) == 6
+        assert [r.error_type for r in bad_results] == ["UnsupportedModelError"] * 2
+        rows = _counts(store)
+        assert len(rows) == 6 and all(r["n_regions"] == r["nr"] for r in rows)
+        listed = store.partitions(model="run").to_pylist()
+        assert sorted(p["step"] for p in listed) == [0, 0, 2, 2, 4, 4]
+        for r, sl in zip(results, SLICES * 3, strict=True):
+            step = int(r.checkpoint.split("-")[1])
+            part = store.load_partition(r.partition_id)
+            local = geomstore.partition(snaps[step], sl, device="cpu")
+            assert part.n_regions == local.n_regions
+            report = part.verify(snaps[step])  # the weights of that step, not the final ones
+            assert report.ok, str(report)
+
+
+def test_recorder_ray_refusals(tmp_path: Path) -> None:
+    with geomstore.open(tmp_path / "store") as store:
+        with pytest.raises(geomstore.GeomstoreError, match="executor='spark' is not one of"):
+            geomstore.Recorder(store, "m", BOX, executor="spark")
+        with pytest.raises(geomstore.GeomstoreError, match="exclude each other"):
+            geomstore.Recorder(store, "m", BOX, executor="ray", queue=True)
+    with (
+        geomstore.open(tmp_path / "one.duckdb") as store,
+        pytest.raises(ExecutorError, match="belongs to one process"),
+    ):
+        geomstore.Recorder(store, "m", BOX, executor="ray")

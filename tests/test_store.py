@@ -407,3 +407,22 @@ def test_load_partition_gives_back_the_same_tables(
     assert np.array_equal(a1, a0) and np.array_equal(c1, c0)
     with pytest.raises(StoreError, match="no partition"):
         store.load_partition("nope")
+
+
+def test_a_loaded_partition_verifies_against_its_own_checkpoint(tmp_path: Path) -> None:
+    """Each checkpoint's weight hash travels with its partitions (not the model's first)."""
+    nets = [mlp((10, 10), 3, seed=s) for s in (31, 32)]
+    with geomstore.open(tmp_path / "store") as store:
+        ids = [
+            store.add(geomstore.partition(n, BOX, device="cpu"), model="m", checkpoint=f"c{i}")
+            for i, n in enumerate(nets)
+        ]
+        for pid, net, other in zip(ids, nets, nets[::-1], strict=True):
+            part = store.load_partition(pid)
+            report = part.verify(net)
+            assert report.ok, str(report)
+            assert (part.patterns([0, 1], net=net) == part.states[[0, 1]]).all()
+            with pytest.raises(geomstore.GeomstoreError, match="weights differ"):
+                part.verify(other)
+        with pytest.raises(geomstore.GeomstoreError, match="pass net="):
+            store.load_partition(ids[0]).verify()

@@ -180,25 +180,36 @@ class Partition:
             )
         if self.states is not None:
             return self.states[ids]
-        program = self.program
-        if program is None:
-            if net is None:
-                raise GeomstoreError(
-                    "this partition keeps pattern hashes only; pass net= (the checkpoint's "
-                    "network) to recompute its patterns."
-                )
-            program = Program(
-                net,
-                self.slice.input_shape,
-                torch.device("cpu"),
-                logits=self.settings.get("logits", False),
+        if self.program is None and net is None:
+            raise GeomstoreError(
+                "this partition keeps pattern hashes only; pass net= (the checkpoint's "
+                "network) to recompute its patterns."
             )
-            if program.weights_sha256() != self.model_summary.get("weights_sha256"):
-                raise GeomstoreError(
-                    "the model given is not the one this partition was computed with "
-                    "(its weights differ); pass that checkpoint's network."
-                )
-        return interior_patterns(self, program, ids)
+        return interior_patterns(self, self.program_for(net), ids)
+
+    def program_for(self, net: Any = None) -> Program:
+        """The lowered network of this partition: the one attached, or ``net`` lowered on
+        the CPU after checking that its weights are the ones this partition was computed
+        with (a partition loaded from a store has none attached)."""
+        if self.program is not None:
+            return self.program
+        if net is None:
+            raise GeomstoreError(
+                "this partition has no network attached (it was loaded from a store); pass "
+                "net= (the checkpoint's network)."
+            )
+        program = Program(
+            net,
+            self.slice.input_shape,
+            torch.device("cpu"),
+            logits=self.settings.get("logits", False),
+        )
+        if program.weights_sha256() != self.model_summary.get("weights_sha256"):
+            raise GeomstoreError(
+                "the model given is not the one this partition was computed with "
+                "(its weights differ); pass that checkpoint's network."
+            )
+        return program
 
     def polygons(self) -> np.ndarray:
         """Regions as shapely polygons."""

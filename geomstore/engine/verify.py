@@ -131,7 +131,8 @@ def verify(
     ----------
     partition : Partition
     net : torch.nn.Module, optional
-        Needed for check 5 (the brute-force region count of plain ReLU MLPs).
+        Needed for check 5 (the brute-force region count of plain ReLU MLPs), and for a
+        partition loaded from a store (its weights must be the ones it was computed with).
     grid : int
         Points per side of the dense grid of check 3.
     amb : float
@@ -151,9 +152,12 @@ def verify(
     """
     from geomstore.engine.reference import is_plain_relu_mlp, reference_regions
 
-    program = partition.program
-    if program is None:
-        raise GeomstoreError("this partition has no program attached; recompute it to verify.")
+    if partition.program is None and net is None:
+        raise GeomstoreError(
+            "this partition has no network attached (it was loaded from a store); pass "
+            "net= (the checkpoint's network) to verify it."
+        )
+    program = partition.program_for(net)
     sl = partition.slice
     dev = program.device
     report = VerifyReport()

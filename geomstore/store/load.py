@@ -23,12 +23,13 @@ __all__ = ["load_partition", "load_slice"]
 def load_partition(store: Store, partition_id: str) -> Partition:
     """Rebuild a stored partition (tables, slice, model summary, settings).
 
-    The result has no model attached (``verify`` needs the model: recompute for that);
-    its ``states`` are unpacked from the stored patterns.
+    The result has no network attached: ``verify(net)`` and ``patterns(net=)`` take the
+    checkpoint's network (checked against the checkpoint's weight hash); its ``states``
+    are unpacked from the stored patterns.
     """
     con = store.reader()
     meta = con.execute(
-        "SELECT p.settings, p.seconds, m.summary, s.name, s.input_shape, s.origin, "
+        "SELECT p.settings, p.seconds, m.summary, c.sha256, s.name, s.input_shape, s.origin, "
         "s.basis, ST_AsText(s.domain) FROM partitions p "
         "JOIN checkpoints c ON c.checkpoint_id = p.checkpoint_id "
         "JOIN models m ON m.model_id = c.model_id JOIN slices s ON s.slice_id = p.slice_id "
@@ -42,8 +43,10 @@ def load_partition(store: Store, partition_id: str) -> Partition:
             kind="partition",
             name=partition_id,
         )
-    settings, seconds, summary_json, name, shape, origin, basis, domain_wkt = meta
+    settings, seconds, summary_json, weights, name, shape, origin, basis, domain_wkt = meta
     summary = json.loads(summary_json)
+    if weights:  # the model row keeps its first checkpoint's hash; this one's is here
+        summary["weights_sha256"] = weights
     sl = _slice_from_row(name, shape, origin, basis, domain_wkt)
     k = summary["n_outputs"]
 
