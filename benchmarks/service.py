@@ -132,7 +132,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         info = build(store, args.width, args.big_width)
-        server = Server(str(store), "--pool", "4").start()
+        log = Path(tmp) / "server.log"
+        server = Server(str(store), "--pool", "4", log=log).start()
         try:
             with httpx.Client(base_url=server.url, timeout=120) as c:
                 pt = {"model": "small", "points": [[0.123, -0.456]], "checkpoints": ["c3"]}
@@ -161,6 +162,10 @@ def main() -> None:
                     "regions_big_arrow": timed(lambda: c.get(big, headers=ARROW), 5),
                 }
             load = concurrent(server.url, args.clients, args.seconds)
+        except Exception:
+            if log.exists():  # what the server said
+                print(log.read_text()[-4000:] if log.exists() else "", file=sys.stderr)
+            raise
         finally:
             server.stop()
     result = {
