@@ -34,9 +34,9 @@ timeout "${T_MLP:-50}" python3 benchmarks/partition.py --device cuda --compare-c
 
 step large
 timeout "${T_LARGE:-110}" python3 benchmarks/partition.py --device cuda --compare-cpu \
-    --repeat 1 --widths 1024,1024 | tee -a "$out/partition.jsonl"
+    --repeat 1 --no-ops --no-busy --widths 1024,1024 | tee -a "$out/partition.jsonl"
 timeout "${T_HUGE:-140}" python3 benchmarks/partition.py --device cuda --compare-cpu \
-    --repeat 1 --no-ops --widths 2048,2048 | tee -a "$out/partition.jsonl"
+    --repeat 1 --no-ops --no-busy --widths 2048,2048 | tee -a "$out/partition.jsonl"
 
 step zoo
 timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \

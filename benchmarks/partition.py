@@ -153,6 +153,7 @@ def run(
     ops: bool = True,
     compare_cpu: bool = False,
     profile: str | None = None,
+    busy: bool = True,
 ) -> dict[str, object]:
     count = None
     if ops:  # untimed, and it warms up (tracing, first-call allocations) before the timing
@@ -174,7 +175,8 @@ def run(
     if count is not None:
         res["ops"] = count
         res["ops_per_1k_regions"] = round(1000 * count / part.n_regions, 1)
-    if dev.startswith("cuda"):
+    print(f"{name}: {res['seconds']} s on {dev}", file=sys.stderr, flush=True)
+    if dev.startswith("cuda") and busy:
         res["gpu_busy_share"] = round(_gpu_busy_share(model, sl, device), 3)
     if profile:
         _profile(name, model, sl, device, profile)
@@ -197,6 +199,9 @@ def main() -> None:
     )
     ap.add_argument("--no-ops", action="store_true", help="skip the operation count")
     ap.add_argument(
+        "--no-busy", action="store_true", help="skip the GPU busy share (a profiled run)"
+    )
+    ap.add_argument(
         "--widths",
         nargs="+",
         metavar="W,W,...",
@@ -214,6 +219,7 @@ def main() -> None:
         "ops": not args.no_ops and not args.large,
         "compare_cpu": args.compare_cpu,
         "profile": args.profile,
+        "busy": not args.no_busy,
     }
     if args.large:
         res = run(mlp_name(LARGE), mlp(LARGE), box, args.device, 1, **opts)
