@@ -21,14 +21,9 @@ batch of random inputs before it is used.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
 import operator
-import re
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +33,7 @@ from torch import Tensor, nn
 
 from geomstore.engine.ops import MAX_LIKE as _MAX_LIKE
 from geomstore.engine.ops import op_name, rule
+from geomstore.engine.refusal import Refusal, quiet
 from geomstore.engine.windows import (
     adaptive_candidates,
     pool_candidates,
@@ -109,21 +105,6 @@ def _decompositions() -> dict[Any, Any]:
 _DECOMP: dict[Any, Any] | None = None
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    names = ("torch._export", "torch.export", "torch._dynamo", "torch.fx", "torch._subclasses")
-    levels = [logging.getLogger(n).level for n in names]
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, lv in zip(names, levels, strict=True):
-            logging.getLogger(n).setLevel(lv)
-
-
 def _source(model: Any) -> tuple[Any, dict[str, Tensor], nn.Module | None]:
     """A float64 callable for tracing, the weights, and the module for locating nodes."""
     if hasattr(model, "module") and hasattr(model, "graph_signature"):  # ExportedProgram
@@ -159,77 +140,6 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# locating a node in the user's model ---------------------------------------------------------
-def _user_frame(stack: str | None) -> str:
-    """The innermost frame of a stack trace outside torch itself, as 'file:line: code'."""
-    if not stack:
-        return ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', stack)
-    torch_dir = str(torch.__file__).rsplit("/", 1)[0]
-    user = [f for f in frames if not f[0].startswith(torch_dir)]
-    if not user:
-        return ""
-    path, line, code = user[-1]
-    return f"{path}:{line}: {code.strip()}"
-
-
-def _module_paths(module: nn.Module | None, x: Tensor, target: Any) -> list[str]:
-    """Module paths at each call of ``target`` in a plain forward (for error messages)."""
-    if module is None:
-        return []
-    names = {id(m): (n or "<model>", type(m).__name__) for n, m in module.named_modules()}
-    stack: list[tuple[str, str]] = []
-    found: list[str] = []
-    packet = getattr(target, "overloadpacket", target)
-
-    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-            if getattr(func, "overloadpacket", func) is packet and stack:
-                found.append(f"module {stack[-1][0]!r} ({stack[-1][1]})")
-            return func(*args, **(kwargs or {}))
-
-    def pre(m: nn.Module, _i: Any) -> None:
-        stack.append(names.get(id(m), ("?", type(m).__name__)))
-
-    def post(m: nn.Module, _i: Any, _o: Any) -> None:
-        if stack:
-            stack.pop()
-
-    hooks = [m.register_forward_pre_hook(pre) for m in module.modules()]
-    hooks += [m.register_forward_hook(post) for m in module.modules()]
-    try:
-        with torch.no_grad(), _quiet(), Spy():
-            module(x)
-    except Exception:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
-
-
-class _Refusal:
-    """Builds the error for a refused node: operator, why, module path and source line."""
-
-    def __init__(self, gm: torch.fx.GraphModule, module: nn.Module | None, x: Tensor) -> None:
-        self.gm, self.module, self.x = gm, module, x
-
-    def __call__(self, node: torch.fx.Node, why: str, fix: str = "") -> UnsupportedModelError:
-        name = op_name(node.target)
-        same = [n for n in self.gm.graph.nodes if n.op == node.op and n.target == node.target]
-        where: list[str] = []
-        paths = _module_paths(self.module, self.x, node.target)
-        k = same.index(node) if node in same else 0
-        if k < len(paths):
-            where.append(paths[k])
-        frame = _user_frame(node.meta.get("stack_trace"))
-        if frame:
-            where.append(frame)
-        at = f" at {', '.join(where)}" if where else ""
-        msg = f"operator {name}{at} is not affine or piecewise linear: {why}"
-        return UnsupportedModelError(msg + (f"; {fix}" if fix else "."))
-
-
 # the lowering --------------------------------------------------------------------------------
 def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> Lowered:
     """Trace ``model`` to core ATen, judge every operator and rewrite the piecewise ones."""
@@ -240,9 +150,17 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     x1 = _example(input_shape, 1)
     if _DECOMP is None:
         _DECOMP = _decompositions()
+    decomp = _DECOMP
+
+    def trace(stacks: bool) -> torch.fx.GraphModule:
+        with torch.no_grad(), quiet():
+            out: torch.fx.GraphModule = make_fx(
+                fn, decomposition_table=decomp, record_stack_traces=stacks
+            )(x1)
+        return out
+
     try:
-        with torch.no_grad(), _quiet():
-            gm = make_fx(fn, decomposition_table=_DECOMP, record_stack_traces=True)(x1)
+        gm = trace(False)
     except Exception as exc:
         try:
             with torch.no_grad():
@@ -256,7 +174,7 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
             f"could not trace the model ({type(exc).__name__}: {exc}); remove data-dependent "
             "control flow, or pass a torch.export program."
         ) from exc
-    refuse = _Refusal(gm, module, x1)
+    refuse = Refusal(gm, module, x1, retrace=lambda: trace(True))
     _Canon(gm, refuse, logits=logits).run(x1)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -269,7 +187,7 @@ def _check_batch(gm: torch.fx.GraphModule, fn: Any, input_shape: tuple[int, ...]
     """The lowered graph must equal the model's own forward, sample by sample, on a batch."""
     x = _example(input_shape, 3, seed=1)
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet():
             got = _first(gm(x))
     except Exception as exc:
         raise UnsupportedModelError(
@@ -278,7 +196,7 @@ def _check_batch(gm: torch.fx.GraphModule, fn: Any, input_shape: tuple[int, ...]
             "model must not fix its batch size (write x.flatten(1) or x.view(x.shape[0], -1), "
             "not x.view(1, -1))."
         ) from exc
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         want = torch.cat([_first(fn(x[i : i + 1])) for i in range(3)])
     stripped = getattr(gm, "_gs_stripped", False)
     if not stripped and (
@@ -294,7 +212,7 @@ def _check_batch(gm: torch.fx.GraphModule, fn: Any, input_shape: tuple[int, ...]
 class _Canon:
     """One pass over the traced graph: judge each input-dependent node, rewrite PL ones."""
 
-    def __init__(self, gm: torch.fx.GraphModule, refuse: _Refusal, *, logits: bool) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, refuse: Refusal, *, logits: bool) -> None:
         self.gm = gm
         self.g = gm.graph
         self.refuse = refuse
@@ -324,7 +242,7 @@ class _Canon:
                 env[node] = self._attr(str(node.target))
             elif node.op == "call_function":
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
-                with torch.no_grad(), _quiet():
+                with torch.no_grad(), quiet():
                     env[node] = node.target(*args, **kwargs)
                 if any(a in self.dep for a in node.all_input_nodes):
                     self.dep.add(node)
