@@ -158,7 +158,10 @@ def _initial_states(
         t0 = tau[:, 0, :]
         margin = fb - fc - (t0[:, cand] + t0.gather(1, cand_best)[..., None])[:, None]
         dup = cand[None] == cand_best[..., None]  # (P, U, k): the winner itself or a copy
-        ok = (margin > 0) | dup[:, None] | ~vmask[..., None]
+        # >= : a candidate equal to the winner on the whole cell (zero after a dead ReLU,
+        # say: both forms vanish, and so do their tolerances) never changes the maximum;
+        # with > such units counted as crossing and cost VGG-11 thousands of idle rounds
+        ok = (margin >= 0) | dup[:, None] | ~vmask[..., None]
         constant = ok.all(dim=3).all(dim=1)
         return torch.where(constant, best, torch.zeros_like(best)).to(torch.uint8), ~constant
     fmax = fv.amax(dim=1)
