@@ -112,6 +112,17 @@ def _task(
         return run_planned(*args, load_from=str(local)).__dict__
 
 
+def _payload(job: PlannedJob) -> dict[str, Any]:
+    """A planned job as plain data for a Ray task (:func:`_task` rebuilds it)."""
+    return {
+        "path": job.path,
+        "checkpoint": job.checkpoint,
+        "step": job.step,
+        "metrics": job.metrics,
+        "slice": job.slice.to_dict(),
+    }
+
+
 def _write_order(jobs: list[PlannedJob]) -> list[list[int]]:
     """For each job, the earlier jobs it waits for, so that no catalog row is written twice.
 
@@ -208,13 +219,7 @@ def compute_ray(
         for i, job in enumerate(jobs):
             if ship == "bytes" and job.path not in blobs:
                 blobs[job.path] = ray.put(Path(job.path).read_bytes())
-            payload = {
-                "path": job.path,
-                "checkpoint": job.checkpoint,
-                "step": job.step,
-                "metrics": job.metrics,
-                "slice": job.slice.to_dict(),
-            }
+            payload = _payload(job)
             blob = blobs.get(job.path)
             deps = [refs[d] for d in after[i]]
             refs.append(task.remote(target, store.data_path, blob, payload, settings, *deps))
@@ -324,6 +329,7 @@ class _RayRecorder:
             path.unlink(missing_ok=True)
             path.with_suffix(".json").unlink(missing_ok=True)
         ids = []
+        target = _target(self.rec.store)
         first_of_checkpoint = None
         for sl in self.rec.slices:
             job = PlannedJob(str(path), f"step-{step}", step, metrics, sl)
@@ -332,14 +338,7 @@ class _RayRecorder:
                 deps.append(first_of_checkpoint)
             if sl.content_hash in self._first_slice:
                 deps.append(self._first_slice[sl.content_hash])
-            payload = {
-                "path": job.path,
-                "checkpoint": job.checkpoint,
-                "step": job.step,
-                "metrics": job.metrics,
-                "slice": sl.to_dict(),
-            }
-            target = _target(self.rec.store)
+            payload = _payload(job)
             unique = list(dict.fromkeys(deps))
             ref = task.remote(
                 target, self.rec.store.data_path, blob, payload, self._settings, *unique

@@ -1,0 +1,139 @@
+"""Which units cross each cell: the states of the units constant on a cell and the
+(cell, unit) pairs whose zero sets (or max-pool winner changes) cut it.
+
+A line unit is tested against the cell's bounding circle first, then at the vertices of
+the cells it may cross; a max unit compares its candidates' affine forms at the vertices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from geomstore.engine.graph import Nonlinearity
+
+__all__ = ["Crossings", "crossings"]
+
+
+@dataclass
+class Crossings:
+    """The (cell, unit) pairs whose zero set crosses the cell, sorted by cell then unit.
+
+    ``vals`` (pairs, 3, k) holds the affine form (slope0, slope1, value) of the unit's
+    input: of its k max-pool candidates, or k = 1 for line units.
+    """
+
+    cell: Tensor
+    unit: Tensor
+    vals: Tensor
+
+    def __len__(self) -> int:
+        return int(self.cell.shape[0])
+
+    @staticmethod
+    def concat(parts: list[tuple[int, Crossings]]) -> Crossings:
+        """Join the crossings of consecutive blocks of cells; (first cell, crossings) each."""
+        return Crossings(
+            torch.cat([c.cell + off for off, c in parts]),
+            torch.cat([c.unit for _, c in parts]),
+            torch.cat([c.vals for _, c in parts]),
+        )
+
+    def find(self, cell: Tensor, unit: Tensor, n_units: int) -> Tensor:
+        """Pair index of each (cell, unit); every one must be a crossing pair."""
+        keys = self.cell * n_units + self.unit
+        return torch.searchsorted(keys, cell * n_units + unit)
+
+
+def crossings(
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, n: Tensor, tol: float
+) -> tuple[Tensor, Crossings]:
+    """States of the units constant on each cell (0 for the others) and the crossing pairs."""
+    valid = torch.arange(verts.shape[1], device=verts.device)[None, :] < n[:, None]
+    state0, crossing = _initial_states(spec, coef, verts, valid, tol)
+    cell, unit = torch.nonzero(crossing, as_tuple=True)
+    if spec.kind == "maxpool":
+        assert spec.candidates is not None
+        vals = coef[cell[:, None], :, spec.candidates[unit]].transpose(1, 2)
+    else:
+        vals = coef[cell, :, unit][:, :, None]
+    return state0, Crossings(cell, unit, vals)
+
+
+def _initial_states(
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """States of units constant on each cell, and which units need line tests (crossing)."""
+    if spec.kind != "maxpool":
+        return _initial_states_lines(spec, coef, verts, valid, tol)
+    # padded slots repeat vertex 0, so extremes over all slots are extremes over vertices
+    fv = torch.baddbmm(coef[:, 2, None, :], verts, coef[:, :2, :])  # (P, V, N_in)
+    a0, a1 = coef[:, 0, None, :], coef[:, 1, None, :]
+    tau = tol * torch.sqrt(a0 * a0 + a1 * a1)
+    vmask = valid[:, :, None]
+    if spec.kind == "maxpool":
+        assert spec.candidates is not None
+        cand = spec.candidates
+        nv = fv.shape[1]
+        fc = fv[:, :, cand]  # (P, V, U, k)
+        best = fc[:, 0].argmax(dim=2)  # winner at vertex 0, (P, U)
+        fb = fc.gather(3, best[:, None, :, None].expand(-1, nv, -1, 1))
+        cand_best = cand[torch.arange(cand.shape[0], device=cand.device)[None, :], best]
+        t0 = tau[:, 0, :]
+        margin = fb - fc - (t0[:, cand] + t0.gather(1, cand_best)[..., None])[:, None]
+        dup = cand[None] == cand_best[..., None]  # (P, U, k): the winner itself or a copy
+        # >= : a candidate equal to the winner on the whole cell (zero after a dead ReLU,
+        # say: both forms vanish, and so do their tolerances) never changes the maximum;
+        # with > such units counted as crossing and cost VGG-11 thousands of idle rounds
+        ok = (margin >= 0) | dup[:, None] | ~vmask[..., None]
+        constant = ok.all(dim=3).all(dim=1)
+        return torch.where(constant, best, torch.zeros_like(best)).to(torch.uint8), ~constant
+    fmax = fv.amax(dim=1)
+    fmin = fv.amin(dim=1)
+    t1 = tau[:, 0, :]
+    if spec.kind == "hardtanh":
+        lo_pos, lo_neg = fmax - spec.lo > t1, fmin - spec.lo < -t1
+        hi_pos, hi_neg = fmax - spec.hi > t1, fmin - spec.hi < -t1
+        crossing = (lo_pos & lo_neg) | (hi_pos & hi_neg)
+        states = lo_pos.to(torch.uint8) + hi_pos.to(torch.uint8)
+        return torch.where(crossing, torch.zeros_like(states), states), crossing
+    pos = fmax > t1
+    neg = fmin < -t1
+    crossing = pos & neg
+    return (pos & ~crossing).to(torch.uint8), crossing
+
+
+def _initial_states_lines(
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """Line units (ReLU-like, hard-tanh): a circle pretest, then exact tests on candidates.
+
+    A unit whose line misses the polygon's bounding circle (by more than the tolerance)
+    is constant on the cell, with the sign it has at the centre; only the other
+    (cell, unit) pairs are evaluated at the vertices.
+    """
+    # padded slots repeat vertex 0: their mean is still inside, their extremes the vertices'
+    centre = verts.mean(dim=1, keepdim=True)  # (P, 1, 2)
+    radius = (verts - centre).norm(dim=2).amax(dim=1, keepdim=True)  # (P, 1)
+    norm = torch.hypot(coef[:, 0], coef[:, 1])  # (P, N); torch.norm over dim 1 is slow
+    fc = torch.baddbmm(coef[:, 2:], centre, coef[:, :2]).squeeze(1)  # value at the centre
+    reach = norm * (radius + 2 * tol)
+    thresholds = [spec.lo, spec.hi] if spec.kind == "hardtanh" else [0.0]
+    states = torch.zeros(fc.shape, dtype=torch.uint8, device=fc.device)
+    crossing = torch.zeros(fc.shape, dtype=torch.bool, device=fc.device)
+    for thr in thresholds:
+        g = fc - thr if thr else fc
+        rows, cols = torch.nonzero(g.abs() <= reach, as_tuple=True)
+        c = coef[rows, :, cols]  # (pairs, 3)
+        b = c[:, 2:, None] - thr if thr else c[:, 2:, None]
+        f = torch.baddbmm(b, verts[rows], c[:, :2, None])
+        tau = tol * norm[rows, cols]
+        pos = f.amax(dim=(1, 2)) > tau
+        neg = f.amin(dim=(1, 2)) < -tau
+        above = g > 0
+        above[rows, cols] = pos & ~neg
+        crossing[rows, cols] |= pos & neg
+        states += above
+    return torch.where(crossing, 0, states), crossing
