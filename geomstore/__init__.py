@@ -19,12 +19,13 @@ from geomstore.errors import (
     ModelShapeError,
     UnsupportedModelError,
 )
-from geomstore.jobs import Worker, compute, submit
+from geomstore.jobs import compute, submit
 from geomstore.loading import ModelLoadError, ModelSpec, load_model
 from geomstore.recorder import Recorder
 from geomstore.slice import Slice
 from geomstore.store import QueryResult, Store
 from geomstore.store import open_store as open
+from geomstore.worker import Worker
 
 __version__ = "0.1.0"
 

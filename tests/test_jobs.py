@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import geomstore
-from geomstore.jobs import Worker, job_table, submit
+from geomstore.jobs import job_table, submit
 from geomstore.loading import ModelSpec
+from geomstore.worker import Worker
 from tests.nets import BOX, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +144,19 @@ def test_submit_is_idempotent_and_checks_files(tmp_path: Path) -> None:
         assert job_table(st).column("step").to_pylist() == [7]
         with pytest.raises(geomstore.GeomstoreError, match="does not exist"):
             submit(st, ModelSpec(str(tmp_path / "nope.pt2")), BOX, model="m")
+
+
+def test_worker_is_still_importable_from_jobs() -> None:
+    """``Job`` and ``Worker`` moved to geomstore.worker; code importing them from jobs works."""
+    import geomstore.jobs
+    import geomstore.worker
+    from geomstore.jobs import Job
+    from geomstore.jobs import Worker as OldWorker
+
+    assert OldWorker is geomstore.worker.Worker and Job is geomstore.worker.Job
+    assert {"Job", "Worker"} <= set(geomstore.jobs.__all__)
+    with pytest.raises(AttributeError):
+        _ = geomstore.jobs.NoSuchName
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")

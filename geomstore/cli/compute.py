@@ -241,7 +241,7 @@ def worker(
 
     Example: geomstore worker runs/moons --once
     """
-    from geomstore.jobs import Job, Worker
+    from geomstore.worker import Job, Worker
 
     with open_store(store) as st:
         w = Worker(
@@ -293,8 +293,8 @@ def watch(
 
     Example: geomstore watch runs/moons ckpt/ --model moons-mlp --box=-2,-1.5,3,2
     """
-    from geomstore.jobs import stable_files
     from geomstore.jobs import submit as submit_one
+    from geomstore.worker import stable_files
 
     if not folder.is_dir():
         raise GeomstoreError(f"{folder} is not a folder.")
