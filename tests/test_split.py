@@ -302,3 +302,59 @@ def test_cells_not_in_general_position_go_to_rounds(
     ours = sorted(bytes(s) for s in part.states)
     assert ours == sorted(bytes(np.array(p, np.uint8)) for _, p in ref)
     assert part.verify(model).ok
+
+
+def _max_states_at_vertices(coef: Any, verts: Any, n: Any, cand: Any, tol: float) -> Any:
+    """Max units settled at the vertices alone (no pretest): the independent reference.
+
+    A unit is constant when the winner at vertex 0 beats (or equals) every candidate at
+    every vertex by the two forms' tolerances; its state is that winner's index.
+    """
+    p, u = coef.shape[0], cand.shape[0]
+    states = np.zeros((p, u), np.uint8)
+    crossing = np.zeros((p, u), bool)
+    for i in range(p):
+        v = verts[i, : n[i]]
+        f = v @ coef[i, :2] + coef[i, 2]  # (V, N_in)
+        tau = tol * np.hypot(coef[i, 0], coef[i, 1])
+        for j in range(u):
+            c = cand[j]
+            b = int(np.argmax(f[0, c]))
+            margin = f[:, c[b], None] - f[:, c] - (tau[c[b]] + tau[c])[None]
+            ok = (margin >= 0) | (c == c[b])[None]
+            crossing[i, j] = not ok.all()
+            states[i, j] = 0 if crossing[i, j] else b
+    return states, crossing
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_max_units_pretest_matches_vertex_tests(seed: int) -> None:
+    """The circle pretest of max units changes nothing: same constants, same crossings.
+
+    Candidates include exact copies of one input and inputs that vanish on the whole
+    cell (a dead ReLU before a max-pool: ties the pretest must settle like the vertices).
+    """
+    from geomstore.engine.crossings import _initial_states
+    from geomstore.engine.nonlinear import Nonlinearity
+
+    rng = np.random.default_rng(seed)
+    p, n_in, k = 40, 24, 4
+    verts_t, n_t = _padded([_convex(rng) for _ in range(p)], 12)
+    verts, n = verts_t.numpy(), n_t.numpy()
+    coef = rng.normal(size=(p, 3, n_in)) * rng.choice([0.05, 1.0, 20.0], size=(p, 1, n_in))
+    coef[:, :, :4] = 0.0  # dead inputs: ties on the whole cell
+    coef[: p // 2, 2, 4:8] += 50.0  # clear winners: the pretest settles these
+    cand = rng.integers(0, n_in, size=(30, k))
+    cand[:5, :2] = rng.integers(0, 4, size=(5, 2))  # two dead candidates
+    cand[5:10, 1] = cand[5:10, 0]  # a candidate twice
+    spec = Nonlinearity(
+        layer=0, node=None, name="pool", kind="maxpool",  # type: ignore[arg-type]
+        in_shape=(n_in,), out_shape=(30,), candidates=torch.as_tensor(cand),
+    )  # fmt: skip
+    tol = 1e-9
+    valid = torch.arange(12)[None, :] < n_t[:, None]
+    states, crossing = _initial_states(spec, torch.as_tensor(coef), verts_t, valid, tol)
+    ref_states, ref_crossing = _max_states_at_vertices(coef, verts, n, cand, tol)
+    assert 0 < ref_crossing.sum() < ref_crossing.size  # both kinds occur
+    np.testing.assert_array_equal(crossing.numpy(), ref_crossing)
+    np.testing.assert_array_equal(states.numpy(), ref_states)

@@ -66,43 +66,9 @@ def _initial_states(
     spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
 ) -> tuple[Tensor, Tensor]:
     """States of units constant on each cell, and which units need line tests (crossing)."""
-    if spec.kind != "maxpool":
-        return _initial_states_lines(spec, coef, verts, valid, tol)
-    # padded slots repeat vertex 0, so extremes over all slots are extremes over vertices
-    fv = torch.baddbmm(coef[:, 2, None, :], verts, coef[:, :2, :])  # (P, V, N_in)
-    a0, a1 = coef[:, 0, None, :], coef[:, 1, None, :]
-    tau = tol * torch.sqrt(a0 * a0 + a1 * a1)
-    vmask = valid[:, :, None]
     if spec.kind == "maxpool":
-        assert spec.candidates is not None
-        cand = spec.candidates
-        nv = fv.shape[1]
-        fc = fv[:, :, cand]  # (P, V, U, k)
-        best = fc[:, 0].argmax(dim=2)  # winner at vertex 0, (P, U)
-        fb = fc.gather(3, best[:, None, :, None].expand(-1, nv, -1, 1))
-        cand_best = cand[torch.arange(cand.shape[0], device=cand.device)[None, :], best]
-        t0 = tau[:, 0, :]
-        margin = fb - fc - (t0[:, cand] + t0.gather(1, cand_best)[..., None])[:, None]
-        dup = cand[None] == cand_best[..., None]  # (P, U, k): the winner itself or a copy
-        # >= : a candidate equal to the winner on the whole cell (zero after a dead ReLU,
-        # say: both forms vanish, and so do their tolerances) never changes the maximum;
-        # with > such units counted as crossing and cost VGG-11 thousands of idle rounds
-        ok = (margin >= 0) | dup[:, None] | ~vmask[..., None]
-        constant = ok.all(dim=3).all(dim=1)
-        return torch.where(constant, best, torch.zeros_like(best)).to(torch.uint8), ~constant
-    fmax = fv.amax(dim=1)
-    fmin = fv.amin(dim=1)
-    t1 = tau[:, 0, :]
-    if spec.kind == "hardtanh":
-        lo_pos, lo_neg = fmax - spec.lo > t1, fmin - spec.lo < -t1
-        hi_pos, hi_neg = fmax - spec.hi > t1, fmin - spec.hi < -t1
-        crossing = (lo_pos & lo_neg) | (hi_pos & hi_neg)
-        states = lo_pos.to(torch.uint8) + hi_pos.to(torch.uint8)
-        return torch.where(crossing, torch.zeros_like(states), states), crossing
-    pos = fmax > t1
-    neg = fmin < -t1
-    crossing = pos & neg
-    return (pos & ~crossing).to(torch.uint8), crossing
+        return _initial_states_max(spec, coef, verts, valid, tol)
+    return _initial_states_lines(spec, coef, verts, valid, tol)
 
 
 def _initial_states_lines(
@@ -137,3 +103,50 @@ def _initial_states_lines(
         crossing[rows, cols] |= pos & neg
         states += above
     return torch.where(crossing, 0, states), crossing
+
+
+def _initial_states_max(
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """Max units: a circle pretest, then the vertex test on the (cell, unit) pairs left.
+
+    A unit is constant on a cell when its winner beats every other candidate at every
+    vertex by the two forms' tolerances. Around the cell's bounding circle the winner at
+    the centre does so wherever ``(f_b - f_j)(centre) - |grad(f_b - f_j)| (r + 2 tol)``
+    clears them; only the pairs where that bound fails are evaluated at the vertices.
+    The winner is the one at vertex 0 there; where the pretest holds the two agree
+    (a tie at the centre passes only for identical forms, which argmax breaks alike).
+    """
+    assert spec.candidates is not None
+    cand = spec.candidates  # (U, k)
+    centre = verts.mean(dim=1, keepdim=True)  # (P, 1, 2); padded slots repeat vertex 0
+    radius = (verts - centre).norm(dim=2).amax(dim=1)  # (P,)
+    a0, a1 = coef[:, 0], coef[:, 1]
+    tau = tol * torch.hypot(a0, a1)  # (P, N_in)
+    fc = torch.baddbmm(coef[:, 2:], centre, coef[:, :2]).squeeze(1)[:, cand]  # (P, U, k)
+    best = fc.argmax(dim=2, keepdim=True)  # (P, U, 1)
+    cb = cand.expand(fc.shape[0], -1, -1).gather(2, best)  # (P, U, 1) winner's input
+    c0, c1, tc = a0[:, cand], a1[:, cand], tau[:, cand]
+    slope = torch.hypot(c0.gather(2, best) - c0, c1.gather(2, best) - c1)
+    lower = fc.gather(2, best) - fc - slope * (radius + 2 * tol)[:, None, None]
+    sure = (lower >= tc + tc.gather(2, best)) | (cand[None] == cb)
+    rows, units = torch.nonzero(~sure.all(dim=2), as_tuple=True)
+    states = best.squeeze(2).to(torch.uint8)
+    crossing = torch.zeros(states.shape, dtype=torch.bool, device=states.device)
+    if rows.numel():
+        cu = cand[units]  # (M, k)
+        c = coef[rows[:, None], :, cu].transpose(1, 2)  # (M, 3, k)
+        f = torch.baddbmm(c[:, 2:], verts[rows], c[:, :2])  # (M, V, k)
+        t = tau[rows[:, None], cu]  # (M, k)
+        b = f[:, 0].argmax(dim=1, keepdim=True)  # winner at vertex 0, (M, 1)
+        fb = f.gather(2, b[:, None].expand(-1, f.shape[1], 1))
+        margin = fb - f - (t + t.gather(1, b))[:, None]
+        # >= : a candidate equal to the winner on the whole cell (zero after a dead ReLU,
+        # say: both forms vanish, and so do their tolerances) never changes the maximum;
+        # with > such units counted as crossing and cost VGG-11 thousands of idle rounds
+        dup = cu == cu.gather(1, b)  # (M, k): the winner itself or a copy
+        ok = (margin >= 0) | dup[:, None] | ~valid[rows][:, :, None]
+        constant = ok.all(dim=2).all(dim=1)
+        states[rows, units] = torch.where(constant, b.squeeze(1), 0).to(torch.uint8)
+        crossing[rows, units] = ~constant
+    return states, crossing

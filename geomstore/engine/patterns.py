@@ -64,22 +64,34 @@ def hash_bytes(hashes: np.ndarray) -> pa.Array:
     )
 
 
-def pack_patterns(states: np.ndarray, bits: list[tuple[int, int, int]]) -> pa.Array:
-    """Pack unit states into bytes; ``bits`` holds (unit_offset, n_units, bits_per_unit)."""
+def pack_patterns(
+    states: np.ndarray, bits: list[tuple[int, int, int]], *, rows: int = 1024
+) -> pa.Array:
+    """Pack unit states into bytes; ``bits`` holds (unit_offset, n_units, bits_per_unit).
+
+    A unit of ``b`` bits writes them most significant first, next to each other. Rows go
+    a block at a time through one reused bit matrix (cache-sized: one pass per block).
+    """
     if bits and all(b == 1 for _, _, b in bits) and sum(c for _, c, _ in bits) == states.shape[1]:
         return _fixed_binary(np.packbits(states, axis=1), states.shape[0])  # ReLU-only nets
-    cols = []
-    for off, count, b in bits:
-        s = states[:, off : off + count]
-        for j in range(b - 1, -1, -1) if b > 1 else [0]:
-            cols.append(((s >> j) & 1).astype(bool) if b > 1 else s.astype(bool))
-        if b > 1:
-            # interleave so that each unit's bits stay together (MSB first)
-            block = np.stack(cols[-b:], axis=2).reshape(s.shape[0], -1)
-            del cols[-b:]
-            cols.append(block)
-    mat = np.concatenate(cols, axis=1) if cols else np.zeros((states.shape[0], 0), bool)
-    return _fixed_binary(np.packbits(mat, axis=1), states.shape[0])
+    total = sum(c * b for _, c, b in bits)
+    out = np.empty((states.shape[0], (total + 7) // 8), np.uint8)
+    mat = np.empty((min(rows, states.shape[0]), total), np.uint8)
+    for lo in range(0, states.shape[0], rows):
+        blk = states[lo : lo + rows]
+        m = mat[: len(blk)]
+        pos = 0
+        for off, count, b in bits:
+            s = blk[:, off : off + count]
+            if b == 1:
+                np.not_equal(s, 0, out=m[:, pos : pos + count].view(bool))
+            else:
+                v = m[:, pos : pos + count * b].reshape(len(blk), count, b)
+                for j in range(b):
+                    np.bitwise_and(s >> (b - 1 - j), 1, out=v[:, :, j])
+            pos += count * b
+        out[lo : lo + rows] = np.packbits(m, axis=1)
+    return _fixed_binary(out, states.shape[0])
 
 
 def unpack_patterns(
