@@ -3,13 +3,13 @@
 The default store is a directory holding a DuckLake catalog (``catalog.sqlite``) and its
 Parquet data files (``data/``): one process writes while others read, and every write is
 one DuckLake transaction, so a partition is visible whole or not at all. A single
-``.duckdb`` file also works, for one process at a time.
+``.duckdb`` file also works, for one process at a time. This module holds :class:`Store`
+(opening, reading, export); its writes are in :mod:`geomstore.store.write`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -22,18 +22,16 @@ import pyarrow as pa
 
 from geomstore._aliases import renamed_kwargs
 from geomstore.engine.partition import Partition
-from geomstore.errors import AbortedWriteError, DataPathError, SchemaVersionError, StoreError
+from geomstore.errors import DataPathError, SchemaVersionError, StoreError
 from geomstore.store.connection import connect
 from geomstore.store.schema import LEDGER, apply_migrations, current_version, migrations
 from geomstore.store.sqlutil import (
     ALIAS,
-    _hash,
     _retry,
-    _rollback,
     _sql_helpers,
     _wal_catalog,
-    _wkt_polygon,
 )
+from geomstore.store.write import write_partition, write_points
 
 if TYPE_CHECKING:
     from geomstore.store.sandbox import ReadPath
@@ -276,178 +274,18 @@ class Store:
         transaction (the job queue marks its job done there); when it returns False the
         transaction is rolled back and :class:`~geomstore.errors.AbortedWriteError` raised.
         """
-        if self.read_only:
-            raise StoreError("this store is open read-only; open it without read_only to write.")
-        summary = partition.model_summary
-        model_id = _hash(
-            "model", model, summary["layers"], summary["input_shape"], summary["n_outputs"]
+        return write_partition(
+            self,
+            partition,
+            model=model,
+            checkpoint=checkpoint,
+            step=step,
+            source=source,
+            metrics=metrics,
+            verified=verified,
+            replace=replace,
+            before_commit=before_commit,
         )
-        weights = summary.get("weights_sha256", "")
-        checkpoint_id = _hash("checkpoint", model_id, checkpoint, weights)
-        sl = partition.slice
-        slice_id = sl.content_hash[:20]
-        # where and with how much memory it ran does not change the partition
-        settings = {k: v for k, v in partition.settings.items() if k not in ("device", "memory")}
-        partition_id = _hash("partition", checkpoint_id, slice_id, settings)
-
-        def write() -> str:
-            con = self.con
-            con.execute("BEGIN TRANSACTION")
-            try:
-                row = con.execute(
-                    "SELECT (SELECT count(*) FROM partitions WHERE partition_id = $p), "
-                    "(SELECT count(*) FROM models WHERE model_id = $m), "
-                    "(SELECT count(*) FROM checkpoints WHERE checkpoint_id = $c), "
-                    "(SELECT count(*) FROM slices WHERE slice_id = $s)",
-                    {"p": partition_id, "m": model_id, "c": checkpoint_id, "s": slice_id},
-                ).fetchone()
-                assert row is not None
-                exists, have = row[0], tuple(bool(x) for x in row[1:])
-                if exists and not replace:
-                    if before_commit is None:
-                        con.execute("ROLLBACK")
-                        return partition_id
-                    if not before_commit(con, partition_id):
-                        raise AbortedWriteError(f"write of partition {partition_id} aborted")
-                    con.execute("COMMIT")
-                    return partition_id
-                if exists:
-                    for table in ("partitions", "regions", "edges", "boundary"):
-                        con.execute(f"DELETE FROM {table} WHERE partition_id = ?", [partition_id])
-                self._insert_catalog(
-                    have,
-                    model_id,
-                    model,
-                    summary,
-                    checkpoint_id,
-                    checkpoint,
-                    step,
-                    source,
-                    weights,
-                    metrics,
-                    slice_id,
-                    sl,
-                )
-                self._insert_geometry(partition_id, partition)
-                con.execute(
-                    "INSERT INTO partitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                    "now()::TIMESTAMP)",
-                    [
-                        partition_id,
-                        checkpoint_id,
-                        slice_id,
-                        settings["engine_version"],
-                        json.dumps(settings, sort_keys=True),
-                        partition.n_regions,
-                        partition.edges.num_rows,
-                        partition.boundary.num_rows,
-                        partition.settings["device"],
-                        partition.seconds,
-                        verified,
-                    ],
-                )
-                if before_commit is not None and not before_commit(con, partition_id):
-                    raise AbortedWriteError(f"write of partition {partition_id} aborted")
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
-            return partition_id
-
-        try:
-            return _retry(write)
-        except (duckdb.IOException, duckdb.HTTPException) as exc:
-            raise StoreError(
-                f"cannot write partition {partition_id} to the data path {self.data_path} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check that it exists "
-                "and that the credentials may write there."
-            ) from exc
-
-    def _insert_catalog(
-        self,
-        have: tuple[bool, ...],
-        model_id: str,
-        model: str,
-        summary: dict[str, Any],
-        checkpoint_id: str,
-        checkpoint: str,
-        step: int | None,
-        source: str | None,
-        weights: str,
-        metrics: dict[str, float] | None,
-        slice_id: str,
-        sl: Any,
-    ) -> None:
-        con = self.con
-        have_model, have_checkpoint, have_slice = have
-        if not have_model:
-            con.execute(
-                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
-                [
-                    model_id,
-                    model,
-                    json.dumps(summary, sort_keys=True),
-                    json.dumps(summary["input_shape"]),
-                    summary["n_outputs"],
-                    summary["n_units"],
-                    json.dumps([layer["units"] for layer in summary["layers"]]),
-                ],
-            )
-        if not have_checkpoint:
-            con.execute(
-                "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
-                [
-                    checkpoint_id,
-                    model_id,
-                    checkpoint,
-                    step,
-                    source,
-                    weights,
-                    json.dumps(metrics or {}, sort_keys=True),
-                ],
-            )
-        if not have_slice:
-            con.execute(
-                "INSERT INTO slices VALUES (?, ?, ?, ?, ?, ?, ST_GeomFromText(?), "
-                "now()::TIMESTAMP)",
-                [
-                    slice_id,
-                    sl.name,
-                    sl.dim,
-                    json.dumps(list(sl.input_shape)),
-                    sl.origin.tolist(),
-                    sl.basis.reshape(-1).tolist(),
-                    _wkt_polygon(sl.domain),
-                ],
-            )
-
-    def _insert_geometry(self, partition_id: str, part: Partition) -> None:
-        con = self.con
-        con.register("_gs_regions", part.regions)
-        con.register("_gs_edges", part.edges)
-        con.register("_gs_boundary", part.boundary)
-        try:
-            con.execute(
-                "INSERT INTO regions SELECT ?, region_id, ST_GeomFromWKB(geometry), area, "
-                "centroid_u0, centroid_u1, n_vertices, pattern::BLOB, A::DOUBLE[], c::DOUBLE[], "
-                "label, slope_norm, pattern_hash::BLOB FROM _gs_regions",
-                [partition_id],
-            )
-            con.execute(
-                "INSERT INTO edges SELECT ?, edge_id, ST_GeomFromWKB(geometry), u0_a, u1_a, "
-                "u0_b, u1_b, length, region_left, region_right, layer, neuron, unit, "
-                "border_side FROM _gs_edges",
-                [partition_id],
-            )
-            con.execute(
-                "INSERT INTO boundary SELECT ?, ST_GeomFromWKB(geometry), u0_a, u1_a, u0_b, "
-                "u1_b, length, region_id, class_a, class_b, level, normal_u0, normal_u1 "
-                "FROM _gs_boundary",
-                [partition_id],
-            )
-        finally:
-            for name in ("_gs_regions", "_gs_edges", "_gs_boundary"):
-                con.unregister(name)
 
     # reading ---------------------------------------------------------------------------------
     def reader(self) -> duckdb.DuckDBPyConnection:
@@ -643,50 +481,7 @@ class Store:
 
         ``x`` holds inputs of the slice's input shape (n, *input_shape). Returns the id.
         """
-        import numpy as np
-
-        if self.read_only:
-            raise StoreError("this store is open read-only; open it without read_only to write.")
-        u, dist = slice.project(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
-        lab = np.asarray(labels if labels is not None else np.full(len(u), -1), dtype=np.int64)
-        if lab.shape != (len(u),):
-            raise StoreError(f"labels must have one entry per point ({len(u)}), got {lab.shape}.")
-        slice_id = slice.content_hash[:20]
-        dataset_id = _hash("dataset", name, slice_id, split)
-        table = pa.table(
-            {
-                "point_id": np.arange(len(u), dtype=np.int64),
-                "u0": u[:, 0],
-                "u1": u[:, 1],
-                "distance": dist,
-                "label": lab,
-            }
-        )
-
-        def write() -> str:
-            con = self.con
-            con.execute("BEGIN TRANSACTION")
-            try:
-                for t in ("datasets", "points"):
-                    con.execute(f"DELETE FROM {t} WHERE dataset_id = ?", [dataset_id])
-                con.execute(
-                    "INSERT INTO datasets VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
-                    [dataset_id, name, slice_id, len(u)],
-                )
-                con.register("_gs_points", table)
-                con.execute(
-                    "INSERT INTO points SELECT ?, point_id, u0, u1, ST_Point(u0, u1), distance, "
-                    "label, ? FROM _gs_points",
-                    [dataset_id, split],
-                )
-                con.unregister("_gs_points")
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
-            return dataset_id
-
-        return _retry(write)
+        return write_points(self, name, slice, x, labels=labels, split=split)
 
     def export(self, target: str | Path) -> list[Path]:
         """Write every table as GeoParquet into a directory, or all into one ``.duckdb`` file."""
