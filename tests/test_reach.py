@@ -354,3 +354,38 @@ def test_slice_takes_a_shapely_polygon_or_any_sequence() -> None:
     c = Slice(np.zeros(2), np.eye(2), ((0, 0), (2, 0), (0, 1)))
     assert a == b == c
     assert a.area == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(x=(40, 16, 32, 32), w=(16, 16, 3, 3), stride=[1, 1], padding=[1, 1], groups=1),
+        dict(x=(30, 8, 17, 15), w=(12, 8, 5, 3), stride=[2, 1], padding=[2, 0], groups=1),
+        dict(x=(25, 12, 16, 16), w=(12, 3, 3, 3), stride=[2, 2], padding=[1, 1], groups=4),
+        dict(x=(20, 6, 300), w=(4, 6, 7), stride=[3], padding=[0], groups=1),
+        dict(x=(24, 8, 9, 9), w=(8, 4, 4, 4), stride=[2, 2], padding=[1, 1], groups=1, t=True),
+    ],
+)
+def test_cpu_convolution_in_pieces_equals_whole_batch(
+    case: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Convolutions run in cache-sized pieces of their batch give the whole batch's values."""
+    import geomstore.engine.graph as graph
+
+    monkeypatch.setattr(graph, "CONV_PIECE_BYTES", 1 << 16)  # several pieces per batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(case["x"], generator=g, dtype=torch.float64)
+    w = torch.randn(case["w"], generator=g, dtype=torch.float64)
+    transposed = case.get("t", False)
+    bias = torch.randn(w.shape[1] if transposed else w.shape[0], dtype=torch.float64, generator=g)
+    dims = len(case["stride"])
+    out_pad = [1] * dims if transposed else [0] * dims
+    args = (x, w, bias, case["stride"], case["padding"], [1] * dims, transposed, out_pad)
+    args = (*args, case["groups"])
+    op = torch.ops.aten.convolution.default
+    whole = op(*args)
+    pieces = graph._convolution(op, args)
+    per = 8 * w[0].numel() * x[0, 0].numel()
+    assert x.shape[0] > graph.CONV_PIECE_BYTES // per  # the batch was cut
+    assert pieces.shape == whole.shape
+    assert torch.equal(pieces, whole)  # samples are computed alone either way
