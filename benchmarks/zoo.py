@@ -42,7 +42,7 @@ SCALES = {
     "resnet-digits": 0.05,
     "maxout-mlp": 0.05,
     "inr-2-256x4-3": 0.0,
-    "resnet20": 0.0005,
+    "resnet20": 0.003,
     "vgg11": 0.0005,
     "resnet18": 0.0005,
 }
