@@ -5,7 +5,7 @@ through a fixed synthetic input ``a`` and two copies ``a + s * noise`` (triangle
 margin 0.05; the INR: a triangle in its own 2-D input). One JSON line per network:
 regions, seconds, peak RSS, float64 multiply-adds per region (counted by
 ``torch.utils.flop_counter`` in a second, untimed run of the same partition, when the
-first took under two minutes), the achieved GFLOP/s beside this
+first took under ``--count-under`` seconds, 120 by default), the achieved GFLOP/s beside this
 machine's float64 matmul GFLOP/s (2048 x 2048, measured in the same run), whether the
 partition passed ``verify()``, and, for a run stopped at ``--max-seconds``, the regions
 finished by then and the region rate (from the progress callback).
@@ -81,7 +81,9 @@ def plane(name: str, shape: tuple[int, ...], scale: float) -> Any:
     return Slice.through(a.numpy(), b.numpy(), c.numpy(), margin=0.05, domain="triangle")
 
 
-def _child(name: str, scale: float, memory: str, verify: bool, device: str, out: Any) -> None:
+def _child(
+    name: str, scale: float, memory: str, verify: bool, device: str, count_under: float, out: Any
+) -> None:
     """Run one network; send progress lines and a final result through ``out``."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -103,7 +105,7 @@ def _child(name: str, scale: float, memory: str, verify: bool, device: str, out:
     sync()
     seconds = time.perf_counter() - t0
     flops = None
-    if seconds < 120:  # count in a second, untimed run: the counter slows small ops down
+    if seconds < count_under:  # count in a second, untimed run: it slows small ops down
         counter = FlopCounterMode(display=False)
         with counter:
             partition(model, sl, device=device, memory=memory)
@@ -149,10 +151,11 @@ def run(
     verify: bool,
     gf: float,
     device: str = "cpu",
+    count_under: float = 120.0,
 ) -> dict:
     ctx = mp.get_context("spawn")
     q: Any = ctx.Queue()
-    args = (name, scale, memory, verify, device, q)
+    args = (name, scale, memory, verify, device, count_under, q)
     proc = ctx.Process(target=_child, args=args, daemon=True)
     t0 = time.perf_counter()
     proc.start()
@@ -223,6 +226,12 @@ def main() -> None:
     ap.add_argument("--no-verify", action="store_true", help="skip verify() (large partitions)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument(
+        "--count-under",
+        type=float,
+        default=120.0,
+        help="count FLOPs (a second run) for partitions faster than this many seconds",
+    )
+    ap.add_argument(
         "--compare-cpu",
         action="store_true",
         help="also run each network on the CPU (own process), print cpu_over_device",
@@ -240,7 +249,9 @@ def main() -> None:
         scales = QUICK_SCALES if args.quick else SCALES
         scale = args.scale if args.scale is not None else scales[name]
         verify = not args.no_verify
-        line = run(name, scale, args.memory, args.max_seconds, verify, gf, args.device)
+        line = run(
+            name, scale, args.memory, args.max_seconds, verify, gf, args.device, args.count_under
+        )
         if args.compare_cpu and args.device != "cpu":
             cpu = run(name, scale, args.memory, args.max_seconds, False, cpu_gf, "cpu")
             if cpu.get("completed") and line.get("completed"):

@@ -411,6 +411,10 @@ class Descent:
         prog = self.program
         q = len(polys)
         batch, block = self._sizes(layer, penv, int(polys.verts.shape[1]))
+        # equal chunks: a full chunk and a remainder of a few cells would give the few a
+        # line of small chunks (small batches) down to the last depth
+        batch = -(-q // -(-q // batch))
+        block = min(block, batch)
         for lo in range(0, q, batch):
             idx = torch.arange(lo, min(q, lo + batch), device=self.dev)
             sub = polys.take(idx) if (lo > 0 or lo + batch < q) else polys
