@@ -130,3 +130,20 @@ def test_old_keyword_model_still_works_with_a_warning() -> None:
         part = partition(model=net, slice=BOX, device="cpu")
     with pytest.warns(DeprecationWarning, match="net="):
         assert part.verify(model=net, grid=16).ok
+
+
+@pytest.mark.parametrize(
+    ("states_up_to", "units", "offset"), [(2, 512, 0), (4, 3000, 17), (256, 70000, 5)]
+)
+def test_pattern_hash_products_are_exact(states_up_to: int, units: int, offset: int) -> None:
+    """The float64 products of 16-bit limbs give the int64 hash bit for bit (mod 2**64),
+    against plain wrapping int64 products and sums; one unit on hashes to its weights."""
+    h = PatternHash(units + offset)
+    g = torch.Generator().manual_seed(units)
+    states = torch.randint(0, states_up_to, (257, units), generator=g, dtype=torch.uint8)
+    states[0] = states_up_to - 1  # the largest sums
+    got = h.of(states, offset, block=units * 50)  # several blocks of rows
+    assert torch.equal(got, h.of_reference(states, offset))
+    one = torch.zeros((1, units), dtype=torch.uint8)
+    one[0, 0] = 1
+    assert torch.equal(h.of(one, offset)[0], h.r[offset])  # one unit on: its weights

@@ -43,17 +43,36 @@ class PatternHash:
         g = torch.Generator().manual_seed(_SEED)
         r = torch.randint(-(2**63), 2**63 - 1, (max(n_units, 1), 2), generator=g)
         self.r = r.to(device)
+        # the weights in 16-bit limbs, lane-major: (units, 8) float64, limb j of lane l at
+        # column 4 l + j; masking the arithmetic shift gives the two's-complement limbs
+        limbs = [(r[:, lane] >> (16 * j)) & 0xFFFF for lane in range(2) for j in range(4)]
+        self.limbs = torch.stack(limbs, 1).to(torch.float64).to(device)
 
     def of(self, states: Tensor, offset: int = 0, *, block: int = 1 << 22) -> Tensor:
-        """Hash terms (Q, 2) int64 of ``states`` (Q, units), units starting at ``offset``."""
+        """Hash terms (Q, 2) int64 of ``states`` (Q, units), units starting at ``offset``.
+
+        ``sum_u state_u R_u mod 2**64`` as float64 matrix products with the weights' 16-bit
+        limbs: every partial sum is an integer below ``255 * 2**16 * units``, under 2**53
+        for up to 2**29 units, so each product is exact whatever its order of additions
+        (the same bits on every device); the limbs' sums are then shifted into place
+        with int64 arithmetic, which wraps modulo 2**64.
+        """
         q, u = states.shape
-        r = self.r[offset : offset + u].to(states.device)
-        out = torch.zeros((q, 2), dtype=torch.int64, device=states.device)
-        rows = max(1, block // max(1, 2 * u))
+        if u >= 1 << 29:  # pragma: no cover - beyond any network partitioned here
+            raise ValueError(f"{u} units in one layer: the pattern hash is exact up to 2**29")
+        limbs = self.limbs[offset : offset + u].to(states.device)
+        out = torch.empty((q, 2), dtype=torch.int64, device=states.device)
+        rows = max(1, block // max(1, u))
+        scale = torch.tensor([1, 1 << 16, 1 << 32, 1 << 48], device=states.device)
         for lo in range(0, q, rows):
-            s = states[lo : lo + rows].to(torch.int64)
-            out[lo : lo + rows] = (s[:, :, None] * r[None]).sum(1)  # wraps modulo 2**64
+            sums = (states[lo : lo + rows].to(torch.float64) @ limbs).to(torch.int64)
+            out[lo : lo + rows] = (sums.view(-1, 2, 4) * scale).sum(2)  # wraps modulo 2**64
         return out
+
+    def of_reference(self, states: Tensor, offset: int = 0) -> Tensor:
+        """:meth:`of` by int64 products and sums (slow: the independent check in tests)."""
+        r = self.r[offset : offset + states.shape[1]].to(states.device)
+        return (states.to(torch.int64)[:, :, None] * r[None]).sum(1)
 
 
 def hash_bytes(hashes: np.ndarray) -> pa.Array:
