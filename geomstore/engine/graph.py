@@ -248,15 +248,14 @@ def _convolution(op: Any, args: tuple[Any, ...]) -> Tensor:
     if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() < 3:
         return op(*args)
     transposed = len(args) > 6 and bool(args[6])
-    stride = args[3] if len(args) > 3 and not transposed else 1
-    shrink = int(np.prod(stride)) if isinstance(stride, (list, tuple)) else int(stride)
-    positions = x[0, 0].numel() // max(1, shrink)  # output positions per sample, about
-    gemm = x.dim() == 4 and not transposed and len(args) > 8 and args[8] == 1
-    gemm = gemm and all(isinstance(a, (list, tuple)) and len(a) == 2 for a in args[3:6])
-    if gemm:
-        positions = int(np.prod(_out_size(x.shape[2:], w.shape[2:], *args[3:6])))
+    dims = x.dim() - 2
+    exact = not transposed and all(
+        isinstance(a, (list, tuple)) and len(a) == dims for a in args[3:6]
+    )
+    spatial = _out_size(x.shape[2:], w.shape[2:], *args[3:6]) if exact else x.shape[2:]
+    positions = int(np.prod(spatial))  # output positions per sample (transposed: input's)
     n = max(1, CONV_PIECE_BYTES // max(1, 8 * w[0].numel() * positions))
-    if gemm and positions <= GEMM_POSITIONS:
+    if exact and dims == 2 and len(args) > 8 and args[8] == 1 and positions <= GEMM_POSITIONS:
         return torch.cat([_conv_gemm(piece, *args[1:6]) for piece in x.split(n)])
     if x.shape[0] <= n:
         return op(*args)

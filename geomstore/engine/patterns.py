@@ -69,11 +69,6 @@ class PatternHash:
             out[lo : lo + rows] = (sums.view(-1, 2, 4) * scale).sum(2)  # wraps modulo 2**64
         return out
 
-    def of_reference(self, states: Tensor, offset: int = 0) -> Tensor:
-        """:meth:`of` by int64 products and sums (slow: the independent check in tests)."""
-        r = self.r[offset : offset + states.shape[1]].to(states.device)
-        return (states.to(torch.int64)[:, :, None] * r[None]).sum(1)
-
 
 def hash_bytes(hashes: np.ndarray) -> pa.Array:
     """(Q, 2) int64 hashes as 16-byte values (little-endian lanes)."""
