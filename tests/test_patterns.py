@@ -11,7 +11,13 @@ import geomstore
 from geomstore import GeomstoreError, Slice, partition
 from geomstore.engine import partition as partition_mod
 from geomstore.engine.descent import Progress
-from geomstore.engine.patterns import PatternHash
+from geomstore.engine.patterns import (
+    PatternHash,
+    _pack_bits,
+    pack_patterns,
+    pack_states,
+    unpack_patterns,
+)
 from geomstore.errors import MemoryBudgetError
 from geomstore.queries import region_patterns
 from tests.nets import BOX, ConvKinds, Residual, digits_slice, mlp
@@ -148,3 +154,50 @@ def test_pattern_hash_products_are_exact(states_up_to: int, units: int, offset: 
     one = torch.zeros((1, units), dtype=torch.uint8)
     one[0, 0] = 1
     assert torch.equal(h.of(one, offset)[0], h.r[offset])  # one unit on: its weights
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [(0, 5, 1), (5, 7, 2), (12, 3, 1)],  # ReLU, 2-bit max-pool, ReLU
+        [(0, 16, 1)],  # whole bytes
+        [(0, 9, 1)],  # a partial last byte
+        [(0, 3, 3), (3, 2, 1)],  # 3-bit units
+        [],  # no units
+    ],
+)
+def test_packing_on_the_device_gives_the_bytes_of_pack_patterns(
+    layout: list[tuple[int, int, int]],
+) -> None:
+    """The descent packs finished chunks where it runs: the tensor path (GPUs), the NumPy
+    path (CPUs) and ``pack_patterns`` write the same bytes, and they unpack back."""
+    g = torch.Generator().manual_seed(len(layout))
+    n_units = sum(c for _, c, _ in layout)
+    states = torch.zeros((61, n_units), dtype=torch.uint8)
+    for off, count, b in layout:
+        states[:, off : off + count] = torch.randint(0, 2**b, (61, count), generator=g).to(
+            torch.uint8
+        )
+    col = pack_patterns(states.numpy(), layout)
+    want = np.frombuffer(col.buffers()[1], np.uint8).reshape(61, -1)
+    for got in (pack_states(states, layout), _pack_bits(states, layout)):
+        assert got.shape[1] == (sum(c * b for _, c, b in layout) + 7) // 8
+        if got.shape[1]:
+            np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_array_equal(unpack_patterns(got.numpy(), layout, n_units), states)
+
+
+def test_states_of_a_fresh_partition_unpack_once_and_match_the_pattern_column() -> None:
+    """``Partition.states`` is unpacked from the packed rows when first read, then kept
+    (a write to it stays); the pattern column holds the same bits."""
+    part = partition(ConvKinds(), digits_slice(), device="cpu")
+    specs = part.model_summary["layers"]
+    layout = [(s["unit_offset"], s["units"], s["bits"]) for s in specs]
+    col = part.regions.column("pattern").combine_chunks()
+    packed = np.frombuffer(col.buffers()[1], np.uint8).reshape(part.n_regions, -1)
+    states = part.states
+    assert states is not None and states.shape == (part.n_regions, part.model_summary["n_units"])
+    np.testing.assert_array_equal(states, unpack_patterns(packed, layout, states.shape[1]))
+    assert any(b > 1 for _, _, b in layout)  # max-pool units: 2-bit states
+    states[0, 0] ^= 1
+    assert part.states is states and part.states[0, 0] == states[0, 0]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from geomstore.engine.graph import Program
-from geomstore.engine.patterns import PatternHash
+from geomstore.engine.patterns import PatternHash, pack_states
 from geomstore.engine.split import Crossings, CutLog, Polys, crossings, split_layer
 from geomstore.errors import MemoryBudgetError
 from geomstore.slice import Slice
@@ -36,38 +36,49 @@ __all__ = ["Descent", "Progress", "RawRegions"]
 
 @dataclass
 class RawRegions:
-    """Final regions, in centred slice coordinates, gathered from all chunks."""
+    """Final regions, in centred slice coordinates, gathered from all chunks.
 
+    Everything stays on the compute device, where the tables are built (a GPU keeps its
+    regions until one copy of the finished columns). Whole patterns are packed and hashed
+    chunk by chunk as they finish (:func:`pack_states`), so a region keeps
+    ``ceil(bits / 8)`` bytes instead of a byte per unit.
+    """
+
+    layout: list[tuple[int, int, int]]  # (unit_offset, n_units, bits) of each nonlinearity
+    hasher: PatternHash | None = None  # None: the descent carries the hashes (large models)
     verts: list[Tensor] = field(default_factory=list)
     n: list[Tensor] = field(default_factory=list)
     side: list[Tensor] = field(default_factory=list)
-    states: list[Tensor] = field(default_factory=list)  # whole patterns (small models)
-    hashes: list[Tensor] = field(default_factory=list)  # (Q, 2) pattern hashes (large models)
+    packed: list[Tensor] = field(default_factory=list)  # (Q, bytes) whole patterns, packed
+    hashes: list[Tensor] = field(default_factory=list)  # (Q, 2) int64 pattern hashes
     values: list[Tensor] = field(default_factory=list)  # (Q, 3, K) affine form of the outputs
 
     def add(self, polys: Polys, states: Tensor, values: Tensor, hist: Tensor | None) -> None:
-        self.verts.append(polys.verts.cpu())
-        self.n.append(polys.n.cpu())
-        self.side.append(polys.side.cpu())
+        self.verts.append(polys.verts)
+        self.n.append(polys.n)
+        self.side.append(polys.side)
         if hist is None:
-            self.states.append(states.cpu())
+            assert self.hasher is not None
+            self.packed.append(pack_states(states, self.layout))
+            self.hashes.append(self.hasher.of(states))
         else:
-            self.hashes.append(hist.cpu())
-        self.values.append(values.cpu())
+            self.hashes.append(hist)
+        self.values.append(values)
 
     def concat(self) -> dict[str, Any]:
+        """One tensor per field, on the compute device; sides padded with -2**62."""
         width = max(int(v.shape[1]) for v in self.verts)
         pad_v = [torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[1])) for v in self.verts]
         pad_s = [
             torch.nn.functional.pad(s, (0, width - s.shape[1]), value=-(1 << 62)) for s in self.side
         ]
         return {
-            "verts": torch.cat(pad_v).numpy(),
-            "n": torch.cat(self.n).numpy(),
-            "side": torch.cat(pad_s).numpy(),
-            "states": torch.cat(self.states).numpy() if self.states else None,
-            "hashes": torch.cat(self.hashes).numpy() if self.hashes else None,
-            "values": torch.cat(self.values).numpy(),
+            "verts": torch.cat(pad_v),
+            "n": torch.cat(self.n),
+            "side": torch.cat(pad_s),
+            "packed": torch.cat(self.packed) if self.packed else None,
+            "hashes": torch.cat(self.hashes),
+            "values": torch.cat(self.values),
         }
 
 
@@ -135,7 +146,8 @@ class Descent:
     """
 
     max_matrix_elements = 1 << 23
-    block_elements = 1 << 21  # float64 elements of one block's input forms (cache-sized)
+    block_elements = 1 << 21  # float64 elements of one block's input forms (CPU cache-sized)
+    device_block_elements = 1 << 26  # on a GPU: large blocks, few kernel launches
     rank1_limit = 1  # rank-1 updates while changed units per child <= units / 32 x this
 
     def __init__(
@@ -160,11 +172,16 @@ class Descent:
         self.levels_factor = 3 * (self.n_layers + 1)
         self.memory = memory
         self.chunk_elements = chunk_elements or max(1 << 12, memory // (8 * self.levels_factor))
+        if self.dev.type != "cpu":
+            self.block_elements = self.device_block_elements
         self.cuts = CutLog()
-        self.out = RawRegions()
         self.progress = progress
         # large models: carry each region's pattern hash and only the last layer's states
         self.hasher = PatternHash(program.n_units, self.dev) if hash_patterns else None
+        layout = [(s.unit_offset, s.n_units, s.bits) for s in program.nonlinearities]
+        self.out = RawRegions(
+            layout, None if hash_patterns else PatternHash(program.n_units, self.dev)
+        )
         self.pending = [0] * (self.n_layers + 1)  # cells waiting at each depth (progress)
         self.done = 0
         self.t0 = time.perf_counter()

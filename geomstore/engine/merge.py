@@ -86,7 +86,7 @@ def merge_equal_patterns(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Glue pieces with equal pattern hashes; returns the new raw arrays and hashes.
 
-    ``raw`` holds ``verts`` (P, V, 2), ``n``, ``side``, ``values``, ``states`` (or None) in
+    ``raw`` holds ``verts`` (P, V, 2), ``n``, ``side``, ``values``, ``packed`` (or None) in
     centred slice coordinates, as :meth:`geomstore.engine.descent.RawRegions.concat` gives.
     The first piece of each group (in descent order) keeps its place; the others go.
     """
@@ -136,6 +136,6 @@ def merge_equal_patterns(
         new_n[i] = len(ring)
     out = dict(raw)
     out |= {"verts": new_v, "n": new_n, "side": new_s, "values": raw["values"][keep]}
-    if raw.get("states") is not None:
-        out["states"] = raw["states"][keep]
+    if raw.get("packed") is not None:
+        out["packed"] = raw["packed"][keep]
     return out, hashes[keep]

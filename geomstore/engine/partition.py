@@ -7,12 +7,13 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import pyarrow as pa
 import shapely
 import torch
+from torch import Tensor
 
 from geomstore._aliases import renamed_kwargs
 from geomstore.engine.descent import Descent, Progress
@@ -22,7 +23,8 @@ from geomstore.engine.patterns import (
     PATTERN_LIMIT_BITS,
     PatternHash,
     hash_bytes,
-    pack_patterns,
+    packed_binary,
+    unpack_patterns,
 )
 from geomstore.engine.tables import (
     boundary_segments,
@@ -31,6 +33,7 @@ from geomstore.engine.tables import (
     table_regions,
     table_segments,
 )
+from geomstore.engine.wkb import polygons_wkb
 from geomstore.errors import GeomstoreError, ModelShapeError
 from geomstore.slice import Slice
 
@@ -105,6 +108,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GeomstoreError("device 'cuda' was asked for but CUDA is not available; use 'auto'.")
     return dev
+
+
+class _PackedStates(NamedTuple):
+    """Whole patterns as the descent left them: packed rows and their bit layout."""
+
+    packed: np.ndarray  # (P, bytes) uint8
+    layout: list[tuple[int, int, int]]  # (unit_offset, n_units, bits) per nonlinearity
+    n_units: int
+
+    def unpack(self) -> np.ndarray:
+        return unpack_patterns(self.packed, self.layout, self.n_units)
 
 
 @dataclass
@@ -234,6 +248,22 @@ class Partition:
         )
 
 
+def _get_states(self: Partition) -> np.ndarray | None:
+    states = self.__dict__.get("_states")
+    if isinstance(states, _PackedStates):  # unpacked once, when first read
+        states = self.__dict__["_states"] = states.unpack()
+    return states
+
+
+def _set_states(self: Partition, states: np.ndarray | _PackedStates | None) -> None:
+    self.__dict__["_states"] = states
+
+
+# ``states`` (P, units) uint8, or None for partitions that keep pattern hashes only: a
+# property, so that a fresh partition unpacks its patterns only when they are read
+Partition.states = property(_get_states, _set_states)  # type: ignore[assignment]
+
+
 def interior_patterns(part: Partition, program: Program, ids: np.ndarray) -> np.ndarray:
     """Recompute regions' patterns at interior points, each checked against its hash."""
     from geomstore.engine.verify import model_states
@@ -283,6 +313,64 @@ def _interior_points(polys: np.ndarray, rng: np.random.Generator, k: int) -> lis
         py = np.bincount(idx, weights=w * coords[:, 1], minlength=len(polys)) / tot
         pts.append(np.stack([px, py], 1))
     return pts
+
+
+def _merge(raw: dict[str, Any], tol: float) -> dict[str, Any]:
+    """:func:`merge_equal_patterns` (NumPy, on the host) on the descent's tensors."""
+    dev = raw["verts"].device
+    host = {k: (None if v is None else v.cpu().numpy()) for k, v in raw.items()}
+    merged, hashes = merge_equal_patterns(host, raw["hashes"].cpu().numpy(), tol)
+    merged["hashes"] = hashes
+    return {k: (None if v is None else torch.from_numpy(v).to(dev)) for k, v in merged.items()}
+
+
+def _region_table(
+    raw: dict[str, Any], centre: np.ndarray, threshold: float, packed: np.ndarray | None
+) -> tuple[pa.Table, Tensor, Tensor, Tensor, Tensor, np.ndarray]:
+    """The regions table, computed on the descent's device; also what the decision
+    boundary reads there: centred vertices, counts, slopes (P, K, 2), centre values,
+    and the slopes on the host."""
+    verts_c, n, vals = raw["verts"], raw["n"], raw["values"]
+    ctr = torch.as_tensor(centre, dtype=torch.float64, device=verts_c.device)
+    amap = torch.stack([vals[:, 0], vals[:, 1]], dim=2)  # (P, K, 2)
+    c_centre = vals[:, 2]  # (P, K): value at the slice centre
+    cvec = c_centre - amap @ ctr
+    valid = torch.arange(verts_c.shape[1], device=verts_c.device)[None, :] < n[:, None]
+    verts = torch.where(valid[..., None], verts_c + ctr, 0.0)
+    area, cen_c = polygon_measures(verts_c, n)
+    fcen = torch.einsum("pkd,pd->pk", amap, cen_c) + c_centre
+    k = int(amap.shape[1])
+    label = fcen.argmax(1) if k > 1 else (fcen[:, 0] > threshold).to(torch.int64)
+    slope_norm = torch.sqrt((amap * amap).sum(dim=(1, 2)))
+    host = {
+        key: t.cpu().numpy()
+        for key, t in {
+            "area": area,
+            "cen": cen_c + ctr,
+            "n": n,
+            "amap": amap,
+            "cvec": cvec,
+            "label": label,
+            "slope_norm": slope_norm,
+            "hashes": raw["hashes"],
+        }.items()
+    }
+    # large models keep the pattern hash only
+    patterns = pa.nulls(len(host["n"]), pa.binary()) if packed is None else packed_binary(packed)
+    regions = table_regions(
+        polygons_wkb(verts, n),
+        host["area"],
+        host["cen"],
+        host["n"],
+        patterns,
+        host["amap"],
+        host["cvec"],
+        host["label"],
+        host["slope_norm"],
+    )
+    at = regions.schema.get_field_index("pattern") + 1
+    regions = regions.add_column(at, "pattern_hash", hash_bytes(host["hashes"]))
+    return regions, verts_c, n, amap, c_centre, host["amap"]
 
 
 @renamed_kwargs(model="net")
@@ -376,42 +464,25 @@ def partition(
         progress=progress,
         hash_patterns=big,
     )
-    raw = descent.run().concat()
-    if big:
-        hashes = raw["hashes"]
-    else:
-        hashes = PatternHash(program.n_units).of(torch.from_numpy(raw["states"])).numpy()
+    raw = descent.run().concat()  # tensors on the compute device
+    layout = [(s.unit_offset, s.n_units, s.bits) for s in specs]
     if any(s.kind == "maxpool" for s in specs):  # a max unit's tournament can cut a cell
-        raw, hashes = merge_equal_patterns(raw, hashes, tol * slice.diameter)
+        raw = _merge(raw, tol * slice.diameter)
+    packed = None if big else raw["packed"].cpu().numpy()
+    regions, verts_c, n, amap_t, c_centre, amap = _region_table(
+        raw, descent.centre, threshold, packed
+    )
     centre = descent.centre
-    verts_c, n = raw["verts"], raw["n"]
-    vals = raw["values"]  # (P, 3, K) output slopes along u0, u1 and value at the centre
-    amap = np.stack([vals[:, 0], vals[:, 1]], axis=2)
-    c_centre = vals[:, 2]
-    cvec = c_centre - amap @ centre
-    verts = np.where(
-        (np.arange(verts_c.shape[1])[None, :] < n[:, None])[..., None], verts_c + centre, 0.0
-    )
-    area, cen_c = polygon_measures(verts_c, n)
-    cen = cen_c + centre
-    fcen = np.einsum("pkd,pd->pk", amap, cen_c) + c_centre
-    label = fcen.argmax(1) if k > 1 else (fcen[:, 0] > threshold).astype(np.int64)
-    if big:
-        patterns = pa.nulls(len(n), pa.binary())
-    else:
-        patterns = pack_patterns(raw["states"], [(s.unit_offset, s.n_units, s.bits) for s in specs])
-    regions = table_regions(verts, n, area, cen, patterns, amap, cvec, label)
-    at = regions.schema.get_field_index("pattern") + 1
-    regions = regions.add_column(at, "pattern_hash", hash_bytes(hashes))
-
     scale_tol = tol * slice.diameter
-    cut_units = (
-        torch.cat(descent.cuts.units).cpu().numpy() if descent.cuts.count else np.zeros(0, int)
-    )
-    cut_dirs = (
-        torch.cat(descent.cuts.dirs).cpu().numpy() if descent.cuts.count else np.zeros((0, 2))
-    )
-    ov = edge_overlay(verts_c, n, raw["side"], cut_units, cut_dirs, scale_tol)
+    cuts = descent.cuts
+    cut_units = torch.cat(cuts.units) if cuts.count else torch.zeros(0, dtype=torch.long)
+    cut_dirs = torch.cat(cuts.dirs) if cuts.count else torch.zeros((0, 2), dtype=torch.float64)
+    ov = {
+        key: val.cpu().numpy()
+        for key, val in edge_overlay(
+            raw["verts"], raw["n"], raw["side"], cut_units.to(dev), cut_dirs.to(dev), scale_tol
+        ).items()
+    }
     offsets = np.array([s.unit_offset for s in specs] + [program.n_units])
     unit = ov["unit"]
     layer = np.where(unit >= 0, np.searchsorted(offsets, unit, side="right") - 1, -1)
@@ -430,7 +501,7 @@ def partition(
     )
     edges = edges.add_column(0, "edge_id", pa.array(np.arange(edges.num_rows, dtype=np.int64)))
 
-    bd = boundary_segments(verts_c, n, amap, c_centre, levels=lv, output=output, tol=scale_tol)
+    bd = boundary_segments(verts_c, n, amap_t, c_centre, levels=lv, output=output, tol=scale_tol)
     reg, ca, cb = bd["region"].astype(np.int64), bd["ca"].astype(np.int64), bd["cb"]
     if levels is None and k > 1:
         grad = amap[reg, cb.astype(np.int64)] - amap[reg, ca]  # towards class_b
@@ -453,6 +524,7 @@ def partition(
         },
     )
     seconds = time.perf_counter() - t0
+    n_units = program.n_units  # states are unpacked when first read (see ``_get_states``)
     summary = {
         "n_outputs": k,
         "input_shape": list(slice.input_shape),
@@ -490,6 +562,6 @@ def partition(
         model_summary=summary,
         settings=settings,
         seconds=seconds,
-        states=raw["states"],
+        states=None if packed is None else cast(Any, _PackedStates(packed, layout, n_units)),
         program=program,
     )

@@ -2,120 +2,127 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import Tensor
 
 from geomstore.engine.split import clip_both, pad_polys
-from geomstore.engine.wkb import polygons_wkb, segments_wkb
+from geomstore.engine.wkb import segments_wkb
 
 __all__ = ["boundary_segments", "edge_overlay", "polygon_measures"]
 
 
-def _sides(verts: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ar = np.arange(verts.shape[1])
+def _sides(verts: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Which slots of padded polygons hold vertices, and each vertex's successor."""
+    ar = torch.arange(verts.shape[1], device=verts.device)
     valid = ar[None, :] < n[:, None]
-    nxt = (ar[None, :] + 1) % n[:, None]
-    vn = np.take_along_axis(verts, nxt[..., None].repeat(2, 2), 1)
-    return valid, vn, nxt
+    nxt = (ar[None, :] + 1) % n.clamp(min=1)[:, None]
+    return valid, verts.gather(1, nxt[..., None].expand(-1, -1, 2))
 
 
-def polygon_measures(verts: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Areas (P,) and centroids (P, 2) of padded CCW polygons (shoelace, centred per polygon)."""
-    valid, _, nxt = _sides(verts, n)
+def polygon_measures(verts: Any, n: Any) -> tuple[Any, Any]:
+    """Areas (P,) and centroids (P, 2) of padded CCW polygons (shoelace, centred per polygon).
+
+    Tensors in, tensors out (on their device); NumPy arrays in, NumPy arrays out.
+    """
+    if isinstance(verts, np.ndarray):
+        area, cen = polygon_measures(torch.from_numpy(verts), torch.from_numpy(np.asarray(n)))
+        return area.numpy(), cen.numpy()
+    valid, _ = _sides(verts, n)
     base = verts[:, :1, :]
-    rel = np.where(valid[..., None], verts - base, 0.0)
-    reln = np.take_along_axis(rel, nxt[..., None].repeat(2, 2), 1)
+    rel = torch.where(valid[..., None], verts - base, 0.0)
+    _, reln = _sides(rel, n)
     cross = (rel[..., 0] * reln[..., 1] - reln[..., 0] * rel[..., 1]) * valid
     area = 0.5 * cross.sum(1)
-    safe = np.where(area > 0, area, 1.0)
+    safe = torch.where(area > 0, area, 1.0)
     cx = ((rel[..., 0] + reln[..., 0]) * cross).sum(1) / (6 * safe)
     cy = ((rel[..., 1] + reln[..., 1]) * cross).sum(1) / (6 * safe)
-    mean = rel.sum(1) / n[:, None]
-    cen = np.where((area > 0)[:, None], np.stack([cx, cy], 1), mean) + base[:, 0, :]
+    mean = rel.sum(1) / n.clamp(min=1)[:, None]
+    cen = torch.where((area > 0)[:, None], torch.stack([cx, cy], 1), mean) + base[:, 0, :]
     return area, cen
 
 
 def edge_overlay(
-    verts: np.ndarray,
-    n: np.ndarray,
-    side: np.ndarray,
-    cut_units: np.ndarray,
-    cut_dirs: np.ndarray,
+    verts: Tensor,
+    n: Tensor,
+    side: Tensor,
+    cut_units: Tensor,
+    cut_dirs: Tensor,
     min_length: float,
-) -> dict[str, np.ndarray]:
-    """Every boundary segment once, with the regions on both sides.
+) -> dict[str, Tensor]:
+    """Every boundary segment once, with the regions on both sides (tensors on one device).
 
     Both children of a cut carry the cut's chord as a side; later cuts subdivide either
     copy independently. Overlaying the two subdivisions of each chord gives the maximal
     segments shared by exactly two regions.
     """
-    valid, vn, _ = _sides(verts, n)
-    reg = np.broadcast_to(np.arange(len(n))[:, None], valid.shape)[valid]
+    dev = verts.device
+    valid, vn = _sides(verts, n)
+    reg = torch.arange(len(n), device=dev)[:, None].expand_as(valid)[valid]
     a, b, lab = verts[valid], vn[valid], side[valid]
     border = lab < 0
-    out_a = [a[border]]
-    out_b = [b[border]]
-    left = [reg[border]]
-    right = [np.full(int(border.sum()), -1)]
-    unit = [np.full(int(border.sum()), -1)]
-    bidx = [-(lab[border] + 1)]
+    nb = int(border.sum())
+    out_a, out_b = [a[border]], [b[border]]
+    left, right = [reg[border]], [torch.full((nb,), -1, device=dev)]
+    unit, bidx = [torch.full((nb,), -1, device=dev)], [-(lab[border] + 1)]
     m = ~border
     c, a, b, reg = lab[m], a[m], b[m], reg[m]
-    if c.size:
+    if c.numel():
         d = cut_dirs[c]
-        nrm = np.stack([-d[:, 1], d[:, 0]], 1)
+        nrm = torch.stack([-d[:, 1], d[:, 0]], 1)
         t0 = (a * d).sum(1)
         t1 = (b * d).sum(1)
         s = (a * nrm).sum(1)
-        grp = (t1 < t0).astype(np.int64)
-        lo, hi = np.minimum(t0, t1), np.maximum(t0, t1)
-        # One sort of all pieces by (chord, start). Each start opens an elementary
-        # interval that runs to the next start on the same chord (or the chord's end);
-        # the piece of each side covering it is the last of that side started so far.
-        o = np.lexsort((grp, lo, c))
+        grp = (t1 < t0).to(torch.int64)
+        lo, hi = torch.minimum(t0, t1), torch.maximum(t0, t1)
+        # One sort of all pieces by (chord, start, side): three stable sorts, last key
+        # first. Each start opens an elementary interval that runs to the next start on
+        # the same chord (or the chord's end); the piece of each side covering it is the
+        # last of that side started so far.
+        o = torch.argsort(grp, stable=True)
+        o = o[torch.argsort(lo[o], stable=True)]
+        o = o[torch.argsort(c[o], stable=True)]
         sc, slo, sgrp = c[o], lo[o], grp[o]
-        k = o.size
-        pos = np.arange(k)
-        new_chord = np.ones(k, dtype=bool)
+        k = int(o.numel())
+        pos = torch.arange(k, device=dev)
+        new_chord = torch.ones(k, dtype=torch.bool, device=dev)
         new_chord[1:] = sc[1:] != sc[:-1]
-        chord_start = np.maximum.accumulate(np.where(new_chord, pos, 0))
+        chord_start = torch.cummax(torch.where(new_chord, pos, 0), 0).values
         owner = []
         for g in (0, 1):
-            last = np.maximum.accumulate(np.where(sgrp == g, pos, -1))
-            ok = last >= chord_start
-            owner.append(np.where(ok, o[np.maximum(last, 0)], -1))
-        nxt_lo = np.empty(k)
+            last = torch.cummax(torch.where(sgrp == g, pos, -1), 0).values
+            owner.append(torch.where(last >= chord_start, o[last.clamp(min=0)], -1))
+        nxt_lo = torch.empty(k, dtype=slo.dtype, device=dev)
         nxt_lo[:-1] = slo[1:]
-        end = np.ones(k, dtype=bool)
+        end = torch.ones(k, dtype=torch.bool, device=dev)
         end[:-1] = new_chord[1:]
         # the chord's end: the largest end point of its pieces
-        chord_id = np.cumsum(new_chord) - 1
-        chord_hi = np.full(int(chord_id[-1]) + 1 if k else 0, -np.inf)
-        np.maximum.at(chord_hi, chord_id, hi[o])
+        chord_id = torch.cumsum(new_chord, 0) - 1
+        chord_hi = torch.full((int(chord_id[-1]) + 1,), -torch.inf, dtype=hi.dtype, device=dev)
+        chord_hi.scatter_reduce_(0, chord_id, hi[o], "amax")
         nxt_lo[end] = chord_hi[chord_id[end]]
         keep = nxt_lo - slo > min_length
         ic, ilo, ihi = sc[keep], slo[keep], nxt_lo[keep]
-        owner = [w[keep] for w in owner]
-        p0, p1 = owner
-        chord_s = np.where(p0 >= 0, s[np.maximum(p0, 0)], s[np.maximum(p1, 0)])
+        p0, p1 = (w[keep] for w in owner)
+        chord_s = torch.where(p0 >= 0, s[p0.clamp(min=0)], s[p1.clamp(min=0)])
         dd = cut_dirs[ic]
-        nn_ = np.stack([-dd[:, 1], dd[:, 0]], 1)
-        pa_ = ilo[:, None] * dd + chord_s[:, None] * nn_
-        pb_ = ihi[:, None] * dd + chord_s[:, None] * nn_
-        out_a.append(pa_)
-        out_b.append(pb_)
-        left.append(np.where(p0 >= 0, reg[np.maximum(p0, 0)], -1))
-        right.append(np.where(p1 >= 0, reg[np.maximum(p1, 0)], -1))
+        nn_ = torch.stack([-dd[:, 1], dd[:, 0]], 1)
+        out_a.append(ilo[:, None] * dd + chord_s[:, None] * nn_)
+        out_b.append(ihi[:, None] * dd + chord_s[:, None] * nn_)
+        left.append(torch.where(p0 >= 0, reg[p0.clamp(min=0)], -1))
+        right.append(torch.where(p1 >= 0, reg[p1.clamp(min=0)], -1))
         unit.append(cut_units[ic])
-        bidx.append(np.full(ic.size, -1))
+        bidx.append(torch.full((int(ic.numel()),), -1, device=dev))
     return {
-        "a": np.concatenate(out_a),
-        "b": np.concatenate(out_b),
-        "left": np.concatenate(left),
-        "right": np.concatenate(right),
-        "unit": np.concatenate(unit),
-        "border": np.concatenate(bidx),
+        "a": torch.cat(out_a),
+        "b": torch.cat(out_b),
+        "left": torch.cat(left),
+        "right": torch.cat(right),
+        "unit": torch.cat(unit),
+        "border": torch.cat(bidx),
     }
 
 
@@ -147,10 +154,10 @@ def _clip_keep_positive(
 
 
 def boundary_segments(
-    verts: np.ndarray,
-    n: np.ndarray,
-    amap: np.ndarray,
-    cvec: np.ndarray,
+    verts: Any,
+    n: Any,
+    amap: Any,
+    cvec: Any,
     *,
     levels: list[float] | None,
     output: int,
@@ -161,7 +168,16 @@ def boundary_segments(
     ``amap`` (P, K, 2) and ``cvec`` (P, K) are the regions' affine maps in the same
     coordinates as ``verts``. With ``levels`` None and K >= 2, returns where the top two
     outputs tie (class pair a < b); otherwise the level sets of output ``output``.
+    Tensors (on any device) are screened where they are: only the regions the boundary
+    may cross come to the host.
     """
+    if isinstance(verts, Tensor):
+        ids = torch.nonzero(_boundary_candidates(verts, n, amap, cvec, levels, output, tol))
+        ids = ids.squeeze(1)
+        host = [t[ids].cpu().numpy() for t in (verts, n, amap, cvec)]
+        out = boundary_segments(*host, levels=levels, output=output, tol=tol)
+        out["region"] = ids.cpu().numpy()[out["region"].astype(np.int64)]
+        return out
     vals = np.einsum("pvd,pkd->pvk", verts, amap) + cvec[:, None, :]
     valid = np.arange(verts.shape[1])[None, :] < n[:, None]
     k = amap.shape[1]
@@ -236,6 +252,35 @@ def boundary_segments(
     return out
 
 
+def _boundary_candidates(
+    verts: Tensor,
+    n: Tensor,
+    amap: Tensor,
+    cvec: Tensor,
+    levels: list[float] | None,
+    output: int,
+    tol: float,
+) -> Tensor:
+    """A superset of the regions that the NumPy pass of :func:`boundary_segments` examines
+    (its ``hit`` tests with a margin for rounding, all levels at once): the others hold
+    no boundary segment."""
+    vals = torch.einsum("pvd,pkd->pvk", verts, amap) + cvec[:, None, :]
+    valid = torch.arange(verts.shape[1], device=verts.device)[None, :] < n[:, None]
+    if levels is not None:
+        hit = torch.zeros(len(n), dtype=torch.bool, device=verts.device)
+        for level in levels:
+            g = vals[..., output] - level
+            margin = 1e-12 * (1 + vals[..., output].abs())
+            hit |= ((g > -margin) & valid).any(1) & ((g < margin) & valid).any(1)
+        return hit
+    top = vals.argmax(2)
+    mixed = ((top != top[:, :1]) & valid).any(1)
+    srt = torch.sort(vals, dim=2).values
+    gap = srt[..., -1] - srt[..., -2]
+    near_tie = ((gap <= (2 * tol + 1e-12) * (1 + srt[..., -1].abs())) & valid).any(1)
+    return mixed | near_tie
+
+
 def _collect(
     res: dict[str, list[np.ndarray]],
     verts: np.ndarray,
@@ -269,20 +314,21 @@ def _collect(
 
 
 def table_regions(
-    verts: np.ndarray,
-    n: np.ndarray,
+    geometry: pa.Array,
     area: np.ndarray,
     cen: np.ndarray,
+    n: np.ndarray,
     pattern: pa.Array,
     amap: np.ndarray,
     cvec: np.ndarray,
     label: np.ndarray,
+    slope_norm: np.ndarray,
 ) -> pa.Table:
     p, k = cvec.shape
     return pa.table(
         {
             "region_id": pa.array(np.arange(p, dtype=np.int64)),
-            "geometry": polygons_wkb(verts, n),
+            "geometry": geometry,
             "area": pa.array(area),
             "centroid_u0": pa.array(cen[:, 0]),
             "centroid_u1": pa.array(cen[:, 1]),
@@ -291,7 +337,7 @@ def table_regions(
             "A": pa.FixedSizeListArray.from_arrays(pa.array(amap.reshape(-1)), 2 * k),
             "c": pa.FixedSizeListArray.from_arrays(pa.array(cvec.reshape(-1)), k),
             "label": pa.array(label.astype(np.int32)),
-            "slope_norm": pa.array(np.sqrt((amap**2).sum(axis=(1, 2)))),
+            "slope_norm": pa.array(slope_norm),
         }
     )
 

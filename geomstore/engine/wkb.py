@@ -8,48 +8,49 @@ Layouts (the exact bytes every geometry column holds):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
+import torch
 
 __all__ = ["polygons_wkb", "segments_wkb"]
 
 
-def polygons_wkb(verts: np.ndarray, n: np.ndarray) -> pa.BinaryArray:
-    """Encode padded CCW polygons ``verts`` (P, V, 2) with counts ``n`` (P,) as WKB."""
-    p = int(n.shape[0])
-    npts = n.astype(np.int64) + 1
-    sizes = 13 + 16 * npts
-    offsets = np.zeros(p + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    buf = np.zeros(int(offsets[-1]), dtype=np.uint8)
-    header = np.zeros((p, 13), dtype=np.uint8)
-    header[:, 0] = 1
-    header[:, 1] = 3
-    header[:, 5] = 1
-    header[:, 9:13] = npts.astype("<u4").view(np.uint8).reshape(p, 4)
-    hpos = offsets[:-1, None] + np.arange(13)[None, :]
-    buf[hpos.reshape(-1)] = header.reshape(-1)
-    # closed ring: vertex i for i < n, then vertex 0 again
-    width = verts.shape[1]
-    ar = np.arange(width + 1)
-    take = np.where(ar[None, :] < n[:, None], ar[None, :], 0)
-    keep = ar[None, :] <= n[:, None]
-    pts = np.take_along_axis(verts, np.minimum(take, width - 1)[..., None].repeat(2, 2), 1)
-    coords = np.ascontiguousarray(pts[keep], dtype="<f8").view(np.uint8).reshape(-1, 16)
-    first = offsets[:-1] + 13
-    point_start = np.repeat(first, npts) + 16 * (
-        np.arange(int(npts.sum())) - np.repeat(np.cumsum(npts) - npts, npts)
-    )
-    buf[(point_start[:, None] + np.arange(16)[None, :]).reshape(-1)] = coords.reshape(-1)
-    return (
-        pa.Array.from_buffers(
-            pa.binary(), p, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(buf)]
+def polygons_wkb(verts: Any, n: Any, *, rows: int = 1 << 18) -> pa.BinaryArray:
+    """Encode padded CCW polygons ``verts`` (P, V, 2) with counts ``n`` (P,) as WKB.
+
+    Tensors are encoded where they are (a GPU writes the bytes; one copy brings them
+    back), ``rows`` polygons at a time: each block is a matrix of padded records whose
+    valid bytes, read row by row, are the records back to back.
+    """
+    verts_t = torch.as_tensor(verts, dtype=torch.float64)
+    n_t = torch.as_tensor(n).to(device=verts_t.device, dtype=torch.int64)
+    p, width = int(n_t.shape[0]), int(verts_t.shape[1])
+    sizes = 13 + 16 * (n_t + 1)
+    offsets = torch.zeros(p + 1, dtype=torch.int64, device=verts_t.device)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    ar = torch.arange(width + 1, device=verts_t.device)
+    head = torch.tensor([1, 3, 0, 0, 0, 1, 0, 0, 0], dtype=torch.uint8, device=verts_t.device)
+    parts = []
+    for lo in range(0, p, rows):
+        v, m = verts_t[lo : lo + rows], n_t[lo : lo + rows]
+        # closed ring: vertex i for i < n, then vertex 0 again (and padding after it)
+        take = torch.where(ar[None, :] < m[:, None], ar[None, :], 0).clamp(max=width - 1)
+        pts = v.gather(1, take[..., None].expand(-1, -1, 2)).contiguous()
+        npts = (m + 1).to(torch.int32).contiguous().view(torch.uint8).reshape(-1, 4)
+        rec = torch.cat(
+            [head.expand(len(m), -1), npts, pts.view(torch.uint8).reshape(len(m), -1)], 1
         )
-        if offsets[-1] < 2**31
-        else pa.Array.from_buffers(
-            pa.large_binary(), p, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
+        full = torch.arange(rec.shape[1], device=rec.device)[None, :] < sizes[lo : lo + rows, None]
+        parts.append(rec[full])
+    buf = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)).cpu().numpy()
+    off = offsets.cpu().numpy()
+    if off[-1] < 2**31:
+        return pa.Array.from_buffers(
+            pa.binary(), p, [None, pa.py_buffer(off.astype(np.int32)), pa.py_buffer(buf)]
         )
-    )
+    return pa.Array.from_buffers(pa.large_binary(), p, [None, pa.py_buffer(off), pa.py_buffer(buf)])
 
 
 def segments_wkb(a: np.ndarray, b: np.ndarray) -> pa.BinaryArray:
