@@ -147,7 +147,7 @@ class Descent:
 
     max_matrix_elements = 1 << 23
     block_elements = 1 << 21  # float64 elements of one block's input forms (CPU cache-sized)
-    device_block_elements = 1 << 26  # on a GPU: large blocks, few kernel launches
+    device_block_elements = 1 << 27  # on a GPU: large blocks, few kernel launches
     rank1_limit = 1  # rank-1 updates while changed units per child <= units / 32 x this
 
     def __init__(

@@ -477,26 +477,24 @@ def partition(
     cuts = descent.cuts
     cut_units = torch.cat(cuts.units) if cuts.count else torch.zeros(0, dtype=torch.long)
     cut_dirs = torch.cat(cuts.dirs) if cuts.count else torch.zeros((0, 2), dtype=torch.float64)
-    ov = {
-        key: val.cpu().numpy()
-        for key, val in edge_overlay(
-            raw["verts"], raw["n"], raw["side"], cut_units.to(dev), cut_dirs.to(dev), scale_tol
-        ).items()
-    }
-    offsets = np.array([s.unit_offset for s in specs] + [program.n_units])
+    ov = edge_overlay(
+        raw["verts"], raw["n"], raw["side"], cut_units.to(dev), cut_dirs.to(dev), scale_tol
+    )
+    offsets = torch.tensor([s.unit_offset for s in specs] + [program.n_units], device=dev)
     unit = ov["unit"]
-    layer = np.where(unit >= 0, np.searchsorted(offsets, unit, side="right") - 1, -1)
-    neuron = np.where(unit >= 0, unit - offsets[np.maximum(layer, 0)], -1)
+    layer = torch.where(unit >= 0, torch.searchsorted(offsets, unit, right=True) - 1, -1)
+    neuron = torch.where(unit >= 0, unit - offsets[layer.clamp(min=0)], -1)
+    ctr = torch.as_tensor(centre, dtype=torch.float64, device=dev)
     edges = table_segments(
-        ov["a"] + centre,
-        ov["b"] + centre,
+        ov["a"] + ctr,
+        ov["b"] + ctr,
         {
-            "region_left": ov["left"].astype(np.int64),
-            "region_right": ov["right"].astype(np.int64),
-            "layer": layer.astype(np.int64),
-            "neuron": neuron.astype(np.int64),
-            "unit": unit.astype(np.int64),
-            "border_side": ov["border"].astype(np.int64),
+            "region_left": ov["left"],
+            "region_right": ov["right"],
+            "layer": layer,
+            "neuron": neuron,
+            "unit": unit,
+            "border_side": ov["border"],
         },
     )
     edges = edges.add_column(0, "edge_id", pa.array(np.arange(edges.num_rows, dtype=np.int64)))

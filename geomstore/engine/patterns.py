@@ -85,7 +85,7 @@ def hash_bytes(hashes: np.ndarray) -> pa.Array:
     """(Q, 2) int64 hashes as 16-byte values (little-endian lanes)."""
     data = np.ascontiguousarray(hashes.astype("<i8"))
     return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(16), data.shape[0], [None, pa.py_buffer(data.tobytes())]
+        pa.binary(16), data.shape[0], [None, pa.py_buffer(data)]
     )
 
 
@@ -176,5 +176,5 @@ def _fixed_binary(packed: np.ndarray, rows: int) -> pa.Array:
     if packed.shape[1] == 0:
         packed = np.zeros((rows, 1), np.uint8)
     return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(packed.shape[1]), rows, [None, pa.py_buffer(packed.tobytes())]
+        pa.binary(packed.shape[1]), rows, [None, pa.py_buffer(np.ascontiguousarray(packed))]
     )

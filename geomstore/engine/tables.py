@@ -342,14 +342,27 @@ def table_regions(
     )
 
 
-def table_segments(a: np.ndarray, b: np.ndarray, cols: dict[str, np.ndarray]) -> pa.Table:
-    data: dict[str, pa.Array] = {"geometry": segments_wkb(a, b)}
-    data["u0_a"], data["u1_a"] = pa.array(a[:, 0]), pa.array(a[:, 1])
-    data["u0_b"], data["u1_b"] = pa.array(b[:, 0]), pa.array(b[:, 1])
-    data["length"] = pa.array(np.linalg.norm(b - a, axis=1))
+def table_segments(a: Any, b: Any, cols: dict[str, Any]) -> pa.Table:
+    """Segments from ``a`` to ``b`` (S, 2) with their extra columns (negative integers
+    and NaN become null); tensors are encoded on their device, then copied once."""
+    a_t = torch.as_tensor(a, dtype=torch.float64)
+    b_t = torch.as_tensor(b, dtype=torch.float64).to(a_t.device)
+    data: dict[str, pa.Array] = {"geometry": segments_wkb(a_t, b_t)}
+    d = b_t - a_t
+    cols = {
+        "u0_a": a_t[:, 0],
+        "u1_a": a_t[:, 1],
+        "u0_b": b_t[:, 0],
+        "u1_b": b_t[:, 1],
+        "length": torch.sqrt((d * d).sum(1)),
+        **cols,
+    }
     for key, val in cols.items():
-        if val.dtype.kind == "i":
-            data[key] = pa.array(val, mask=val < 0)
+        arr = val.contiguous().cpu().numpy() if isinstance(val, Tensor) else np.asarray(val)
+        if arr.dtype.kind == "i":
+            data[key] = pa.array(arr, mask=arr < 0)
+        elif key in ("u0_a", "u1_a", "u0_b", "u1_b", "length"):
+            data[key] = pa.array(arr)
         else:
-            data[key] = pa.array(val, mask=np.isnan(val))  # "not applicable" is null
+            data[key] = pa.array(arr, mask=np.isnan(arr))  # "not applicable" is null
     return pa.table(data)

@@ -53,16 +53,20 @@ def polygons_wkb(verts: Any, n: Any, *, rows: int = 1 << 18) -> pa.BinaryArray:
     return pa.Array.from_buffers(pa.large_binary(), p, [None, pa.py_buffer(off), pa.py_buffer(buf)])
 
 
-def segments_wkb(a: np.ndarray, b: np.ndarray) -> pa.BinaryArray:
-    """Encode segments from points ``a`` (S, 2) to ``b`` (S, 2) as WKB LineStrings."""
-    s = int(a.shape[0])
-    rec = np.zeros((s, 41), dtype=np.uint8)
-    rec[:, 0] = 1
-    rec[:, 1] = 2
-    rec[:, 5] = 2
-    xy = np.ascontiguousarray(np.concatenate([a, b], axis=1), dtype="<f8")
-    rec[:, 9:] = xy.view(np.uint8).reshape(s, 32)
-    offsets = (np.arange(s + 1, dtype=np.int64) * 41).astype(np.int32)
+def segments_wkb(a: Any, b: Any) -> pa.BinaryArray:
+    """Encode segments from points ``a`` (S, 2) to ``b`` (S, 2) as WKB LineStrings (where
+    the tensors are, like :func:`polygons_wkb`)."""
+    a_t = torch.as_tensor(a, dtype=torch.float64)
+    b_t = torch.as_tensor(b, dtype=torch.float64).to(a_t.device)
+    s = int(a_t.shape[0])
+    head = torch.tensor([1, 2, 0, 0, 0, 2, 0, 0, 0], dtype=torch.uint8, device=a_t.device)
+    xy = torch.cat([a_t, b_t], 1).contiguous().view(torch.uint8).reshape(s, 32)
+    buf = torch.cat([head.expand(s, -1), xy], 1).reshape(-1).cpu().numpy()
+    offsets = np.arange(s + 1, dtype=np.int64) * 41
+    if s * 41 < 2**31:
+        return pa.Array.from_buffers(
+            pa.binary(), s, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(buf)]
+        )
     return pa.Array.from_buffers(
-        pa.binary(), s, [None, pa.py_buffer(offsets), pa.py_buffer(rec.reshape(-1))]
+        pa.large_binary(), s, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
     )
