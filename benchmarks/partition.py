@@ -215,6 +215,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     box = Slice.box((-1, -1), (1, 1))
+    # warm up as a running worker is: CUDA context, kernels, allocator (runs without the
+    # operation count, which warms up each network, would time that first start)
+    for dev in {args.device, "cpu"} if args.compare_cpu else {args.device}:
+        partition(mlp((8, 8)), box, device=dev)
     opts = {
         "ops": not args.no_ops and not args.large,
         "compare_cpu": args.compare_cpu,

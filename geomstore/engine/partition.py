@@ -18,6 +18,7 @@ from torch import Tensor
 from geomstore._aliases import renamed_kwargs
 from geomstore.engine.descent import Descent, Progress
 from geomstore.engine.graph import Program
+from geomstore.engine.host import to_host
 from geomstore.engine.merge import merge_equal_patterns
 from geomstore.engine.patterns import (
     PATTERN_LIMIT_BITS,
@@ -318,8 +319,8 @@ def _interior_points(polys: np.ndarray, rng: np.random.Generator, k: int) -> lis
 def _merge(raw: dict[str, Any], tol: float) -> dict[str, Any]:
     """:func:`merge_equal_patterns` (NumPy, on the host) on the descent's tensors."""
     dev = raw["verts"].device
-    host = {k: (None if v is None else v.cpu().numpy()) for k, v in raw.items()}
-    merged, hashes = merge_equal_patterns(host, raw["hashes"].cpu().numpy(), tol)
+    host = {k: (None if v is None else to_host(v)) for k, v in raw.items()}
+    merged, hashes = merge_equal_patterns(host, to_host(raw["hashes"]), tol)
     merged["hashes"] = hashes
     return {k: (None if v is None else torch.from_numpy(v).to(dev)) for k, v in merged.items()}
 
@@ -343,7 +344,7 @@ def _region_table(
     label = fcen.argmax(1) if k > 1 else (fcen[:, 0] > threshold).to(torch.int64)
     slope_norm = torch.sqrt((amap * amap).sum(dim=(1, 2)))
     host = {
-        key: t.cpu().numpy()
+        key: to_host(t)
         for key, t in {
             "area": area,
             "cen": cen_c + ctr,
@@ -468,7 +469,7 @@ def partition(
     layout = [(s.unit_offset, s.n_units, s.bits) for s in specs]
     if any(s.kind == "maxpool" for s in specs):  # a max unit's tournament can cut a cell
         raw = _merge(raw, tol * slice.diameter)
-    packed = None if big else raw["packed"].cpu().numpy()
+    packed = None if big else to_host(raw["packed"])
     regions, verts_c, n, amap_t, c_centre, amap = _region_table(
         raw, descent.centre, threshold, packed
     )

@@ -9,6 +9,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from geomstore.engine.host import to_host
 from geomstore.engine.split import clip_both, pad_polys
 from geomstore.engine.wkb import segments_wkb
 
@@ -174,9 +175,9 @@ def boundary_segments(
     if isinstance(verts, Tensor):
         ids = torch.nonzero(_boundary_candidates(verts, n, amap, cvec, levels, output, tol))
         ids = ids.squeeze(1)
-        host = [t[ids].cpu().numpy() for t in (verts, n, amap, cvec)]
+        host = [to_host(t[ids]) for t in (verts, n, amap, cvec)]
         out = boundary_segments(*host, levels=levels, output=output, tol=tol)
-        out["region"] = ids.cpu().numpy()[out["region"].astype(np.int64)]
+        out["region"] = to_host(ids)[out["region"].astype(np.int64)]
         return out
     vals = np.einsum("pvd,pkd->pvk", verts, amap) + cvec[:, None, :]
     valid = np.arange(verts.shape[1])[None, :] < n[:, None]
@@ -358,7 +359,7 @@ def table_segments(a: Any, b: Any, cols: dict[str, Any]) -> pa.Table:
         **cols,
     }
     for key, val in cols.items():
-        arr = val.contiguous().cpu().numpy() if isinstance(val, Tensor) else np.asarray(val)
+        arr = to_host(val.contiguous()) if isinstance(val, Tensor) else np.asarray(val)
         if arr.dtype.kind == "i":
             data[key] = pa.array(arr, mask=arr < 0)
         elif key in ("u0_a", "u1_a", "u0_b", "u1_b", "length"):

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from geomstore.engine.host import to_host
+
 __all__ = ["polygons_wkb", "segments_wkb"]
 
 
@@ -44,8 +46,8 @@ def polygons_wkb(verts: Any, n: Any, *, rows: int = 1 << 18) -> pa.BinaryArray:
         )
         full = torch.arange(rec.shape[1], device=rec.device)[None, :] < sizes[lo : lo + rows, None]
         parts.append(rec[full])
-    buf = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)).cpu().numpy()
-    off = offsets.cpu().numpy()
+    buf = to_host(torch.cat(parts)) if parts else np.zeros(0, np.uint8)
+    off = to_host(offsets)
     if off[-1] < 2**31:
         return pa.Array.from_buffers(
             pa.binary(), p, [None, pa.py_buffer(off.astype(np.int32)), pa.py_buffer(buf)]
@@ -61,7 +63,7 @@ def segments_wkb(a: Any, b: Any) -> pa.BinaryArray:
     s = int(a_t.shape[0])
     head = torch.tensor([1, 2, 0, 0, 0, 2, 0, 0, 0], dtype=torch.uint8, device=a_t.device)
     xy = torch.cat([a_t, b_t], 1).contiguous().view(torch.uint8).reshape(s, 32)
-    buf = torch.cat([head.expand(s, -1), xy], 1).reshape(-1).cpu().numpy()
+    buf = to_host(torch.cat([head.expand(s, -1), xy], 1).reshape(-1))
     offsets = np.arange(s + 1, dtype=np.int64) * 41
     if s * 41 < 2**31:
         return pa.Array.from_buffers(
