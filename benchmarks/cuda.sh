@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks in one prepared run, for a machine with CUDA (CI has none):
-# the CUDA-against-CPU tests, the MLP benchmark, the 10^6-region MLPs and the zoo's conv
-# nets, each on CUDA and on the same machine's CPU. Figures go to OUTDIR as JSON lines.
+# The GPU checks in one prepared run, for a machine with CUDA (CI has none): the
+# CUDA-against-CPU tests, the MLP benchmark, the 10^6-region MLPs on the device and on the
+# same machine's CPU, copies beside the descent on and off, and the quick zoo. Figures go
+# to OUTDIR as JSON lines. Device figures come from their own processes, before the slow
+# CPU ones, so that a step cut off at its limit loses only its own figure.
 #
 #   bash benchmarks/cuda.sh [OUTDIR]            # default: $OUT or /tmp/geomstore-cuda
 #
 # Packages the machine lacks (duckdb, shapely) may travel as wheels in .whl/; they are
 # installed into /tmp/site. Each step has its own time limit (seconds, from the
-# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO) so that one slow step cannot eat the rest.
+# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_AB, T_ZOO, T_CPU_LARGE, T_CPU_HUGE).
 set -u
 out=${1:-${OUT:-/tmp/geomstore-cuda}}
 mkdir -p "$out"
@@ -18,6 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 step() { echo "== $1 ($(date +%T))"; }
+bench() { python3 benchmarks/partition.py --repeat 1 --no-ops --no-busy "$@"; }
 
 step gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
@@ -25,22 +28,28 @@ python3 -c "import torch; print('torch', torch.__version__, 'threads', torch.get
     | tee -a "$out/gpu.txt"
 
 step tests
-timeout "${T_TESTS:-60}" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+timeout "${T_TESTS:-50}" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
     tests/test_engine.py::test_cuda_matches_cpu 2>&1 | tail -25 | tee "$out/tests.txt"
 
 step mlps
-timeout "${T_MLP:-50}" python3 benchmarks/partition.py --device cuda --compare-cpu \
-    --repeat 1 --profile "$out/profile.txt" | tee "$out/partition.jsonl"
+timeout "${T_MLP:-45}" python3 benchmarks/partition.py --device cuda --compare-cpu \
+    --repeat 2 | tee "$out/partition.jsonl"
 
 step large
-timeout "${T_LARGE:-110}" python3 benchmarks/partition.py --device cuda --compare-cpu \
-    --repeat 1 --no-ops --no-busy --widths 1024,1024 | tee -a "$out/partition.jsonl"
-timeout "${T_HUGE:-140}" python3 benchmarks/partition.py --device cuda --compare-cpu \
-    --repeat 1 --no-ops --no-busy --widths 2048,2048 | tee -a "$out/partition.jsonl"
+timeout "${T_LARGE:-20}" bench --device cuda --widths 1024,1024 | tee -a "$out/partition.jsonl"
+timeout "${T_HUGE:-25}" bench --device cuda --widths 2048,2048 | tee -a "$out/partition.jsonl"
+
+step overlap
+timeout "${T_AB:-35}" python3 benchmarks/overlap.py --device cuda --widths 1024,1024 2048,2048 \
+    --repeat 2 | tee "$out/overlap.jsonl"
+
+step cpu-large
+timeout "${T_CPU_LARGE:-30}" bench --device cpu --widths 1024,1024 | tee -a "$out/partition.jsonl"
 
 step zoo
 timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \
     2>/dev/null | tee "$out/zoo.jsonl"
-timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu \
-    --only ${ZOO:-resnet20} --max-seconds 20 --no-verify 2>/dev/null | tee -a "$out/zoo.jsonl"
+
+step cpu-huge
+timeout "${T_CPU_HUGE:-90}" bench --device cpu --widths 2048,2048 | tee -a "$out/partition.jsonl"
 step done

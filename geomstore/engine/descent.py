@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from geomstore.engine.graph import Program
+from geomstore.engine.host import HostCopies
 from geomstore.engine.patterns import PatternHash, pack_states
 from geomstore.engine.split import Crossings, CutLog, Polys, crossings, split_layer
 from geomstore.errors import MemoryBudgetError
@@ -38,18 +39,20 @@ __all__ = ["Descent", "Progress", "RawRegions"]
 class RawRegions:
     """Final regions, in centred slice coordinates, gathered from all chunks.
 
-    Everything stays on the compute device, where the tables are built (a GPU keeps its
-    regions until one copy of the finished columns). Whole patterns are packed and hashed
-    chunk by chunk as they finish (:func:`pack_states`), so a region keeps
-    ``ceil(bits / 8)`` bytes instead of a byte per unit.
+    Everything but the patterns stays on the compute device, where the tables are built
+    (a GPU keeps its regions until one copy of the finished columns). Whole patterns are
+    packed and hashed chunk by chunk as they finish (:func:`pack_states`), so a region
+    keeps ``ceil(bits / 8)`` bytes instead of a byte per unit, and the packed chunks,
+    the bulk of a large partition's output, travel to the host while the descent goes
+    on (:class:`HostCopies`).
     """
 
     layout: list[tuple[int, int, int]]  # (unit_offset, n_units, bits) of each nonlinearity
+    packed: HostCopies  # (Q, bytes) whole patterns, packed, each chunk copied to the host
     hasher: PatternHash | None = None  # None: the descent carries the hashes (large models)
     verts: list[Tensor] = field(default_factory=list)
     n: list[Tensor] = field(default_factory=list)
     side: list[Tensor] = field(default_factory=list)
-    packed: list[Tensor] = field(default_factory=list)  # (Q, bytes) whole patterns, packed
     hashes: list[Tensor] = field(default_factory=list)  # (Q, 2) int64 pattern hashes
     values: list[Tensor] = field(default_factory=list)  # (Q, 3, K) affine form of the outputs
 
@@ -59,14 +62,15 @@ class RawRegions:
         self.side.append(polys.side)
         if hist is None:
             assert self.hasher is not None
-            self.packed.append(pack_states(states, self.layout))
+            self.packed.add(pack_states(states, self.layout))
             self.hashes.append(self.hasher.of(states))
         else:
             self.hashes.append(hist)
         self.values.append(values)
 
     def concat(self) -> dict[str, Any]:
-        """One tensor per field, on the compute device; sides padded with -2**62."""
+        """One tensor per field, on the compute device (sides padded with -2**62), but
+        ``packed``: a list of host arrays, one per chunk, or None (hashes only)."""
         width = max(int(v.shape[1]) for v in self.verts)
         pad_v = [torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[1])) for v in self.verts]
         pad_s = [
@@ -76,7 +80,7 @@ class RawRegions:
             "verts": torch.cat(pad_v),
             "n": torch.cat(self.n),
             "side": torch.cat(pad_s),
-            "packed": torch.cat(self.packed) if self.packed else None,
+            "packed": (self.packed.result() or None) if self.hasher is not None else None,
             "hashes": torch.cat(self.hashes),
             "values": torch.cat(self.values),
         }
@@ -180,7 +184,9 @@ class Descent:
         self.hasher = PatternHash(program.n_units, self.dev) if hash_patterns else None
         layout = [(s.unit_offset, s.n_units, s.bits) for s in program.nonlinearities]
         self.out = RawRegions(
-            layout, None if hash_patterns else PatternHash(program.n_units, self.dev)
+            layout,
+            HostCopies(self.dev),
+            None if hash_patterns else PatternHash(program.n_units, self.dev),
         )
         self.pending = [0] * (self.n_layers + 1)  # cells waiting at each depth (progress)
         self.done = 0

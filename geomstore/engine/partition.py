@@ -114,12 +114,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class _PackedStates(NamedTuple):
     """Whole patterns as the descent left them: packed rows and their bit layout."""
 
-    packed: np.ndarray  # (P, bytes) uint8
+    packed: list[np.ndarray]  # (rows, bytes) uint8 per chunk of the descent
     layout: list[tuple[int, int, int]]  # (unit_offset, n_units, bits) per nonlinearity
     n_units: int
 
     def unpack(self) -> np.ndarray:
-        return unpack_patterns(self.packed, self.layout, self.n_units)
+        return np.concatenate([unpack_patterns(p, self.layout, self.n_units) for p in self.packed])
 
 
 @dataclass
@@ -319,14 +319,19 @@ def _interior_points(polys: np.ndarray, rng: np.random.Generator, k: int) -> lis
 def _merge(raw: dict[str, Any], tol: float) -> dict[str, Any]:
     """:func:`merge_equal_patterns` (NumPy, on the host) on the descent's tensors."""
     dev = raw["verts"].device
-    host = {k: (None if v is None else to_host(v)) for k, v in raw.items()}
+    host: dict[str, Any] = {k: to_host(v) for k, v in raw.items() if k != "packed"}
+    host["packed"] = None if raw["packed"] is None else np.concatenate(raw["packed"])
     merged, hashes = merge_equal_patterns(host, to_host(raw["hashes"]), tol)
     merged["hashes"] = hashes
-    return {k: (None if v is None else torch.from_numpy(v).to(dev)) for k, v in merged.items()}
+    out: dict[str, Any] = {
+        k: torch.from_numpy(v).to(dev) for k, v in merged.items() if k != "packed"
+    }
+    out["packed"] = None if merged["packed"] is None else [merged["packed"]]
+    return out
 
 
 def _region_table(
-    raw: dict[str, Any], centre: np.ndarray, threshold: float, packed: np.ndarray | None
+    raw: dict[str, Any], centre: np.ndarray, threshold: float, packed: list[np.ndarray] | None
 ) -> tuple[pa.Table, Tensor, Tensor, Tensor, Tensor, np.ndarray]:
     """The regions table, computed on the descent's device; also what the decision
     boundary reads there: centred vertices, counts, slopes (P, K, 2), centre values,
@@ -469,7 +474,7 @@ def partition(
     layout = [(s.unit_offset, s.n_units, s.bits) for s in specs]
     if any(s.kind == "maxpool" for s in specs):  # a max unit's tournament can cut a cell
         raw = _merge(raw, tol * slice.diameter)
-    packed = None if big else to_host(raw["packed"])
+    packed = raw["packed"]  # host arrays, one per chunk (None: hashes only)
     regions, verts_c, n, amap_t, c_centre, amap = _region_table(
         raw, descent.centre, threshold, packed
     )

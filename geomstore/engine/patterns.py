@@ -152,9 +152,10 @@ def _pack_bits(states: Tensor, bits: list[tuple[int, int, int]]) -> Tensor:
     return (m.view(q, n_bytes, 8) * weights).sum(2, dtype=torch.uint8)
 
 
-def packed_binary(packed: np.ndarray) -> pa.Array:
-    """(Q, bytes) uint8 rows as a fixed-size binary column (one zero byte when empty)."""
-    return _fixed_binary(np.ascontiguousarray(packed), packed.shape[0])
+def packed_binary(chunks: list[np.ndarray]) -> pa.ChunkedArray:
+    """(rows, bytes) uint8 chunks as one fixed-size binary column (a zero byte per row
+    when the patterns are empty), without copying them."""
+    return pa.chunked_array([_fixed_binary(c, c.shape[0]) for c in chunks])
 
 
 def unpack_patterns(
