@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks in one prepared run, for a machine with CUDA (CI has none): the
 # CUDA-against-CPU tests, the MLP benchmark, the 10^6-region MLPs on the device and on the
-# same machine's CPU, copies beside the descent on and off, and the quick zoo. Figures go
-# to OUTDIR as JSON lines. Device figures come from their own processes, before the slow
-# CPU ones, so that a step cut off at its limit loses only its own figure.
+# same machine's CPU, and the quick zoo. Figures go to OUTDIR as JSON lines. Device
+# figures come from their own processes, before the slow CPU ones, so that a step cut
+# off at its limit loses only its own figure.
 #
 #   bash benchmarks/cuda.sh [OUTDIR]            # default: $OUT or /tmp/geomstore-cuda
 #
 # Packages the machine lacks (duckdb, shapely) may travel as wheels in .whl/; they are
 # installed into /tmp/site. Each step has its own time limit (seconds, from the
-# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_AB, T_ZOO, T_CPU_LARGE, T_CPU_HUGE).
+# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO, T_CPU_LARGE, T_CPU_HUGE).
 set -u
 out=${1:-${OUT:-/tmp/geomstore-cuda}}
 mkdir -p "$out"
@@ -20,7 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 step() { echo "== $1 ($(date +%T))"; }
-bench() { python3 benchmarks/partition.py --repeat 1 --no-ops --no-busy "$@"; }
+bench="python3 benchmarks/partition.py --repeat 1 --no-ops --no-busy"  # timeout runs no functions
 
 step gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
@@ -36,20 +36,16 @@ timeout "${T_MLP:-45}" python3 benchmarks/partition.py --device cuda --compare-c
     --repeat 2 | tee "$out/partition.jsonl"
 
 step large
-timeout "${T_LARGE:-20}" bench --device cuda --widths 1024,1024 | tee -a "$out/partition.jsonl"
-timeout "${T_HUGE:-25}" bench --device cuda --widths 2048,2048 | tee -a "$out/partition.jsonl"
-
-step overlap
-timeout "${T_AB:-35}" python3 benchmarks/overlap.py --device cuda --widths 1024,1024 2048,2048 \
-    --repeat 2 | tee "$out/overlap.jsonl"
+timeout "${T_LARGE:-20}" $bench --device cuda --widths 1024,1024 | tee -a "$out/partition.jsonl"
+timeout "${T_HUGE:-25}" $bench --device cuda --widths 2048,2048 | tee -a "$out/partition.jsonl"
 
 step cpu-large
-timeout "${T_CPU_LARGE:-30}" bench --device cpu --widths 1024,1024 | tee -a "$out/partition.jsonl"
+timeout "${T_CPU_LARGE:-30}" $bench --device cpu --widths 1024,1024 | tee -a "$out/partition.jsonl"
 
 step zoo
 timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \
     2>/dev/null | tee "$out/zoo.jsonl"
 
 step cpu-huge
-timeout "${T_CPU_HUGE:-90}" bench --device cpu --widths 2048,2048 | tee -a "$out/partition.jsonl"
+timeout "${T_CPU_HUGE:-150}" $bench --device cpu --widths 2048,2048 | tee -a "$out/partition.jsonl"
 step done

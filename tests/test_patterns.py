@@ -11,7 +11,6 @@ import geomstore
 from geomstore import GeomstoreError, Slice, partition
 from geomstore.engine import partition as partition_mod
 from geomstore.engine.descent import Progress
-from geomstore.engine.host import HostCopies
 from geomstore.engine.patterns import (
     PatternHash,
     _pack_bits,
@@ -202,17 +201,3 @@ def test_states_of_a_fresh_partition_unpack_once_and_match_the_pattern_column() 
     assert any(b > 1 for _, _, b in layout)  # max-pool units: 2-bit states
     states[0, 0] ^= 1
     assert part.states is states and part.states[0, 0] == states[0, 0]
-
-
-@pytest.mark.parametrize("thread", [False, True])
-def test_host_copies_keep_the_order_of_the_chunks(thread: bool) -> None:
-    """Finished chunks travel to the host in a background thread (CUDA) or at once; either
-    way ``result()`` gives every chunk, in order, with its values."""
-    copies = HostCopies(torch.device("cpu"), thread=thread)
-    chunks = [torch.full((k, 3), k, dtype=torch.uint8) for k in (5, 1, 7, 2)]
-    for c in chunks:
-        copies.add(c)
-    got = copies.result()
-    assert [g.shape[0] for g in got] == [5, 1, 7, 2]
-    for g, c in zip(got, chunks, strict=True):
-        np.testing.assert_array_equal(g, c.numpy())
