@@ -358,3 +358,46 @@ def test_max_units_pretest_matches_vertex_tests(seed: int) -> None:
     assert 0 < ref_crossing.sum() < ref_crossing.size  # both kinds occur
     np.testing.assert_array_equal(crossing.numpy(), ref_crossing)
     np.testing.assert_array_equal(states.numpy(), ref_states)
+
+
+class _PoolNet(nn.Module):
+    """conv, relu, 2x2 max-pool (4 candidates), conv, relu, 3x3 max-pool with stride 1
+    (9 candidates), linear: tournaments of both lengths in one network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.c1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 2 * 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        h = nn.functional.max_pool2d(torch.relu(self.c2(h)), 3, stride=1)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_max_tournaments_at_once_give_the_per_test_partition(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Max units split with every tournament advancing at once give the partition of one
+    test per polygon per round: the same patterns, areas and edges, in fewer operations."""
+    from tests.nets import ConvKinds, digits_slice
+
+    for net in (_PoolNet().eval(), ConvKinds(seed).eval()):
+        sl = digits_slice(seed)
+        got = {}
+        for at_once in (False, True):
+            monkeypatch.setattr(split, "MAX_TOURNAMENTS_AT_ONCE", at_once)
+            with _Count() as c:
+                part = partition(net, sl, device="cpu")
+            h = part.pattern_hashes()
+            order = np.lexsort(h.T)
+            area = part.regions.column("area").to_numpy()[order]
+            got[at_once] = (h[order], area, part.edges.num_rows, c.n, part)
+        (h0, a0, e0, n0, _), (h1, a1, e1, n1, part) = got[False], got[True]
+        assert len(h1) > 50 and np.array_equal(h0, h1) and e0 == e1
+        np.testing.assert_allclose(a1, a0, rtol=0, atol=1e-12)
+        assert n1 < n0
+        assert part.verify(net, grid=32).ok
