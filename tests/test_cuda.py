@@ -79,3 +79,28 @@ def test_cuda_is_deterministic_with_and_without_arrangements(
     assert a.regions.equals(b.regions)
     assert a.edges.equals(b.edges)
     _same(partition(model, BOX, device="cpu"), a)
+
+
+def test_tables_that_do_not_fit_on_the_gpu_are_built_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An out-of-memory error while building the tables on the device moves the raw
+    regions to the CPU and builds them there, with the same result."""
+    from geomstore.engine import partition as partition_mod
+
+    model = mlp((64, 64), 3, seed=5)
+    want = partition(model, BOX, device="cuda")
+    tables = partition_mod._tables
+    devices: list[str] = []
+
+    def once_out_of_memory(raw: dict, *args: object) -> object:
+        devices.append(raw["verts"].device.type)
+        if len(devices) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (planted by the test)")
+        return tables(raw, *args)
+
+    monkeypatch.setattr(partition_mod, "_tables", once_out_of_memory)
+    got = partition(model, BOX, device="cuda")
+    assert devices == ["cuda", "cpu"]
+    _same(want, got)
+    assert got.verify(model, grid=48).ok

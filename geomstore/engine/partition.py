@@ -379,6 +379,73 @@ def _region_table(
     return regions, verts_c, n, amap, c_centre, host["amap"]
 
 
+def _tables(
+    raw: dict[str, Any],
+    descent: Descent,
+    threshold: float,
+    lv: list[float] | None,
+    output: int,
+    scale_tol: float,
+    top2: bool,
+) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The regions, edges and boundary tables, built where ``raw``'s tensors are; ``top2``:
+    the boundary is where the top two outputs tie (else the level sets ``lv``)."""
+    dev = raw["verts"].device
+    program = descent.program
+    specs = program.nonlinearities
+    packed = raw["packed"]  # host arrays, one per chunk (None: hashes only)
+    regions, verts_c, n, amap_t, c_centre, amap = _region_table(
+        raw, descent.centre, threshold, packed
+    )
+    centre = descent.centre
+    cuts = descent.cuts
+    cut_units = torch.cat(cuts.units) if cuts.count else torch.zeros(0, dtype=torch.long)
+    cut_dirs = torch.cat(cuts.dirs) if cuts.count else torch.zeros((0, 2), dtype=torch.float64)
+    ov = edge_overlay(
+        raw["verts"], raw["n"], raw["side"], cut_units.to(dev), cut_dirs.to(dev), scale_tol
+    )
+    offsets = torch.tensor([s.unit_offset for s in specs] + [program.n_units], device=dev)
+    unit = ov["unit"]
+    layer = torch.where(unit >= 0, torch.searchsorted(offsets, unit, right=True) - 1, -1)
+    neuron = torch.where(unit >= 0, unit - offsets[layer.clamp(min=0)], -1)
+    ctr = torch.as_tensor(centre, dtype=torch.float64, device=dev)
+    edges = table_segments(
+        ov["a"] + ctr,
+        ov["b"] + ctr,
+        {
+            "region_left": ov["left"],
+            "region_right": ov["right"],
+            "layer": layer,
+            "neuron": neuron,
+            "unit": unit,
+            "border_side": ov["border"],
+        },
+    )
+    edges = edges.add_column(0, "edge_id", pa.array(np.arange(edges.num_rows, dtype=np.int64)))
+
+    bd = boundary_segments(verts_c, n, amap_t, c_centre, levels=lv, output=output, tol=scale_tol)
+    reg, ca, cb = bd["region"].astype(np.int64), bd["ca"].astype(np.int64), bd["cb"]
+    # towards class_b (top two), towards larger output (levels)
+    grad = amap[reg, cb.astype(np.int64)] - amap[reg, ca] if top2 else amap[reg, ca]
+    seg = bd["b"] - bd["a"]
+    normal = np.stack([-seg[:, 1], seg[:, 0]], 1) if len(seg) else np.zeros((0, 2))
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-300)
+    normal = np.where(((normal * grad).sum(1) < 0)[:, None], -normal, normal)
+    boundary = table_segments(
+        bd["a"] + centre,
+        bd["b"] + centre,
+        {
+            "region_id": bd["region"].astype(np.int64),
+            "class_a": bd["ca"].astype(np.int64),
+            "class_b": bd["cb"].astype(np.int64),
+            "level": bd["lv"].astype(np.float64),
+            "normal_u0": normal[:, 0].astype(np.float64),
+            "normal_u1": normal[:, 1].astype(np.float64),
+        },
+    )
+    return regions, edges, boundary
+
+
 @renamed_kwargs(model="net")
 def partition(
     net: Any,
@@ -474,60 +541,21 @@ def partition(
     layout = [(s.unit_offset, s.n_units, s.bits) for s in specs]
     if any(s.kind == "maxpool" for s in specs):  # a max unit's tournament can cut a cell
         raw = _merge(raw, tol * slice.diameter)
-    packed = raw["packed"]  # host arrays, one per chunk (None: hashes only)
-    regions, verts_c, n, amap_t, c_centre, amap = _region_table(
-        raw, descent.centre, threshold, packed
-    )
-    centre = descent.centre
-    scale_tol = tol * slice.diameter
-    cuts = descent.cuts
-    cut_units = torch.cat(cuts.units) if cuts.count else torch.zeros(0, dtype=torch.long)
-    cut_dirs = torch.cat(cuts.dirs) if cuts.count else torch.zeros((0, 2), dtype=torch.float64)
-    ov = edge_overlay(
-        raw["verts"], raw["n"], raw["side"], cut_units.to(dev), cut_dirs.to(dev), scale_tol
-    )
-    offsets = torch.tensor([s.unit_offset for s in specs] + [program.n_units], device=dev)
-    unit = ov["unit"]
-    layer = torch.where(unit >= 0, torch.searchsorted(offsets, unit, right=True) - 1, -1)
-    neuron = torch.where(unit >= 0, unit - offsets[layer.clamp(min=0)], -1)
-    ctr = torch.as_tensor(centre, dtype=torch.float64, device=dev)
-    edges = table_segments(
-        ov["a"] + ctr,
-        ov["b"] + ctr,
-        {
-            "region_left": ov["left"],
-            "region_right": ov["right"],
-            "layer": layer,
-            "neuron": neuron,
-            "unit": unit,
-            "border_side": ov["border"],
-        },
-    )
-    edges = edges.add_column(0, "edge_id", pa.array(np.arange(edges.num_rows, dtype=np.int64)))
-
-    bd = boundary_segments(verts_c, n, amap_t, c_centre, levels=lv, output=output, tol=scale_tol)
-    reg, ca, cb = bd["region"].astype(np.int64), bd["ca"].astype(np.int64), bd["cb"]
-    if levels is None and k > 1:
-        grad = amap[reg, cb.astype(np.int64)] - amap[reg, ca]  # towards class_b
-    else:
-        grad = amap[reg, ca]  # towards larger output
-    seg = bd["b"] - bd["a"]
-    normal = np.stack([-seg[:, 1], seg[:, 0]], 1) if len(seg) else np.zeros((0, 2))
-    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-300)
-    normal = np.where(((normal * grad).sum(1) < 0)[:, None], -normal, normal)
-    boundary = table_segments(
-        bd["a"] + centre,
-        bd["b"] + centre,
-        {
-            "region_id": bd["region"].astype(np.int64),
-            "class_a": bd["ca"].astype(np.int64),
-            "class_b": bd["cb"].astype(np.int64),
-            "level": bd["lv"].astype(np.float64),
-            "normal_u0": normal[:, 0].astype(np.float64),
-            "normal_u1": normal[:, 1].astype(np.float64),
-        },
-    )
+    top2 = levels is None and k > 1
+    args = (raw, descent, threshold, lv, output, tol * slice.diameter, top2)
+    try:
+        regions, edges, boundary = _tables(*args)
+    except torch.OutOfMemoryError:
+        # the tables of a partition this large do not fit beside what the device holds:
+        # build them on the CPU (the same tensor code)
+        if dev.type == "cpu":
+            raise
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        raw = {key: v.cpu() if isinstance(v, Tensor) else v for key, v in raw.items()}
+        regions, edges, boundary = _tables(raw, *args[1:])
     seconds = time.perf_counter() - t0
+    packed = raw["packed"]  # host arrays, one per chunk (None: hashes only)
     n_units = program.n_units  # states are unpacked when first read (see ``_get_states``)
     summary = {
         "n_outputs": k,
