@@ -15,6 +15,7 @@ from geomstore import (
     UnsupportedModelError,
     partition,
 )
+from geomstore.engine import partition as partition_mod
 from geomstore.engine.reference import reference_regions
 from tests.nets import BOX, ConvKinds, Residual, SmallCNN, digits_slice, mlp
 
@@ -406,3 +407,36 @@ def test_conv1d_pools_dropout_identity() -> None:
     assert kinds == ["relu", "maxpool", "leaky"]
     assert part.n_regions > 10
     _check(part, model)
+
+
+@pytest.mark.parametrize("levels", [None, "levels"], ids=["top-two", "level-sets"])
+def test_boundary_screen_of_gpus_keeps_every_segment(
+    levels: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the decision boundary is screened on the device first; run on the CPU the
+    screen gives the segments of the unscreened NumPy pass exactly, including regions whose
+    vertices lie on the boundary (a network whose output is a multiple of an input)."""
+    from geomstore.engine import tables
+
+    calls: list[bool] = []
+    plain = tables.boundary_segments
+
+    def screened(*args: object, **kwargs: object) -> dict[str, np.ndarray]:
+        got = plain(*args, **kwargs, screen=True)  # type: ignore[arg-type]
+        want = plain(*args, **kwargs, screen=False)  # type: ignore[arg-type]
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        calls.append(len(want["region"]) > 0)
+        return got
+
+    monkeypatch.setattr(partition_mod, "boundary_segments", screened)
+    tie = nn.Sequential(nn.Linear(2, 2))  # y = (x0, x1): the top-two tie is the diagonal
+    with torch.no_grad():
+        tie[0].weight.copy_(torch.eye(2))
+        tie[0].bias.zero_()
+    for model in (mlp((16, 16), 5, seed=11), mlp((12, 12), 1, seed=10), tie):
+        out = model(torch.zeros(1, 2))[0, 0].item()  # levels of output 0
+        lv = [out - 0.05, out, out + 0.05] if levels else None
+        partition(model, BOX, device="cpu", levels=lv)
+    assert len(calls) == 3 and all(calls)

@@ -16,12 +16,13 @@ from geomstore.engine.wkb import segments_wkb
 __all__ = ["boundary_segments", "edge_overlay", "polygon_measures"]
 
 
-def _sides(verts: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """Which slots of padded polygons hold vertices, and each vertex's successor."""
-    ar = torch.arange(verts.shape[1], device=verts.device)
+def _sides(n: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Which slots of padded polygons hold vertices, and the index (P, width, 2) of each
+    vertex's successor, for ``gather`` along dim 1."""
+    ar = torch.arange(width, device=n.device)
     valid = ar[None, :] < n[:, None]
     nxt = (ar[None, :] + 1) % n.clamp(min=1)[:, None]
-    return valid, verts.gather(1, nxt[..., None].expand(-1, -1, 2))
+    return valid, nxt[..., None].expand(-1, -1, 2)
 
 
 def polygon_measures(verts: Any, n: Any) -> tuple[Any, Any]:
@@ -32,10 +33,10 @@ def polygon_measures(verts: Any, n: Any) -> tuple[Any, Any]:
     if isinstance(verts, np.ndarray):
         area, cen = polygon_measures(torch.from_numpy(verts), torch.from_numpy(np.asarray(n)))
         return area.numpy(), cen.numpy()
-    valid, _ = _sides(verts, n)
+    valid, nxt = _sides(n, int(verts.shape[1]))
     base = verts[:, :1, :]
     rel = torch.where(valid[..., None], verts - base, 0.0)
-    _, reln = _sides(rel, n)
+    reln = rel.gather(1, nxt)
     cross = (rel[..., 0] * reln[..., 1] - reln[..., 0] * rel[..., 1]) * valid
     area = 0.5 * cross.sum(1)
     safe = torch.where(area > 0, area, 1.0)
@@ -61,7 +62,8 @@ def edge_overlay(
     segments shared by exactly two regions.
     """
     dev = verts.device
-    valid, vn = _sides(verts, n)
+    valid, nxt = _sides(n, int(verts.shape[1]))
+    vn = verts.gather(1, nxt)
     reg = torch.arange(len(n), device=dev)[:, None].expand_as(valid)[valid]
     a, b, lab = verts[valid], vn[valid], side[valid]
     border = lab < 0
@@ -163,15 +165,22 @@ def boundary_segments(
     levels: list[float] | None,
     output: int,
     tol: float,
+    screen: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Decision-boundary segments inside every region.
 
     ``amap`` (P, K, 2) and ``cvec`` (P, K) are the regions' affine maps in the same
     coordinates as ``verts``. With ``levels`` None and K >= 2, returns where the top two
     outputs tie (class pair a < b); otherwise the level sets of output ``output``.
-    Tensors (on any device) are screened where they are: only the regions the boundary
-    may cross come to the host.
+    Tensors on a GPU are screened where they are (``screen``, by default off on a CPU,
+    where the NumPy pass makes the same test): only the regions the boundary may cross
+    come to the host.
     """
+    if isinstance(verts, Tensor) and not (
+        screen if screen is not None else verts.device.type != "cpu"
+    ):
+        host = [to_host(t) for t in (verts, n, amap, cvec)]
+        return boundary_segments(*host, levels=levels, output=output, tol=tol)
     if isinstance(verts, Tensor):
         ids = torch.nonzero(_boundary_candidates(verts, n, amap, cvec, levels, output, tol))
         ids = ids.squeeze(1)
