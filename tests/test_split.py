@@ -401,3 +401,28 @@ def test_max_tournaments_at_once_give_the_per_test_partition(
         np.testing.assert_allclose(a1, a0, rtol=0, atol=1e-12)
         assert n1 < n0
         assert part.verify(net, grid=32).ok
+
+
+def test_wkb_encoders_write_shapelys_bytes_in_any_block_size() -> None:
+    """Polygon and segment WKB, written by tensor code a block of rows at a time, are
+    the bytes shapely writes (little-endian ISO WKB, closed counter-clockwise rings)."""
+    from geomstore.engine.wkb import polygons_wkb, segments_wkb
+
+    rng = np.random.default_rng(4)
+    n = torch.as_tensor(rng.integers(3, 9, 40))
+    ang = np.sort(rng.uniform(0, 2 * np.pi, (40, 9)), axis=1)
+    radius = rng.uniform(0.5, 2, (40, 1, 1))
+    verts = torch.as_tensor(np.stack([np.cos(ang), np.sin(ang)], 2) * radius)
+    want = [
+        shapely.to_wkb(Polygon(verts[i, : n[i]].numpy()), byte_order=1, flavor="iso")
+        for i in range(40)
+    ]
+    for rows in (1, 7, 1 << 18):
+        assert polygons_wkb(verts, n, rows=rows).to_pylist() == want
+    a, b = torch.as_tensor(rng.normal(size=(25, 2))), torch.as_tensor(rng.normal(size=(25, 2)))
+    segs = segments_wkb(a, b).to_pylist()
+    assert segs == [
+        shapely.to_wkb(LineString([a[i].numpy(), b[i].numpy()]), byte_order=1, flavor="iso")
+        for i in range(25)
+    ]
+    assert polygons_wkb(verts[:0], n[:0]).to_pylist() == []
