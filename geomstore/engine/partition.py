@@ -538,7 +538,6 @@ def partition(
         hash_patterns=big,
     )
     raw = descent.run().concat()  # tensors on the compute device
-    layout = [(s.unit_offset, s.n_units, s.bits) for s in specs]
     if any(s.kind == "maxpool" for s in specs):  # a max unit's tournament can cut a cell
         raw = _merge(raw, tol * slice.diameter)
     top2 = levels is None and k > 1
@@ -556,6 +555,7 @@ def partition(
         regions, edges, boundary = _tables(raw, *args[1:])
     seconds = time.perf_counter() - t0
     packed = raw["packed"]  # host arrays, one per chunk (None: hashes only)
+    layout = descent.out.layout  # (unit_offset, n_units, bits) of each nonlinearity
     n_units = program.n_units  # states are unpacked when first read (see ``_get_states``)
     summary = {
         "n_outputs": k,

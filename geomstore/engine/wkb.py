@@ -47,12 +47,7 @@ def polygons_wkb(verts: Any, n: Any, *, rows: int = 1 << 18) -> pa.BinaryArray:
         full = torch.arange(rec.shape[1], device=rec.device)[None, :] < sizes[lo : lo + rows, None]
         parts.append(rec[full])
     buf = to_host(torch.cat(parts)) if parts else np.zeros(0, np.uint8)
-    off = to_host(offsets)
-    if off[-1] < 2**31:
-        return pa.Array.from_buffers(
-            pa.binary(), p, [None, pa.py_buffer(off.astype(np.int32)), pa.py_buffer(buf)]
-        )
-    return pa.Array.from_buffers(pa.large_binary(), p, [None, pa.py_buffer(off), pa.py_buffer(buf)])
+    return _binary(to_host(offsets), buf)
 
 
 def segments_wkb(a: Any, b: Any) -> pa.BinaryArray:
@@ -64,11 +59,17 @@ def segments_wkb(a: Any, b: Any) -> pa.BinaryArray:
     head = torch.tensor([1, 2, 0, 0, 0, 2, 0, 0, 0], dtype=torch.uint8, device=a_t.device)
     xy = torch.cat([a_t, b_t], 1).contiguous().view(torch.uint8).reshape(s, 32)
     buf = to_host(torch.cat([head.expand(s, -1), xy], 1).reshape(-1))
-    offsets = np.arange(s + 1, dtype=np.int64) * 41
-    if s * 41 < 2**31:
+    return _binary(np.arange(s + 1, dtype=np.int64) * 41, buf)
+
+
+def _binary(offsets: np.ndarray, buf: np.ndarray) -> pa.BinaryArray:
+    """Records back to back in ``buf`` with int64 ``offsets`` as a binary column (large
+    binary past 2 GiB), wrapping the buffers."""
+    rows = len(offsets) - 1
+    if offsets[-1] < 2**31:
         return pa.Array.from_buffers(
-            pa.binary(), s, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(buf)]
+            pa.binary(), rows, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(buf)]
         )
     return pa.Array.from_buffers(
-        pa.large_binary(), s, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
+        pa.large_binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
     )
