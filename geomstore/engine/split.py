@@ -68,9 +68,7 @@ def _line_coefficients(
 ) -> Tensor:
     """(a0, a1, b) of each polygon's test line; vals is :attr:`Crossings.vals`."""
     if spec.kind == "maxpool":
-        v = vals[pair]
-        ar = torch.arange(v.shape[0], device=v.device)
-        return v[ar, :, step + 1] - v[ar, :, state.long()]
+        return vals[pair, :, step + 1] - vals[pair, :, state.long()]
     lines = vals[pair, :, 0]
     if spec.kind == "hardtanh":
         # float64 bounds: torch.where on Python floats gives float32 (-0.3 -> -0.300000012)
@@ -188,7 +186,7 @@ def _split_line_units(
     """Line units: every cell's arrangement at once; rounds for cells not in general position.
 
     Arrangements dispatch a fixed number of operations per layer; rounds dispatch about
-    130 per round but do less arithmetic. Which one is faster depends on the device:
+    100 per round but do less arithmetic. Which one is faster depends on the device:
     see :data:`ARRANGEMENT_DEVICES`.
     """
     from geomstore.engine.arrangement import arrangements
@@ -327,43 +325,54 @@ def _split_max(
     # remaining (polygon, pair, test) triples; polygons stay sorted (children come last)
     pp, pt = cross.cell, torch.arange(len(cross), device=dev)
     ps = torch.zeros_like(pt)
+    split_units: list[Tensor] = []
+    split_lines: list[Tensor] = []
+    first_id = cuts.count
+    n_cuts = 0
     while pp.numel():
         key = units.index_select(0, pt).add_(pp, alpha=n_units)  # flat (polygon, unit)
-        lines = _line_coefficients(spec, cross.vals, pt, ps, buf.flat[key])
+        cur = buf.flat[key]
+        lines = _line_coefficients(spec, cross.vals, pt, ps, cur).unsqueeze(2)
         va = buf.verts.index_select(0, pp)
-        f = torch.baddbmm(lines[:, 2:, None], va, lines[:, :2, None]).squeeze(2)
-        norm = torch.hypot(lines[:, 0], lines[:, 1])
-        f = torch.where(f.abs() <= (tol * norm)[:, None], 0.0, f)
+        f = torch.baddbmm(lines[:, 2:], va, lines[:, :2]).squeeze(2)
+        norm = torch.linalg.vector_norm(lines[:, :2], dim=1)  # (T, 1)
+        f.masked_fill_(f.abs() <= tol * norm, 0.0)
         lo, hi = torch.aminmax(f, dim=1)
         pos, neg = hi > 0, lo < 0
         won = pos & ~neg  # candidate j + 1 beats the winner on the whole polygon
-        buf.flat.index_put_((key[won],), (ps[won] + 1).to(torch.uint8))
+        buf.flat.index_put_((key,), torch.where(won, (ps + 1).to(torch.uint8), cur))
         crossing = pos & neg
-        step = ps + (~crossing).to(ps.dtype)  # settled tests move on
+        step = ps + ~crossing  # settled tests move on
         ci = torch.nonzero(crossing).squeeze(1)
         m = buf.count
         if ci.numel():
             cp = pp[ci]
             # split each polygon by the crossing test nearest its middle (fewest rounds);
             # the key orders by distance (float bits, top half), then by position
-            mid = ((hi + lo).abs_() / norm)[ci]
+            mid = ((hi + lo).abs_() / norm.squeeze(1))[ci]
             ckey = (mid.view(torch.int64) & _HIGH) | ci
             best = torch.full((m,), _MAX, dtype=torch.int64, device=dev)
             chosen = ckey == best.scatter_reduce_(0, cp, ckey, "amin")[cp]
             fi, sp = ci[chosen], cp[chosen]
-            ids = cuts.add(spec.unit_offset + units[pt[fi]], lines[fi, 0], lines[fi, 1])
+            k = int(fi.shape[0])
+            ids = torch.arange(first_id + n_cuts, first_id + n_cuts + k, device=dev)
+            n_cuts += k
+            split_units.append(units[pt[fi]])
+            split_lines.append(lines[fi])
             children = clip_both(va[fi], f[fi], buf.n[sp], buf.side[sp], ids)
-            buf.split(sp, children, key[fi], (ps[fi] + 1).to(torch.uint8))
-            step[fi] += 1
+            code = ps[fi] + 1  # the positive child takes candidate j + 1, and moves on
+            buf.split(sp, children, key[fi], code.to(torch.uint8))
+            step.index_copy_(0, fi, code)
         alive = step < n_steps
         pp, pt, ps = pp[alive], pt[alive], step[alive]
         if ci.numel():
             # pairs of a split polygon go on in both children (the negative one is new)
-            was_split = torch.zeros(m, dtype=torch.bool, device=dev)
-            was_split[sp] = True
-            dup = was_split[pp]
+            dup = torch.isin(pp, sp)
             kn = torch.searchsorted(sp, pp[dup]).add_(m)
             pp, pt, ps = torch.cat([pp, kn]), torch.cat([pt, pt[dup]]), torch.cat([ps, ps[dup]])
+    if split_units:
+        cut = torch.cat(split_lines)  # (cuts, 3, 1)
+        cuts.add(spec.unit_offset + torch.cat(split_units), cut[:, 0, 0], cut[:, 1, 0])
     m = buf.count
     return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
 
@@ -400,29 +409,30 @@ def clip_both(
     """
     s, w = f.shape
     sg = f.sign()
-    s0, s1 = sg[:, :-1], sg[:, 1:]
+    c = torch.stack([sg, sg.neg()])  # (2, S, W): the sign as each child sees it
+    c0, c1 = c[..., :-1], c[..., 1:]
     f0 = f[:, :-1]
     v0 = v[:, :-1]
-    cross = s0 * s1 < 0
     t = f0 / (f0 - f[:, 1:])
     x = torch.addcmul(v0, t.unsqueeze(2), v[:, 1:] - v0)
     pts = torch.stack([v0, x], 2).view(s, 2 * w - 2, 2)
-    ar = torch.arange(2 * w - 2, device=f.device)
-    valid = ar[: w - 1] < n[:, None]
-    c0 = torch.stack([s0, -s0])  # (2, S, W - 1): the sign as each child sees it
-    emit = torch.stack([(c0 >= 0) & valid, cross.expand(2, s, w - 1)], 3).view(2, s, 2 * w - 2)
-    cutc = cut[:, None]
+    valid = torch.arange(w - 1, device=f.device) < n.unsqueeze(1)
+    # each child keeps its vertices on its side and every crossing of the line
+    emit = torch.stack([(c0 >= 0) & valid, c0 * c1 < 0], 3).view(2, s, 2 * w - 2)
+    cutc = cut.view(1, s, 1)
     side0 = side[:, :-1]
     # a vertex on the line whose next vertex is on the other side starts the chord
-    lab_v = torch.where((s0 == 0) & (torch.stack([s1, -s1]) < 0), cutc, side0)
+    lab_v = torch.where((c0 == 0) & (c1 < 0), cutc, side0)
     lab_x = torch.where(c0 > 0, cutc, side0)
     lab = torch.stack([lab_v, lab_x], 3).view(2, s, 2 * w - 2)
     cnt = emit.sum(2)
     nw = max(w, int(cnt.max().item()) + 1)
-    # stable sort of "not emitted" keeps the emitted points first, in order
-    idx = torch.sort(~emit, dim=2, stable=True).indices[:, :, :nw]
-    idx = torch.where(ar[:nw] >= cnt[:, :, None], idx[:, :, :1], idx)  # padding: vertex 0
-    out_v = pts.expand(2, s, 2 * w - 2, 2).gather(2, idx[..., None].expand(2, s, nw, 2))
+    # stable sort of "not emitted" keeps the emitted points first, in order; the sorted
+    # keys mark the padding, which repeats vertex 0
+    pad, idx = torch.sort(~emit, dim=2, stable=True)
+    idx = idx[:, :, :nw]
+    idx = torch.where(pad[:, :, :nw], idx[:, :, :1], idx)
+    out_v = pts.expand(2, s, 2 * w - 2, 2).gather(2, idx.unsqueeze(3).expand(2, s, nw, 2))
     return out_v.view(2 * s, nw, 2), cnt.view(2 * s), lab.gather(2, idx).view(2 * s, nw)
 
 
