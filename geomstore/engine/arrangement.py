@@ -61,13 +61,13 @@ def arrangements(
     k = torch.bincount(cross.cell, minlength=p)
     kmax = int(k.max().item())
     # (point, line) pairs: each cell's points (corners, 2 per line, intersections) x lines
-    n_pairs = int(((k * (k - 1) // 2 + 2 * k + cells.n) * k).sum().item())
+    n_pairs = int((k * (k * (k + 3) // 2 + cells.n)).sum().item())  # k (k - 1) / 2 + 2 k
     if n_pairs > MAX_ELEMENTS:
         return None
     first_cut = cuts.count
     start = torch.cumsum(k, 0) - k
     raw = cross.vals[:, :, 0]
-    lines = raw / torch.sqrt(raw[:, 0] * raw[:, 0] + raw[:, 1] * raw[:, 1])[:, None]
+    lines = raw / torch.linalg.vector_norm(raw[:, :2], dim=1, keepdim=True)
     verts, side = pad_polys(cells.verts, cells.side, int(cells.n.max().item()) + 1)
     w = int(verts.shape[1])
     ar = torch.arange(w, device=dev)
@@ -89,23 +89,25 @@ def arrangements(
     v0 = verts[cross.cell[bt], bi]
     b_pts = v0 + s[:, None] * (verts[cross.cell[bt], bi + 1] - v0)
     b_lab = torch.stack([first_cut + bt, side[cross.cell[bt], bi]], 1)
-    bad[cross.cell[torch.bincount(bt, minlength=t) != 2]] = True
+    bad.index_fill_(0, cross.cell[torch.bincount(bt, minlength=t) != 2], True)
     # intersections of two lines of the same cell, strictly inside it
-    after = start[cross.cell] + k[cross.cell] - 1 - torch.arange(t, device=dev)
-    i = torch.repeat_interleave(torch.arange(t, device=dev), after)
-    j = i + 1 + torch.arange(i.numel(), device=dev) - (torch.cumsum(after, 0) - after)[i]
-    a, b = lines[:, :2], lines[:, 2]
-    det = a[i, 0] * a[j, 1] - a[i, 1] * a[j, 0]
-    i_pts = torch.stack(
-        [(b[j] * a[i, 1] - b[i] * a[j, 1]) / det, (b[i] * a[j, 0] - b[j] * a[i, 0]) / det], 1
-    )
+    if p == 1:  # the first layer: every pair of lines
+        i, j = torch.triu_indices(t, t, 1, device=dev)
+    else:
+        after = start[cross.cell] + k[cross.cell] - 1 - torch.arange(t, device=dev)
+        i = torch.repeat_interleave(torch.arange(t, device=dev), after)
+        j = i + 1 + torch.arange(i.numel(), device=dev) - (torch.cumsum(after, 0) - after)[i]
+    # the lines' meeting point in homogeneous coordinates: the cross product of (a0, a1, b)
+    hom = torch.linalg.cross(lines[i], lines[j])
+    i_pts = hom[:, :2] / hom[:, 2:]
     i_cell = cross.cell[i]
     edge = verts[:, 1:] - verts[:, :-1]
     enorm = edge / torch.sqrt((edge * edge).sum(2, keepdim=True)).clamp(min=1e-300)
+    inward = torch.stack([-enorm[..., 1], enorm[..., 0]], 2)  # the sides' inner normals
     rel = i_pts[:, None, :] - verts[i_cell, :-1]
-    dist = enorm[i_cell, :, 0] * rel[..., 1] - enorm[i_cell, :, 1] * rel[..., 0]
+    dist = (inward[i_cell] * rel).sum(2)
     dist = torch.where(valid[i_cell, :-1], dist, torch.inf).amin(1)  # NaN: parallel lines
-    bad[i_cell[dist.abs() <= tol]] = True  # an intersection on the cell's border
+    bad.index_fill_(0, i_cell[dist.abs() <= tol], True)  # an intersection on the cell's border
     inner = dist > tol
     i_pts, i_cell = i_pts[inner], i_cell[inner]
     i_lab = torch.stack([first_cut + i[inner], first_cut + j[inner]], 1)
@@ -134,7 +136,7 @@ def arrangements(
         up = f > tol
         bits = torch.zeros((n_all, words), dtype=torch.int64, device=dev)
         bits.index_put_((pt_of[up], pl[up] // _BITS), weight[pl[up] % _BITS], accumulate=True)
-    bad[pcell[n_zero != expect]] = True
+    bad.index_fill_(0, pcell[n_zero != expect], True)
     n_inner = torch.bincount(i_cell, minlength=p)
 
     # 3. corners: one per (point, choice of sides of its zero lines), keyed by sign vector
@@ -144,16 +146,16 @@ def arrangements(
     owner = torch.repeat_interleave(torch.arange(pts.shape[0], device=dev), n_combo)
     rank = torch.arange(owner.numel(), device=dev) - (torch.cumsum(n_combo, 0) - n_combo)[owner]
     key = base[owner]
-    lines_first = torch.sort(on[owner], dim=1, descending=True).values
-    for c in range(2):  # the c-th zero line takes side bit c of the corner's rank
-        ln = lines_first[:, c]
-        row = torch.nonzero((ln >= 0) & (((rank >> c) & 1) == 1), as_tuple=True)[0]
-        ln = ln[row]
-        key.index_put_((row, 1 + ln // _BITS), weight[ln % _BITS], accumulate=True)
+    lines_first = torch.sort(on[owner], dim=1, descending=True).values[:, :2]
+    # the c-th zero line takes side bit c of the corner's rank
+    pick = (lines_first >= 0) & ((rank[:, None] >> torch.arange(2, device=dev)) & 1 == 1)
+    row, c = torch.nonzero(pick, as_tuple=True)
+    ln = lines_first[row, c]
+    key.index_put_((row, 1 + ln // _BITS), weight[ln % _BITS], accumulate=True)
     faces, face_of = _unique_rows(key)
     fcell = faces[:, 0]
     cnt = torch.bincount(face_of, minlength=faces.shape[0])
-    bad[fcell[cnt < 3]] = True
+    bad.index_fill_(0, fcell[cnt < 3], True)
     bad |= torch.bincount(fcell, minlength=p) != 1 + k + n_inner  # Euler
     good_face = ~bad[fcell]
     keep = good_face[face_of]
