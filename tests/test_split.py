@@ -352,8 +352,7 @@ def test_max_units_pretest_matches_vertex_tests(seed: int) -> None:
         in_shape=(n_in,), out_shape=(30,), candidates=torch.as_tensor(cand),
     )  # fmt: skip
     tol = 1e-9
-    valid = torch.arange(12)[None, :] < n_t[:, None]
-    states, crossing = _initial_states(spec, torch.as_tensor(coef), verts_t, valid, tol)
+    states, crossing = _initial_states(spec, torch.as_tensor(coef), verts_t, n_t, tol)
     ref_states, ref_crossing = _max_states_at_vertices(coef, verts, n, cand, tol)
     assert 0 < ref_crossing.sum() < ref_crossing.size  # both kinds occur
     np.testing.assert_array_equal(crossing.numpy(), ref_crossing)
@@ -426,3 +425,31 @@ def test_wkb_encoders_write_shapelys_bytes_in_any_block_size() -> None:
         for i in range(25)
     ]
     assert polygons_wkb(verts[:0], n[:0]).to_pylist() == []
+
+
+@pytest.mark.parametrize("kind", ["relu", "leaky", "prelu", "abs", "hardtanh"])
+def test_unit_change_is_the_difference_of_unit_values(kind: str) -> None:
+    """The rank-1 updates of the descent use ``unit_change``; for every line kind it is
+    ``unit_values(new) - unit_values(old)`` wherever a unit's state changed."""
+    from geomstore.engine.nonlinear import Nonlinearity
+
+    n_states = 3 if kind == "hardtanh" else 2
+    spec = Nonlinearity(
+        layer=0,
+        node=None,
+        name="u",
+        kind=kind,  # type: ignore[arg-type]
+        slope=torch.tensor([0.1, -0.4]) if kind == "prelu" else 0.2,
+        lo=-0.3,
+        hi=0.5,
+        out_shape=(2, 3),
+    )
+    g = torch.Generator().manual_seed(0)
+    vals = torch.randn((500, 3, 1), generator=g, dtype=torch.float64)
+    vals[:7] = 0.0  # signed zeros must not matter
+    units = torch.randint(0, 6, (500,), generator=g)
+    old = torch.randint(0, n_states, (500,), generator=g, dtype=torch.uint8)
+    new = (old + torch.randint(1, n_states, (500,), generator=g, dtype=torch.uint8)) % n_states
+    want = spec.unit_values(vals, units, new) - spec.unit_values(vals, units, old)
+    got = spec.unit_change(vals, units, new, old)
+    assert torch.equal(got, want)

@@ -51,8 +51,7 @@ def crossings(
     spec: Nonlinearity, coef: Tensor, verts: Tensor, n: Tensor, tol: float
 ) -> tuple[Tensor, Crossings]:
     """States of the units constant on each cell (0 for the others) and the crossing pairs."""
-    valid = torch.arange(verts.shape[1], device=verts.device)[None, :] < n[:, None]
-    state0, crossing = _initial_states(spec, coef, verts, valid, tol)
+    state0, crossing = _initial_states(spec, coef, verts, n, tol)
     cell, unit = torch.nonzero(crossing, as_tuple=True)
     if spec.kind == "maxpool":
         assert spec.candidates is not None
@@ -63,16 +62,17 @@ def crossings(
 
 
 def _initial_states(
-    spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, n: Tensor, tol: float
 ) -> tuple[Tensor, Tensor]:
     """States of units constant on each cell, and which units need line tests (crossing)."""
     if spec.kind == "maxpool":
+        valid = torch.arange(verts.shape[1], device=verts.device)[None, :] < n[:, None]
         return _initial_states_max(spec, coef, verts, valid, tol)
-    return _initial_states_lines(spec, coef, verts, valid, tol)
+    return _initial_states_lines(spec, coef, verts, tol)
 
 
 def _initial_states_lines(
-    spec: Nonlinearity, coef: Tensor, verts: Tensor, valid: Tensor, tol: float
+    spec: Nonlinearity, coef: Tensor, verts: Tensor, tol: float
 ) -> tuple[Tensor, Tensor]:
     """Line units (ReLU-like, hard-tanh): a circle pretest, then exact tests on candidates.
 
@@ -87,7 +87,7 @@ def _initial_states_lines(
     fc = torch.baddbmm(coef[:, 2:], centre, coef[:, :2]).squeeze(1)  # value at the centre
     reach = norm * (radius + 2 * tol)
     thresholds = [spec.lo, spec.hi] if spec.kind == "hardtanh" else [0.0]
-    states = torch.zeros(fc.shape, dtype=torch.uint8, device=fc.device)
+    states: Tensor | None = None
     crossing = torch.zeros(fc.shape, dtype=torch.bool, device=fc.device)
     for thr in thresholds:
         g = fc - thr if thr else fc
@@ -99,9 +99,14 @@ def _initial_states_lines(
         pos = f.amax(dim=(1, 2)) > tau
         neg = f.amin(dim=(1, 2)) < -tau
         above = g > 0
-        above[rows, cols] = pos & ~neg
+        above[rows, cols] = pos & ~neg  # False where the line crosses
+        if len(thresholds) == 1:
+            crossing[rows, cols] = pos & neg
+            return above.to(torch.uint8), crossing
         crossing[rows, cols] |= pos & neg
-        states += above
+        states = above.to(torch.uint8) if states is None else states + above
+    assert states is not None
+    # a unit crossing at one threshold may be above the other: its state comes from the split
     return torch.where(crossing, 0, states), crossing
 
 

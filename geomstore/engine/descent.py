@@ -151,7 +151,7 @@ class Descent:
     """
 
     max_matrix_elements = 1 << 23
-    block_elements = 1 << 21  # float64 elements of one block's input forms (CPU cache-sized)
+    block_elements = 1 << 22  # float64 elements of one block's input forms on a CPU (32 MiB)
     device_block_elements = 1 << 27  # on a GPU: large blocks, few kernel launches
     rank1_limit = 1  # rank-1 updates while changed units per child <= units / 32 x this
 
@@ -202,7 +202,8 @@ class Descent:
     def _coef(self, pre: Tensor, p: int) -> Tensor:
         """(P*3, *shape) values at the 3 points -> (P, 3, N): slope0, slope1, value at centre."""
         v = pre.reshape(p, 3, -1)
-        return torch.stack([(v[:, 1] - v[:, 0]) / self.h, (v[:, 2] - v[:, 0]) / self.h, v[:, 0]], 1)
+        v0 = v[:, :1]
+        return torch.cat([(v[:, 1:] - v0) / self.h, v0], 1)
 
     def _points(self, coef: Tensor) -> Tensor:
         """The inverse of :meth:`_coef`: (P, 3, N) affine form -> values at the 3 points."""
@@ -213,8 +214,8 @@ class Descent:
     def _gather(t: Any, par: Tensor) -> Any:
         if not isinstance(t, Tensor):
             return t
-        rows = (par[:, None] * 3 + torch.arange(3, device=par.device)[None, :]).reshape(-1)
-        return t.index_select(0, rows)
+        # rows come in threes (the three points of a cell)
+        return t.reshape(-1, 3, *t.shape[1:]).index_select(0, par).view(-1, *t.shape[1:])
 
     def _target(self, layer: int, env: dict[Any, Any]) -> Tensor:
         """The tensor stage ``layer`` computes: nonlinearity ``layer``'s input or the output."""
@@ -257,9 +258,10 @@ class Descent:
             or units * units > 4 * self.max_matrix_elements
         ):
             return None
-        x = torch.cat([torch.zeros((1, units)), torch.eye(units)]).to(torch.float64)
+        x = torch.zeros((units + 1, units), dtype=torch.float64, device=self.dev)
+        x[1:].fill_diagonal_(1.0)  # the origin, then each unit vector
         try:
-            res = self._run_stage(layer + 1, {}, x.to(self.dev).reshape(units + 1, *spec.out_shape))
+            res = self._run_stage(layer + 1, {}, x.reshape(units + 1, *spec.out_shape))
         except Exception:  # a stage that cannot take this batch keeps the general path
             return None
         res = res.reshape(units + 1, -1)
@@ -284,7 +286,7 @@ class Descent:
         if m.dense:
             out = spec.apply(coef, base_states, coef=True).reshape(p * 3, -1)
             base = (out @ m.jt).reshape(p, 3, -1)
-            base[:, 2] += m.bias
+            base.select(1, 2).add_(m.bias)
             return base
         out = spec.apply(self._points(coef), base_states).reshape(-1, *spec.out_shape)
         return self._coef(self._run_stage(layer + 1, {}, out), p)
@@ -304,8 +306,7 @@ class Descent:
         if q_idx.numel():
             k = cells.cross.find(par[q_idx], u_idx, spec.n_units)
             vals = cells.cross.vals[k]
-            d = spec.unit_values(vals, u_idx, states[q_idx, u_idx])
-            d -= spec.unit_values(vals, u_idx, base_states[q_idx, u_idx])
+            d = spec.unit_change(vals, u_idx, states[q_idx, u_idx], base_states[q_idx, u_idx])
             _index_add(coef, q_idx, d[:, :, None] * m.jt[u_idx][:, None, :])
         return coef
 
@@ -496,15 +497,14 @@ class Descent:
 def _index_add(out: Tensor, index: Tensor, values: Tensor) -> None:
     """``out.index_add_(0, index, values)``, bit-for-bit the same on every run.
 
-    CUDA's default ``index_add_`` adds with atomics, so rows that receive several terms
-    sum them in a different order on each run (the last bits of the affine maps moved
-    between two runs on an H200); its deterministic form sorts the terms by row first.
+    CUDA's ``index_add_`` adds with atomics, so rows that receive several terms sum them
+    in a different order on each run (the last bits of the affine maps moved between two
+    runs on an H200). ``index_put_`` with ``accumulate`` sorts the terms by row and adds
+    each row's in their order on CUDA: what ``index_add_`` itself does under
+    ``torch.use_deterministic_algorithms``, without setting that process-wide flag (which
+    would make other threads' nondeterministic operations raise meanwhile).
     """
-    if out.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+    if out.device.type == "cuda":
+        out.index_put_((index,), values, accumulate=True)
+    else:
         out.index_add_(0, index, values)
-        return
-    torch.use_deterministic_algorithms(True)
-    try:
-        out.index_add_(0, index, values)
-    finally:
-        torch.use_deterministic_algorithms(False)

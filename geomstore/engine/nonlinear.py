@@ -134,6 +134,13 @@ class Nonlinearity:
             out = flat.gather(2, idx[:, None, :].expand(p, 3, -1))
         return out.reshape(p, 3, *self.out_shape)
 
+    def unit_change(self, vals: Tensor, units: Tensor, new: Tensor, old: Tensor) -> Tensor:
+        """``unit_values(new) - unit_values(old)`` for units whose state changed (new != old)."""
+        if self.kind == "relu":  # on minus off, or off minus on
+            z = vals[:, :, 0]
+            return torch.where((new == 1)[:, None], z, -z)
+        return self.unit_values(vals, units, new) - self.unit_values(vals, units, old)
+
     def unit_values(self, vals: Tensor, units: Tensor, states: Tensor) -> Tensor:
         """Output (slope0, slope1, value) of each unit in the given state, (pairs, 3).
 
