@@ -344,7 +344,7 @@ def _region_table(
     valid = torch.arange(verts_c.shape[1], device=verts_c.device)[None, :] < n[:, None]
     verts = torch.where(valid[..., None], verts_c + ctr, 0.0)
     area, cen_c = polygon_measures(verts_c, n)
-    fcen = torch.einsum("pkd,pd->pk", amap, cen_c) + c_centre
+    fcen = torch.bmm(amap, cen_c.unsqueeze(2)).squeeze(2) + c_centre
     k = int(amap.shape[1])
     label = fcen.argmax(1) if k > 1 else (fcen[:, 0] > threshold).to(torch.int64)
     slope_norm = torch.sqrt((amap * amap).sum(dim=(1, 2)))
@@ -406,8 +406,9 @@ def _tables(
     )
     offsets = torch.tensor([s.unit_offset for s in specs] + [program.n_units], device=dev)
     unit = ov["unit"]
-    layer = torch.where(unit >= 0, torch.searchsorted(offsets, unit, right=True) - 1, -1)
-    neuron = torch.where(unit >= 0, unit - offsets[layer.clamp(min=0)], -1)
+    # the domain's sides (unit -1) get layer -1 and a negative neuron: both null
+    layer = torch.searchsorted(offsets, unit, right=True) - 1
+    neuron = unit - offsets[layer]
     ctr = torch.as_tensor(centre, dtype=torch.float64, device=dev)
     edges = table_segments(
         ov["a"] + ctr,

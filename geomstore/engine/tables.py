@@ -39,12 +39,11 @@ def polygon_measures(verts: Any, n: Any) -> tuple[Any, Any]:
     reln = rel.gather(1, nxt)
     cross = (rel[..., 0] * reln[..., 1] - reln[..., 0] * rel[..., 1]) * valid
     area = 0.5 * cross.sum(1)
-    safe = torch.where(area > 0, area, 1.0)
-    cx = ((rel[..., 0] + reln[..., 0]) * cross).sum(1) / (6 * safe)
-    cy = ((rel[..., 1] + reln[..., 1]) * cross).sum(1) / (6 * safe)
-    mean = rel.sum(1) / n.clamp(min=1)[:, None]
-    cen = torch.where((area > 0)[:, None], torch.stack([cx, cy], 1), mean) + base[:, 0, :]
-    return area, cen
+    pos = (area > 0).unsqueeze(1)
+    safe = torch.where(pos, area.unsqueeze(1), 1.0)
+    moment = ((rel + reln) * cross.unsqueeze(2)).sum(1) / (6 * safe)
+    mean = rel.sum(1) / n.clamp(min=1).unsqueeze(1)
+    return area, torch.where(pos, moment, mean) + base[:, 0, :]
 
 
 def edge_overlay(
@@ -94,10 +93,10 @@ def edge_overlay(
         new_chord = torch.ones(k, dtype=torch.bool, device=dev)
         new_chord[1:] = sc[1:] != sc[:-1]
         chord_start = torch.cummax(torch.where(new_chord, pos, 0), 0).values
-        owner = []
-        for g in (0, 1):
-            last = torch.cummax(torch.where(sgrp == g, pos, -1), 0).values
-            owner.append(torch.where(last >= chord_start, o[last.clamp(min=0)], -1))
+        # per side (rows 0 and 1): the last piece of that side started so far on the chord
+        sides = torch.arange(2, device=dev)[:, None]
+        last = torch.cummax(torch.where(sgrp == sides, pos, -1), 1).values
+        owner = torch.where(last >= chord_start, o[last.clamp(min=0)], -1)
         nxt_lo = torch.empty(k, dtype=slo.dtype, device=dev)
         nxt_lo[:-1] = slo[1:]
         end = torch.ones(k, dtype=torch.bool, device=dev)
@@ -109,14 +108,17 @@ def edge_overlay(
         nxt_lo[end] = chord_hi[chord_id[end]]
         keep = nxt_lo - slo > min_length
         ic, ilo, ihi = sc[keep], slo[keep], nxt_lo[keep]
-        p0, p1 = (w[keep] for w in owner)
-        chord_s = torch.where(p0 >= 0, s[p0.clamp(min=0)], s[p1.clamp(min=0)])
+        p01 = owner[:, keep]
+        has, p01 = p01 >= 0, p01.clamp(min=0)
+        chord_s = torch.where(has[0], s[p01[0]], s[p01[1]])
         dd = cut_dirs[ic]
         nn_ = torch.stack([-dd[:, 1], dd[:, 0]], 1)
-        out_a.append(ilo[:, None] * dd + chord_s[:, None] * nn_)
-        out_b.append(ihi[:, None] * dd + chord_s[:, None] * nn_)
-        left.append(torch.where(p0 >= 0, reg[p0.clamp(min=0)], -1))
-        right.append(torch.where(p1 >= 0, reg[p1.clamp(min=0)], -1))
+        ends = torch.stack([ilo, ihi])[:, :, None] * dd + chord_s[:, None] * nn_
+        out_a.append(ends[0])
+        out_b.append(ends[1])
+        lr = torch.where(has, reg[p01], -1)
+        left.append(lr[0])
+        right.append(lr[1])
         unit.append(cut_units[ic])
         bidx.append(torch.full((int(ic.numel()),), -1, device=dev))
     return {
@@ -143,7 +145,7 @@ def _clip_keep_positive(
     """
     verts, side = pad_polys(verts, side, int(n.max().item()) + 1 if n.numel() else 1)
     f = torch.baddbmm(a[:, 2:, None], verts, a[:, :2, None]).squeeze(2)
-    tau = tol * torch.sqrt(a[:, 0] * a[:, 0] + a[:, 1] * a[:, 1])
+    tau = tol * torch.linalg.vector_norm(a[:, :2], dim=1)
     f = torch.where(f.abs() <= tau[:, None], 0.0, f)
     hi, lo = f.amax(1), f.amin(1)  # padding repeats vertex 0
     keep = (hi > 0) | (lo >= 0)  # all-zero (degenerate) counts as kept
@@ -354,25 +356,25 @@ def table_regions(
 
 def table_segments(a: Any, b: Any, cols: dict[str, Any]) -> pa.Table:
     """Segments from ``a`` to ``b`` (S, 2) with their extra columns (negative integers
-    and NaN become null); tensors are encoded on their device, then copied once."""
+    and NaN become null); tensors are encoded on their device, then copied in few blocks:
+    the coordinates and lengths as one matrix, the tensor columns of each dtype as one."""
     a_t = torch.as_tensor(a, dtype=torch.float64)
     b_t = torch.as_tensor(b, dtype=torch.float64).to(a_t.device)
-    data: dict[str, pa.Array] = {"geometry": segments_wkb(a_t, b_t)}
+    ab = torch.cat([a_t, b_t], 1)  # (S, 4): u0_a, u1_a, u0_b, u1_b
     d = b_t - a_t
-    cols = {
-        "u0_a": a_t[:, 0],
-        "u1_a": a_t[:, 1],
-        "u0_b": b_t[:, 0],
-        "u1_b": b_t[:, 1],
-        "length": torch.sqrt((d * d).sum(1)),
-        **cols,
-    }
+    num = to_host(torch.cat([ab, torch.sqrt((d * d).sum(1, keepdim=True))], 1))
+    data: dict[str, pa.Array] = {"geometry": segments_wkb(ab)}
+    for i, key in enumerate(("u0_a", "u1_a", "u0_b", "u1_b", "length")):
+        data[key] = pa.array(num[:, i])
+    host: dict[str, np.ndarray] = {}
+    for dtype in {v.dtype for v in cols.values() if isinstance(v, Tensor)}:
+        keys = [k for k, v in cols.items() if isinstance(v, Tensor) and v.dtype == dtype]
+        block = to_host(torch.stack([cols[k] for k in keys]))
+        host.update(zip(keys, block))
     for key, val in cols.items():
-        arr = to_host(val.contiguous()) if isinstance(val, Tensor) else np.asarray(val)
+        arr = host[key] if key in host else np.asarray(val)
         if arr.dtype.kind == "i":
             data[key] = pa.array(arr, mask=arr < 0)
-        elif key in ("u0_a", "u1_a", "u0_b", "u1_b", "length"):
-            data[key] = pa.array(arr)
         else:
             data[key] = pa.array(arr, mask=np.isnan(arr))  # "not applicable" is null
     return pa.table(data)

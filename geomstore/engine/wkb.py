@@ -50,15 +50,16 @@ def polygons_wkb(verts: Any, n: Any, *, rows: int = 1 << 18) -> pa.BinaryArray:
     return _binary(to_host(offsets), buf)
 
 
-def segments_wkb(a: Any, b: Any) -> pa.BinaryArray:
+def segments_wkb(a: Any, b: Any | None = None) -> pa.BinaryArray:
     """Encode segments from points ``a`` (S, 2) to ``b`` (S, 2) as WKB LineStrings (where
-    the tensors are, like :func:`polygons_wkb`)."""
-    a_t = torch.as_tensor(a, dtype=torch.float64)
-    b_t = torch.as_tensor(b, dtype=torch.float64).to(a_t.device)
-    s = int(a_t.shape[0])
-    head = torch.tensor([1, 2, 0, 0, 0, 2, 0, 0, 0], dtype=torch.uint8, device=a_t.device)
-    xy = torch.cat([a_t, b_t], 1).contiguous().view(torch.uint8).reshape(s, 32)
-    buf = to_host(torch.cat([head.expand(s, -1), xy], 1).reshape(-1))
+    the tensors are, like :func:`polygons_wkb`); ``b`` None: ``a`` (S, 4) holds both."""
+    xy = torch.as_tensor(a, dtype=torch.float64)
+    if b is not None:
+        xy = torch.cat([xy, torch.as_tensor(b, dtype=torch.float64).to(xy.device)], 1)
+    s = int(xy.shape[0])
+    head = torch.tensor([1, 2, 0, 0, 0, 2, 0, 0, 0], dtype=torch.uint8, device=xy.device)
+    raw = xy.contiguous().view(torch.uint8).view(s, 32)
+    buf = to_host(torch.cat([head.expand(s, -1), raw], 1).view(-1))
     return _binary(np.arange(s + 1, dtype=np.int64) * 41, buf)
 
 
