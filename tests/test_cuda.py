@@ -104,3 +104,22 @@ def test_tables_that_do_not_fit_on_the_gpu_are_built_on_the_cpu(
     assert devices == ["cuda", "cpu"]
     _same(want, got)
     assert got.verify(model, grid=48).ok
+
+
+def test_index_add_is_the_same_on_every_run_and_leaves_the_flag_alone() -> None:
+    """Rows that receive many terms sum them in one order on every run, without turning
+    on ``torch.use_deterministic_algorithms`` (a process-wide flag other threads see)."""
+    from geomstore.engine.descent import _index_add
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 7, (20_000,), generator=g).cuda()
+    values = torch.randn((20_000, 3, 5), generator=g, dtype=torch.float64).cuda()
+    runs = []
+    for _ in range(3):
+        out = torch.zeros((7, 3, 5), dtype=torch.float64, device="cuda")
+        _index_add(out, index, values)
+        assert not torch.are_deterministic_algorithms_enabled()
+        runs.append(out.cpu())
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    want = torch.zeros((7, 3, 5), dtype=torch.float64).index_add_(0, index.cpu(), values.cpu())
+    assert torch.allclose(runs[0], want, rtol=0, atol=1e-9)
