@@ -26,6 +26,7 @@ True
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -82,13 +83,14 @@ class PatternHash:
 @functools.lru_cache(maxsize=8)
 def _weights(n_units: int) -> tuple[Tensor, Tensor]:
     """The hash's random weights (units, 2) int64 and their 16-bit limbs (units, 8) float64,
-    limb j of lane l at column 4 l + j (masking the arithmetic shift gives the
-    two's-complement limbs). Read-only: every :class:`PatternHash` of that size shares them.
+    limb j of lane l at column 4 l + j: the int64 words read as little-endian 16-bit
+    halves, taken unsigned. Read-only: every :class:`PatternHash` of that size shares them.
     """
     g = torch.Generator().manual_seed(_SEED)
     r = torch.randint(-(2**63), 2**63 - 1, (n_units, 2), generator=g)
-    limbs = [(r[:, lane] >> (16 * j)) & 0xFFFF for lane in range(2) for j in range(4)]
-    return r, torch.stack(limbs, 1).to(torch.float64)
+    if sys.byteorder != "little":  # pragma: no cover - every machine torch supports
+        raise RuntimeError("the pattern hash reads int64 weights as little-endian limbs")
+    return r, r.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).to(torch.float64)
 
 
 def hash_bytes(hashes: np.ndarray) -> pa.Array:

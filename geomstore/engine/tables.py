@@ -20,9 +20,9 @@ def _sides(n: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Which slots of padded polygons hold vertices, and the index (P, width, 2) of each
     vertex's successor, for ``gather`` along dim 1."""
     ar = torch.arange(width, device=n.device)
-    valid = ar[None, :] < n[:, None]
-    nxt = (ar[None, :] + 1) % n.clamp(min=1)[:, None]
-    return valid, nxt[..., None].expand(-1, -1, 2)
+    nc = n.unsqueeze(1)
+    nxt = (ar + 1) % nc.clamp(min=1)
+    return ar < nc, nxt.unsqueeze(2).expand(-1, -1, 2)
 
 
 def polygon_measures(verts: Any, n: Any) -> tuple[Any, Any]:
