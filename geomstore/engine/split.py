@@ -48,7 +48,7 @@ class CutLog:
         ids = torch.arange(self.count, self.count + k, device=units.device)
         norm = torch.sqrt(a0 * a0 + a1 * a1)
         self.units.append(units)
-        self.dirs.append(torch.stack([-a1 / norm, a0 / norm], dim=1))
+        self.dirs.append(torch.stack([-a1, a0], dim=1) / norm.unsqueeze(1))
         self.count += k
         return ids
 
@@ -248,8 +248,8 @@ def _split_lines(
     lines = cross.vals[:, :, 0]  # (T, 3): a0, a1, b
     # unit normals: values are distances, so the tolerance is one number for all lines
     unit_lines = lines / torch.hypot(lines[:, 0], lines[:, 1]).unsqueeze(1)
-    a = unit_lines[:, :2, None].contiguous()
-    b = unit_lines[:, 2:, None].contiguous()
+    ul = unit_lines.unsqueeze(2)  # index_select below copies rows out contiguous
+    a, b = ul[:, :2], ul[:, 2:]
     units = cross.unit
     n_units = int(state0.shape[1])
     buf = _Grow(cells, state0, cross)
@@ -444,7 +444,7 @@ class _Grow:
         # k lines make at most 1 + k + k (k - 1) / 2 faces: take that bound when it is
         # modest, so that the buffers never grow (growing costs operations and copies)
         k = torch.bincount(cross.cell, minlength=p)
-        bound = int((1 + k + k * (k - 1) // 2).sum().item())
+        bound = int((1 + k * (k + 1) // 2).sum().item())  # 1 + k + k (k - 1) / 2
         cap = p + 2 * len(cross) + 16
         cap = bound if bound <= 4 * cap else cap
         width = int(cells.n.max().item()) + 1
