@@ -21,6 +21,7 @@ batch of random inputs before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -31,6 +32,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from geomstore.engine.cache import LoweringCache, fingerprint
 from geomstore.engine.ops import MAX_LIKE as _MAX_LIKE
 from geomstore.engine.ops import op_name, rule
 from geomstore.engine.refusal import Refusal, quiet
@@ -146,7 +148,14 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     global _DECOMP
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    key = _cache_key(model, input_shape, logits)
     fn, weights, module = _source(model)
+    if key is not None:
+        entry = CACHE.get(key[0])
+        if entry is not None and _same_forward(fn, input_shape, entry.probe):
+            CACHE.count(hit=True)
+            return Lowered(gm=entry.gm, weights=weights, stripped_softmax=entry.stripped)
+        CACHE.count(hit=False)
     x1 = _example(input_shape, 1)
     if _DECOMP is None:
         _DECOMP = _decompositions()
@@ -179,8 +188,40 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     gm.graph.eliminate_dead_code()
     gm.recompile()
     _check_batch(gm, fn, input_shape)
-    stripped = logits and getattr(gm, "_gs_stripped", False)
-    return Lowered(gm=gm, weights=weights, stripped_softmax=bool(stripped))
+    stripped = bool(logits and getattr(gm, "_gs_stripped", False))
+    if key is not None:
+        with contextlib.suppress(Exception):  # a model the probe cannot run: traced each time
+            CACHE.put(key[0], gm, stripped, _probe(fn, input_shape), key[1])
+    return Lowered(gm=gm, weights=weights, stripped_softmax=stripped)
+
+
+CACHE = LoweringCache(size=4)
+"""The lowered graphs of the last models traced (see :mod:`geomstore.engine.cache`)."""
+
+
+def _cache_key(model: Any, input_shape: tuple[int, ...], logits: bool) -> Any:
+    """(cache key, bytes of float64 weights) of an ``nn.Module`` the cache can keep, else
+    None: torch.export programs and models over half the cache are traced every time."""
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        return None
+    nbytes = 8 * sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    if 2 * nbytes > CACHE.max_bytes:
+        return None
+    return (fingerprint(model), tuple(input_shape), bool(logits)), nbytes
+
+
+def _probe(fn: Any, input_shape: tuple[int, ...]) -> Any:
+    with torch.no_grad(), quiet():
+        return _first(fn(_example(input_shape, 16, seed=2)))
+
+
+def _same_forward(fn: Any, input_shape: tuple[int, ...], want: Any) -> bool:
+    """Whether the model's forward gives exactly ``want`` on the probe batch again."""
+    try:
+        got = _probe(fn, input_shape)
+    except Exception:  # the full lowering reports it
+        return False
+    return isinstance(got, Tensor) and isinstance(want, Tensor) and torch.equal(got, want)
 
 
 def _check_batch(gm: torch.fx.GraphModule, fn: Any, input_shape: tuple[int, ...]) -> None:

@@ -1,0 +1,150 @@
+"""A small cache of lowered graphs, so that the slices of one model are traced once.
+
+Tracing a model (``make_fx``, the operator checks and rewrites) is most of the host time
+of a partition of a small network: 20 of about 52 ms for 2-100-100-1 on the project's
+CPU, and more on a GPU, where the rest is fast. Researchers partition many slices of one
+checkpoint, so :func:`geomstore.engine.lower.lower` keeps the last few graphs.
+
+A graph is reused only for a model that is the same in everything tracing reads:
+
+- the values of every parameter and buffer (a SHA-256 of their bytes, so in-place
+  updates, ``load_state_dict`` and replaced ``.data`` all count, whatever the allocator
+  reuses);
+- every module's class, mode, hooks and plain attributes (``negative_slope``, a kernel
+  size, a replaced ``forward``), tensors among them by value;
+- the input shape and whether a trailing softmax is stripped.
+
+And even then only when the model's own forward gives, bit for bit, what it gave on a
+batch of 16 random inputs when the graph was made: what no fingerprint sees (a global
+that ``forward`` reads, a class attribute) makes it retrace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoweringCache", "fingerprint"]
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_SKIP = frozenset({"_parameters", "_buffers", "_modules"})  # by value, or their own entry
+
+
+def _tensor_token(t: Tensor) -> tuple[Any, ...]:
+    h = hashlib.sha256()
+    h.update(_bytes(t))
+    return ("tensor", tuple(t.shape), t.dtype, t.device.type, h.hexdigest())
+
+
+def _bytes(t: Tensor) -> bytes:
+    data = t.detach().to("cpu").reshape(-1)
+    return data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+
+
+def _token(value: Any, depth: int = 0) -> Any:
+    """A hashable stand-in for an attribute: by value where it is data, else by identity."""
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    if isinstance(value, Tensor):
+        return _tensor_token(value)
+    if depth < 4 and isinstance(value, (tuple, list)):
+        return (type(value), tuple(_token(v, depth + 1) for v in value))
+    if depth < 4 and isinstance(value, dict):
+        return (
+            type(value),
+            tuple((_token(k, depth + 1), _token(v, depth + 1)) for k, v in value.items()),
+        )
+    if depth < 4 and isinstance(value, (set, frozenset)):
+        return (type(value), tuple(sorted(repr(_token(v, depth + 1)) for v in value)))
+    return ("object", type(value), id(value))
+
+
+def fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    """Everything tracing ``model`` reads except the input: see the module docstring."""
+    h = hashlib.sha256()
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        h.update(name.encode())
+        h.update(repr((tuple(t.shape), t.dtype)).encode())
+        h.update(_bytes(t))
+    modules = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        attrs = tuple((k, _token(v)) for k, v in vars(mod).items() if k not in _SKIP)
+        modules.append((name, type(mod), attrs))
+    hooks = tuple(
+        _token(getattr(nn.modules.module, g, {}))
+        for g in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_forward_hooks_always_called",
+        )
+    )
+    return (h.hexdigest(), tuple(modules), hooks)
+
+
+@dataclass
+class _Entry:
+    gm: torch.fx.GraphModule
+    stripped: bool
+    probe: Any  # the model's own forward on the probe batch when the graph was made
+    nbytes: int  # what the graph holds (its float64 copy of the weights)
+
+
+class LoweringCache:
+    """The last ``size`` lowered graphs by (fingerprint, input shape, logits), holding at
+    most ``max_bytes`` of weights (a long-running worker keeps no more); thread-safe.
+
+    ``hits`` and ``misses`` count lookups (a hit whose graph then fails the forward check
+    is counted as a miss by :func:`geomstore.engine.lower.lower`).
+    """
+
+    def __init__(self, size: int = 4, max_bytes: int = 128 << 20) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[Any, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> _Entry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(
+        self, key: Any, gm: torch.fx.GraphModule, stripped: bool, probe: Any, nbytes: int
+    ) -> None:
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._entries[key] = _Entry(gm, stripped, probe, nbytes)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size or self.nbytes > self.max_bytes:
+                self._entries.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights the cached graphs hold."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def count(self, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0

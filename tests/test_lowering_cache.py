@@ -1,0 +1,172 @@
+"""The cache of lowered graphs: slices of one model trace once; any change traces again."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from geomstore import Slice, partition
+from geomstore.engine.cache import fingerprint
+from geomstore.engine.lower import CACHE
+from tests.nets import BOX, mlp
+
+OTHER = Slice.box((-0.5, -2.0), (1.5, 0.5), name="other")
+SHIFT = 0.25  # read by Shifted.forward: a global no fingerprint sees
+
+
+class Shifted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1 = nn.Linear(2, 12)
+        self.fc2 = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x) - SHIFT))
+
+
+def _fresh(model: nn.Module, sl: Slice = BOX) -> object:
+    """The partition from a fresh trace (the cache emptied first)."""
+    CACHE.clear()
+    return partition(model, sl, device="cpu")
+
+
+def _same(a: object, b: object) -> None:
+    for name in ("regions", "edges", "boundary"):
+        assert getattr(a, name).equals(getattr(b, name)), name
+
+
+def test_slices_of_one_model_trace_once_with_the_same_result() -> None:
+    model = mlp((16, 16), 3, seed=4)
+    first = partition(model, BOX, device="cpu")
+    second = partition(model, OTHER, device="cpu")
+    again = partition(model, BOX, device="cpu")
+    assert (CACHE.hits, CACHE.misses) == (2, 1)
+    _same(first, again)
+    assert second.verify(model, grid=48).ok
+    _same(second, _fresh(model, OTHER))
+
+
+def _add_in_place(m: nn.Sequential) -> None:
+    with torch.no_grad():
+        m[0].weight.mul_(1.1)
+
+
+def _load_other_weights(m: nn.Sequential) -> None:
+    m.load_state_dict(mlp((16, 16), 3, seed=9).state_dict())
+
+
+def _replace_data_twice(m: nn.Sequential) -> None:
+    # the second tensor may land where the first one was: values, not addresses, count
+    m[2].bias.data = m[2].bias.data + 0.1
+    m[2].bias.data = m[2].bias.data - 0.2
+
+
+def _train_step(m: nn.Sequential) -> None:
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(8, 2)).square().sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "change", [_add_in_place, _load_other_weights, _replace_data_twice, _train_step]
+)
+def test_changed_weights_are_traced_again(change: Callable[[nn.Sequential], None]) -> None:
+    model = mlp((16, 16), 3, seed=4)
+    before = partition(model, BOX, device="cpu")
+    change(model)
+    after = partition(model, BOX, device="cpu")
+    assert (CACHE.hits, CACHE.misses) == (0, 2)
+    assert not after.regions.equals(before.regions)
+    assert after.verify(model, grid=48).ok
+    _same(after, _fresh(model))
+
+
+def _slope(m: nn.Sequential) -> None:
+    m[1].negative_slope = 0.3
+
+
+def _swap_module(m: nn.Sequential) -> None:
+    m[3] = nn.ReLU()
+
+
+def _hook(m: nn.Sequential) -> None:
+    m[2].register_forward_hook(lambda mod, inp, out: torch.relu(out - 0.1))
+
+
+@pytest.mark.parametrize("change", [_slope, _swap_module, _hook])
+def test_changed_modules_and_hooks_are_traced_again(
+    change: Callable[[nn.Sequential], None],
+) -> None:
+    model = mlp((16, 16), 3, act=nn.LeakyReLU, seed=4, negative_slope=0.1)
+    before = partition(model, BOX, device="cpu")
+    change(model)
+    after = partition(model, BOX, device="cpu")
+    assert CACHE.hits == 0
+    assert not after.regions.equals(before.regions)
+    assert after.verify(model, grid=48).ok
+    _same(after, _fresh(model))
+
+
+def test_a_global_read_by_forward_is_caught_by_the_forward_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fingerprint cannot see ``SHIFT``; the cached graph's probe can."""
+    model = Shifted().eval()
+    before = partition(model, BOX, device="cpu")
+    monkeypatch.setattr(sys.modules[__name__], "SHIFT", -0.4)
+    after = partition(model, BOX, device="cpu")
+    assert (CACHE.hits, CACHE.misses) == (0, 2)
+    assert not after.regions.equals(before.regions)
+    assert after.verify(model, grid=48).ok
+
+
+def test_the_cache_keeps_a_few_models() -> None:
+    models = [mlp((8,), 2, seed=s) for s in range(CACHE.size + 1)]
+    for m in models:
+        partition(m, BOX, device="cpu")
+    partition(models[-1], BOX, device="cpu")  # the newest is kept
+    partition(models[0], BOX, device="cpu")  # the oldest was dropped
+    assert (CACHE.hits, CACHE.misses) == (1, CACHE.size + 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_add_in_place, _load_other_weights, _replace_data_twice, _train_step, _swap_module, _hook],
+)
+def test_the_fingerprint_sees_values_modules_and_hooks(
+    change: Callable[[nn.Sequential], None],
+) -> None:
+    """Without the forward check: the fingerprint alone changes with each change, and a
+    copy of the model (a checkpoint loaded into a new object) has the same one."""
+    model = mlp((16, 16), 3, seed=4)
+    before = fingerprint(model)
+    assert fingerprint(copy.deepcopy(model)) == before
+    change(model)
+    assert fingerprint(model) != before
+
+
+def test_the_fingerprint_sees_plain_attributes() -> None:
+    model = mlp((16, 16), 3, act=nn.LeakyReLU, seed=4, negative_slope=0.1)
+    before = fingerprint(model)
+    _slope(model)
+    assert fingerprint(model) != before
+
+
+def test_models_over_half_the_cache_are_traced_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = mlp((16, 16), 3, seed=4)  # 371 weights: 2,968 bytes in float64
+    monkeypatch.setattr(CACHE, "max_bytes", 5_900)
+    partition(model, BOX, device="cpu")
+    partition(model, BOX, device="cpu")
+    assert (CACHE.hits, CACHE.misses, CACHE.nbytes) == (0, 0, 0)
+    monkeypatch.setattr(CACHE, "max_bytes", 6_000)
+    partition(model, BOX, device="cpu")
+    partition(model, BOX, device="cpu")
+    assert (CACHE.hits, CACHE.misses, CACHE.nbytes) == (1, 1, 2_968)
