@@ -1,18 +1,22 @@
 """Partition speed: prints one JSON object per network (regions, seconds, regions/s, memory).
 
 Usage: python benchmarks/partition.py [--device auto|cpu|cuda] [--repeat 3] [--quick]
-       [--large] [--compare-cpu] [--no-ops] [--widths 1024,1024 2048,2048]
+       [--large] [--compare-cpu] [--no-ops] [--no-cache] [--widths 1024,1024 2048,2048]
 
 Networks: seeded, PyTorch-default-initialised ReLU MLPs on [-1, 1]^2 and a small CNN
 (conv, batch norm, max-pooling) on the plane through three 8x8 images. Seconds are the
-best of ``--repeat`` runs and include affine maps, edges and the decision boundary.
+best of ``--repeat`` runs and include affine maps, edges and the decision boundary. A
+model's lowered graph is cached (see ``geomstore.engine.cache``), so the timed runs trace
+it once, like a worker partitioning slices of one checkpoint; ``--no-cache`` traces it in
+every run (``"lowering": "traced"``), the figures before the cache.
 ``--large`` runs only 2-1210-1210-1, a partition of about 10^6 regions, once: its peak
 memory shows that chunking bounds the descent.
 
 ``ops_per_1k_regions`` counts the tensor operations one partition dispatches (every ATen
 call, views included, seen by a ``TorchDispatchMode``) per 1,000 regions, in a separate
-untimed run. It is deterministic, so it compares versions on a noisy machine; on a GPU it
-is what bounds small networks (each operation is a kernel launch). On CUDA,
+untimed run, the network's first (its tracing included). It is deterministic, so it
+compares versions on a noisy machine; on a GPU it is what bounds small networks (each
+operation is a kernel launch). On CUDA,
 ``gpu_busy_share`` is the GPU kernel time (profiler) over the wall time of one run.
 ``--compare-cpu`` also runs each network on the CPU in the same process and prints
 ``cpu_over_device``, the ratio of CPU seconds to device seconds.
@@ -35,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from geomstore import Partition, Slice, partition
+from geomstore.engine.lower import CACHE as LOWERING_CACHE
 
 MLPS = [(100, 100), (64, 64, 64, 64), (256, 256), (256, 256, 256)]
 LARGE = (1210, 1210)
@@ -86,10 +91,14 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _timed(model: nn.Module, sl: Slice, device: str, repeat: int) -> tuple[float, Partition]:
+def _timed(
+    model: nn.Module, sl: Slice, device: str, repeat: int, trace: bool = False
+) -> tuple[float, Partition]:
     best = float("inf")
     part = None
     for _ in range(repeat):
+        if trace:
+            LOWERING_CACHE.clear()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -154,13 +163,14 @@ def run(
     compare_cpu: bool = False,
     profile: str | None = None,
     busy: bool = True,
+    trace: bool = False,
 ) -> dict[str, object]:
     count = None
     if ops:  # untimed, and it warms up (tracing, first-call allocations) before the timing
         with OpCounter() as counter:
             partition(model, sl, device=device)
         count = counter.count
-    best, part = _timed(model, sl, device, repeat)
+    best, part = _timed(model, sl, device, repeat, trace)
     dev = str(part.settings["device"])
     res: dict[str, object] = {
         "network": name,
@@ -171,6 +181,7 @@ def run(
         "seconds": round(best, 4),
         "regions_per_second": round(part.n_regions / best),
         "peak_rss_mib": round(_peak_mib(), 1),
+        "lowering": "traced" if trace else "cached",
     }
     if count is not None:
         res["ops"] = count
@@ -181,7 +192,7 @@ def run(
     if profile:
         _profile(name, model, sl, device, profile)
     if compare_cpu:
-        cpu_best, cpu_part = _timed(model, sl, "cpu", repeat)
+        cpu_best, cpu_part = _timed(model, sl, "cpu", repeat, trace)
         res["cpu_seconds"] = round(cpu_best, 4)
         res["cpu_regions"] = cpu_part.n_regions
         res["cpu_over_device"] = round(cpu_best / best, 2)
@@ -198,6 +209,7 @@ def main() -> None:
         "--compare-cpu", action="store_true", help="also run on the CPU, print the ratio"
     )
     ap.add_argument("--no-ops", action="store_true", help="skip the operation count")
+    ap.add_argument("--no-cache", action="store_true", help="trace the model in every timed run")
     ap.add_argument(
         "--no-busy", action="store_true", help="skip the GPU busy share (a profiled run)"
     )
@@ -224,6 +236,7 @@ def main() -> None:
         "compare_cpu": args.compare_cpu,
         "profile": args.profile,
         "busy": not args.no_busy,
+        "trace": args.no_cache,
     }
     if args.large:
         res = run(mlp_name(LARGE), mlp(LARGE), box, args.device, 1, **opts)
