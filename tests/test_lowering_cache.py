@@ -170,3 +170,39 @@ def test_models_over_half_the_cache_are_traced_every_time(
     partition(model, BOX, device="cpu")
     partition(model, BOX, device="cpu")
     assert (CACHE.hits, CACHE.misses, CACHE.nbytes) == (1, 1, 2_968)
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight, and a buffer: the float64 copy must keep both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.inp = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 2)
+        self.register_buffer("shift", torch.full((4,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(torch.relu(self.inp(x))) - self.shift)
+        return self.head(torch.relu(self.b(h)))
+
+
+def test_tracing_copies_the_model_in_float64_and_leaves_it_alone() -> None:
+    model = Tied().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    part = partition(model, BOX, device="cpu")
+    assert part.verify(model, grid=48).ok
+    assert model.a.weight is model.b.weight  # still tied, still float32, same values
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the traced copy is one float64 model with the tie kept (one weight, not two)
+    from geomstore.engine.lower import _source
+
+    copy_, _, _ = _source(model)
+    assert copy_.a.weight is copy_.b.weight
+    assert {p.dtype for p in copy_.parameters()} | {b.dtype for b in copy_.buffers()} == {
+        torch.float64
+    }

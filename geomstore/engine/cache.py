@@ -7,9 +7,10 @@ checkpoint, so :func:`geomstore.engine.lower.lower` keeps the last few graphs.
 
 A graph is reused only for a model that is the same in everything tracing reads:
 
-- the values of every parameter and buffer (a SHA-256 of their bytes, so in-place
-  updates, ``load_state_dict`` and replaced ``.data`` all count, whatever the allocator
-  reuses);
+- the values of every parameter and buffer (the SHA-256 of the state dict that partitions
+  carry as ``weights_sha256``, so in-place updates, ``load_state_dict`` and replaced
+  ``.data`` all count, whatever the allocator reuses; buffers kept out of the state dict
+  by value too);
 - every module's class, mode, hooks and plain attributes (``negative_slope``, a kernel
   size, a replaced ``forward``), tensors among them by value;
 - the input shape and whether a trailing softmax is stripped.
@@ -37,14 +38,9 @@ _SKIP = frozenset({"_parameters", "_buffers", "_modules"})  # by value, or their
 
 
 def _tensor_token(t: Tensor) -> tuple[Any, ...]:
-    h = hashlib.sha256()
-    h.update(_bytes(t))
-    return ("tensor", tuple(t.shape), t.dtype, t.device.type, h.hexdigest())
-
-
-def _bytes(t: Tensor) -> bytes:
     data = t.detach().to("cpu").reshape(-1)
-    return data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return ("tensor", tuple(t.shape), t.dtype, t.device.type, hashlib.sha256(raw).hexdigest())
 
 
 def _token(value: Any, depth: int = 0) -> Any:
@@ -65,20 +61,30 @@ def _token(value: Any, depth: int = 0) -> Any:
     return ("object", type(value), id(value))
 
 
-def fingerprint(model: nn.Module) -> tuple[Any, ...]:
-    """Everything tracing ``model`` reads except the input: see the module docstring."""
+def state_sha256(state: dict[str, Tensor]) -> str:
+    """SHA-256 of a state dict: names sorted, values as float64 bytes (the weights hash
+    partitions and stores carry)."""
     h = hashlib.sha256()
-    for name, t in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
+    for name, t in sorted(state.items()):
         h.update(name.encode())
-        h.update(repr((tuple(t.shape), t.dtype)).encode())
-        h.update(_bytes(t))
+        h.update(t.to("cpu", torch.float64).contiguous().numpy().tobytes())  # detached
+    return h.hexdigest()
+
+
+def fingerprint(model: nn.Module, state: dict[str, Tensor] | None = None) -> tuple[Any, ...]:
+    """Everything tracing ``model`` reads except the input: see the module docstring.
+
+    ``state`` is the model's (detached) state dict when the caller has it; its hash is
+    the fingerprint's first element, :func:`state_sha256`.
+    """
+    state = dict(model.state_dict()) if state is None else state
     modules = []
     for name, mod in model.named_modules(remove_duplicate=False):
         attrs = tuple((k, _token(v)) for k, v in vars(mod).items() if k not in _SKIP)
-        modules.append((name, type(mod), attrs))
+        # buffers left out of the state dict count by value too
+        kept_out = getattr(mod, "_non_persistent_buffers_set", ())
+        extra = tuple((k, _token(b)) for k, b in mod._buffers.items() if k in kept_out)
+        modules.append((name, type(mod), attrs, extra))
     hooks = tuple(
         _token(getattr(nn.modules.module, g, {}))
         for g in (
@@ -87,7 +93,7 @@ def fingerprint(model: nn.Module) -> tuple[Any, ...]:
             "_global_forward_hooks_always_called",
         )
     )
-    return (h.hexdigest(), tuple(modules), hooks)
+    return (state_sha256(state), tuple(modules), hooks)
 
 
 @dataclass

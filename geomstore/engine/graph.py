@@ -11,7 +11,6 @@ affine map exactly (the "3-point representation").
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
+from geomstore.engine.cache import state_sha256
 from geomstore.engine.lower import lower
 from geomstore.engine.nonlinear import Kind, Nonlinearity
 from geomstore.engine.windows import windows_max
@@ -66,6 +66,7 @@ class Program:
         low = lower(model, self.input_shape, logits=logits)
         self.gm = low.gm
         self._weights = low.weights
+        self._weights_sha256 = low.weights_sha256
         self.stripped_softmax = low.stripped_softmax
         self.nodes: list[torch.fx.Node] = list(self.gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
@@ -220,11 +221,9 @@ class Program:
 
     def weights_sha256(self) -> str:
         """SHA-256 of the model's parameters and buffers (float64, sorted by name)."""
-        h = hashlib.sha256()
-        for name, t in sorted(self._weights.items()):
-            h.update(name.encode())
-            h.update(t.to("cpu", torch.float64).contiguous().numpy().tobytes())  # detached
-        return h.hexdigest()
+        if self._weights_sha256 is None:
+            self._weights_sha256 = state_sha256(self._weights)
+        return self._weights_sha256
 
     def output_node(self) -> torch.fx.Node:
         return self.nodes[-1]

@@ -91,6 +91,7 @@ class Lowered:
     gm: torch.fx.GraphModule
     weights: dict[str, Tensor]  # the source model's state (for the weights hash)
     stripped_softmax: bool
+    weights_sha256: str | None = None  # state_sha256(weights), when already computed
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -107,8 +108,11 @@ def _decompositions() -> dict[Any, Any]:
 _DECOMP: dict[Any, Any] | None = None
 
 
-def _source(model: Any) -> tuple[Any, dict[str, Tensor], nn.Module | None]:
-    """A float64 callable for tracing, the weights, and the module for locating nodes."""
+def _source(
+    model: Any, state: dict[str, Tensor] | None = None
+) -> tuple[Any, dict[str, Tensor], nn.Module | None]:
+    """A float64 callable for tracing, the weights (``state``, the module's state dict, if
+    given), and the module for locating nodes."""
     if hasattr(model, "module") and hasattr(model, "graph_signature"):  # ExportedProgram
         mod = model.module()
         weights = {k: v.detach() for k, v in mod.state_dict().items()}
@@ -128,8 +132,15 @@ def _source(model: Any) -> tuple[Any, dict[str, Tensor], nn.Module | None]:
                 f"module {name!r} ({type(mod).__name__}) is in training mode; "
                 "call model.eval() before computing a partition."
             )
-    weights = dict(model.state_dict())  # detached
-    copy_ = copy.deepcopy(model).to(torch.float64).eval()
+    weights = dict(model.state_dict()) if state is None else state  # detached
+    # one copy: each floating parameter and buffer goes straight to float64 (shared ones
+    # stay shared); deepcopy copies the rest
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            c = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+    copy_ = copy.deepcopy(model, memo).to(torch.float64).eval()
     return copy_, weights, copy_
 
 
@@ -149,12 +160,13 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     from torch.fx.experimental.proxy_tensor import make_fx
 
     key = _cache_key(model, input_shape, logits)
-    fn, weights, module = _source(model)
+    fn, weights, module = _source(model, None if key is None else key[2])
+    sha = None if key is None else key[0][0][0]
     if key is not None:
         entry = CACHE.get(key[0])
         if entry is not None and _same_forward(fn, input_shape, entry.probe):
             CACHE.count(hit=True)
-            return Lowered(gm=entry.gm, weights=weights, stripped_softmax=entry.stripped)
+            return Lowered(entry.gm, weights, entry.stripped, sha)
         CACHE.count(hit=False)
     x1 = _example(input_shape, 1)
     if _DECOMP is None:
@@ -192,7 +204,7 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     if key is not None:
         with contextlib.suppress(Exception):  # a model the probe cannot run: traced each time
             CACHE.put(key[0], gm, stripped, _probe(fn, input_shape), key[1])
-    return Lowered(gm=gm, weights=weights, stripped_softmax=stripped)
+    return Lowered(gm, weights, stripped, sha)
 
 
 CACHE = LoweringCache(size=4)
@@ -200,14 +212,16 @@ CACHE = LoweringCache(size=4)
 
 
 def _cache_key(model: Any, input_shape: tuple[int, ...], logits: bool) -> Any:
-    """(cache key, bytes of float64 weights) of an ``nn.Module`` the cache can keep, else
-    None: torch.export programs and models over half the cache are traced every time."""
+    """(cache key, bytes of float64 weights, state dict) of an ``nn.Module`` the cache can
+    keep, else None: torch.export programs and models over half the cache are traced
+    every time."""
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         return None
     nbytes = 8 * sum(t.numel() for t in [*model.parameters(), *model.buffers()])
     if 2 * nbytes > CACHE.max_bytes:
         return None
-    return (fingerprint(model), tuple(input_shape), bool(logits)), nbytes
+    state = dict(model.state_dict())
+    return (fingerprint(model, state), tuple(input_shape), bool(logits)), nbytes, state
 
 
 def _probe(fn: Any, input_shape: tuple[int, ...]) -> Any:
