@@ -8,7 +8,7 @@ Networks: seeded, PyTorch-default-initialised ReLU MLPs on [-1, 1]^2 and a small
 best of ``--repeat`` runs and include affine maps, edges and the decision boundary. A
 model's lowered graph is cached (see ``geomstore.engine.cache``), so the timed runs trace
 it once, like a worker partitioning slices of one checkpoint; ``--no-cache`` traces it in
-every run (``"lowering": "traced"``), the figures before the cache.
+every run (``"lowering_cache": false``), the figures before the cache.
 ``--large`` runs only 2-1210-1210-1, a partition of about 10^6 regions, once: its peak
 memory shows that chunking bounds the descent.
 
@@ -181,7 +181,7 @@ def run(
         "seconds": round(best, 4),
         "regions_per_second": round(part.n_regions / best),
         "peak_rss_mib": round(_peak_mib(), 1),
-        "lowering": "traced" if trace else "cached",
+        "lowering_cache": not trace,
     }
     if count is not None:
         res["ops"] = count
