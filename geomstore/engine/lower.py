@@ -160,10 +160,10 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     from torch.fx.experimental.proxy_tensor import make_fx
 
     key = _cache_key(model, input_shape, logits)
-    fn, weights, module = _source(model, None if key is None else key[2])
-    sha = None if key is None else key[0][0][0]
+    fn, weights, module = _source(model, None if key is None else key.state)
+    sha = None if key is None else key.sha
     if key is not None:
-        entry = CACHE.get(key[0])
+        entry = CACHE.get(key.key)
         if entry is not None and _same_forward(fn, input_shape, entry.probe):
             CACHE.count(hit=True)
             return Lowered(entry.gm, weights, entry.stripped, sha)
@@ -203,7 +203,7 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     stripped = bool(logits and getattr(gm, "_gs_stripped", False))
     if key is not None:
         with contextlib.suppress(Exception):  # a model the probe cannot run: traced each time
-            CACHE.put(key[0], gm, stripped, _probe(fn, input_shape), key[1])
+            CACHE.put(key.key, gm, stripped, _probe(fn, input_shape), key.nbytes)
     return Lowered(gm, weights, stripped, sha)
 
 
@@ -211,17 +211,25 @@ CACHE = LoweringCache(size=4)
 """The lowered graphs of the last models traced (see :mod:`geomstore.engine.cache`)."""
 
 
-def _cache_key(model: Any, input_shape: tuple[int, ...], logits: bool) -> Any:
-    """(cache key, bytes of float64 weights, state dict) of an ``nn.Module`` the cache can
-    keep, else None: torch.export programs and models over half the cache are traced
-    every time."""
+@dataclass
+class _CacheKey:
+    key: Any  # (fingerprint, input shape, logits)
+    sha: str  # the weights hash (the fingerprint's first element)
+    nbytes: int  # float64 bytes of the weights
+    state: dict[str, Tensor]  # the model's state dict, detached
+
+
+def _cache_key(model: Any, input_shape: tuple[int, ...], logits: bool) -> _CacheKey | None:
+    """The cache key of an ``nn.Module`` the cache can keep, else None: torch.export
+    programs and models over half the cache are traced every time."""
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         return None
     nbytes = 8 * sum(t.numel() for t in [*model.parameters(), *model.buffers()])
     if 2 * nbytes > CACHE.max_bytes:
         return None
     state = dict(model.state_dict())
-    return (fingerprint(model, state), tuple(input_shape), bool(logits)), nbytes, state
+    fp = fingerprint(model, state)
+    return _CacheKey((fp, tuple(input_shape), bool(logits)), fp[0], nbytes, state)
 
 
 def _probe(fn: Any, input_shape: tuple[int, ...]) -> Any:
