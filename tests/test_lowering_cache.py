@@ -206,3 +206,23 @@ def test_tracing_copies_the_model_in_float64_and_leaves_it_alone() -> None:
     assert {p.dtype for p in copy_.parameters()} | {b.dtype for b in copy_.buffers()} == {
         torch.float64
     }
+
+
+def test_a_checkpoint_loaded_into_a_new_model_reuses_the_trace() -> None:
+    """A worker builds a new model per job and loads the checkpoint into it: jobs on one
+    checkpoint trace once, jobs on another trace again."""
+    from tests.nets import SmallCNN, digits_slice
+
+    def load(state: dict[str, torch.Tensor]) -> nn.Module:
+        model = SmallCNN(seed=7).eval()
+        model.load_state_dict(state)
+        return model
+
+    first, second = SmallCNN(seed=0).state_dict(), SmallCNN(seed=1).state_dict()
+    a = partition(load(first), digits_slice(0), device="cpu")
+    b = partition(load(first), digits_slice(1), device="cpu")
+    assert (CACHE.hits, CACHE.misses) == (1, 1)
+    partition(load(second), digits_slice(0), device="cpu")
+    assert (CACHE.hits, CACHE.misses) == (1, 2)
+    assert b.verify(load(first), grid=32).ok
+    _same(a, _fresh(load(first), digits_slice(0)))
