@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 import shapely
+import torch
+
+from geomstore.engine.host import to_host
+from geomstore.engine.split import pad_polys
 
 __all__ = ["merge_equal_patterns"]
+
+_PAD = -(1 << 62)  # the side label of padding slots
 
 
 def _pieces(verts: np.ndarray, n: np.ndarray, rows: np.ndarray) -> list[Any]:
@@ -81,61 +87,86 @@ def _side_labels(
     return np.where(length.max(axis=0) > 0, lab[best], -(1 << 62)).astype(np.int64)
 
 
-def merge_equal_patterns(
-    raw: dict[str, Any], hashes: np.ndarray, tol: float
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Glue pieces with equal pattern hashes; returns the new raw arrays and hashes.
+def merge_equal_patterns(raw: dict[str, Any], tol: float) -> dict[str, Any]:
+    """Glue pieces with equal pattern hashes; returns the new raw fields.
 
-    ``raw`` holds ``verts`` (P, V, 2), ``n``, ``side``, ``values``, ``packed`` (or None) in
-    centred slice coordinates, as :meth:`geomstore.engine.descent.RawRegions.concat` gives.
+    ``raw`` holds tensors ``verts`` (P, V, 2), ``n``, ``side``, ``values``, ``hashes``
+    (P, 2) in centred slice coordinates on the compute device, and ``packed`` (a list of
+    host arrays, or None), as :meth:`geomstore.engine.descent.RawRegions.concat` gives.
     The first piece of each group (in descent order) keeps its place; the others go.
+    Equal hashes are found where the tensors are; only the groups' pieces go to the host
+    for their union, and a partition without such pieces comes back as it is.
     """
+    hashes = raw["hashes"]
     if len(hashes) < 2:
-        return raw, hashes
+        return raw
+    dev = hashes.device
+    order = torch.argsort(hashes[:, 1], stable=True)
+    order = order[torch.argsort(hashes[order, 0], stable=True)]
+    srt = hashes[order]
+    same = (srt[1:] == srt[:-1]).all(1)  # row i of the sorted hashes equals row i + 1
+    if not bool(same.any()):
+        return raw
+    grouped = torch.zeros(len(hashes), dtype=torch.bool, device=dev)
+    grouped[:-1] |= same
+    grouped[1:] |= same
+    rows = torch.sort(order[grouped]).values  # every piece of every group, descent order
+    rows_h = to_host(rows)
+    verts, n, side = (to_host(raw[k].index_select(0, rows)) for k in ("verts", "n", "side"))
+    drop, rings = _plan(verts, n, side, to_host(hashes.index_select(0, rows)), tol)
+    keep = torch.ones(len(hashes), dtype=torch.bool, device=dev)
+    keep[torch.as_tensor(rows_h[drop], device=dev)] = False
+    width = max(int(raw["verts"].shape[1]), max((len(r) for r, _ in rings.values()), default=0))
+    new_v, new_s = pad_polys(raw["verts"], raw["side"], width)  # new slots repeat vertex 0
+    new_v, new_s = new_v.clone(), new_s.clone()
+    new_n = raw["n"].clone()
+    if rings:
+        at = np.array([rows_h[r] for r in rings], dtype=np.int64)
+        ring_v = np.zeros((len(at), width, 2))
+        ring_s = np.full((len(at), width), _PAD, dtype=np.int64)
+        ring_n = np.zeros(len(at), dtype=np.int64)
+        for i, (ring, labels) in enumerate(rings.values()):
+            ring_v[i, : len(ring)] = ring
+            ring_v[i, len(ring) :] = ring[0]
+            ring_s[i, : len(ring)] = labels
+            ring_n[i] = len(ring)
+        idx = torch.as_tensor(at, device=dev)
+        new_v[idx] = torch.as_tensor(ring_v, dtype=new_v.dtype, device=dev)
+        new_s[idx] = torch.as_tensor(ring_s, device=dev)
+        new_n[idx] = torch.as_tensor(ring_n, dtype=new_n.dtype, device=dev)
+    kept = torch.nonzero(keep).squeeze(1)
+    out = dict(raw)
+    out |= {
+        "verts": new_v[kept],
+        "n": new_n[kept],
+        "side": new_s[kept],
+        "values": raw["values"][kept],
+        "hashes": hashes[kept],
+    }
+    if raw.get("packed") is not None:
+        out["packed"] = [np.concatenate(raw["packed"])[to_host(kept)]]
+    return out
+
+
+def _plan(
+    verts: np.ndarray, n: np.ndarray, side: np.ndarray, hashes: np.ndarray, tol: float
+) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """For pieces that all belong to groups of equal hashes: which pieces go (a mask),
+    and, for the first piece of each group, the union's ring and side labels."""
     _, first, inverse, counts = np.unique(
         hashes, axis=0, return_index=True, return_inverse=True, return_counts=True
     )
     inverse = inverse.reshape(-1)
-    if counts.max() == 1:
-        return raw, hashes
-    verts, n, side = raw["verts"], raw["n"], raw["side"]
-    groups = np.flatnonzero(counts > 1)
-    members = {g: np.flatnonzero(inverse == g) for g in groups}
+    drop = np.zeros(len(n), dtype=bool)
     rings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for g in list(groups):
-        rows = members[g]
+    for g in np.flatnonzero(counts > 1):
+        rows = np.flatnonzero(inverse == g)
         pieces = _pieces(verts, n, rows)
         ring = _union_ring(pieces, tol)
         total = float(sum(q.area for q in pieces))
         if abs(shapely.Polygon(ring).area - total) > 1e-9 * max(total, 1e-300) + tol * tol:
-            del members[g]  # not one convex cell (should not happen): keep the pieces
-            continue
+            continue  # not one convex cell (should not happen): keep the pieces
         rings[int(first[g])] = (ring, _side_labels(ring, verts, n, side, rows, tol))
-    groups = np.array(sorted(members), dtype=np.int64)
-    if not groups.size:
-        return raw, hashes
-    width = max(verts.shape[1], max(len(r) for r, _ in rings.values()))
-    drop = np.zeros(len(n), dtype=bool)
-    for g in groups:
-        drop[members[g]] = True
+        drop[rows] = True
         drop[first[g]] = False
-    keep = np.flatnonzero(~drop)
-    new_v = np.zeros((len(keep), width, 2))
-    new_s = np.full((len(keep), width), -(1 << 62), dtype=np.int64)
-    new_v[:, : verts.shape[1]] = verts[keep]
-    new_s[:, : side.shape[1]] = side[keep]
-    new_n = n[keep].copy()
-    where = {int(r): i for i, r in enumerate(keep)}
-    for r, (ring, labels) in rings.items():
-        i = where[r]
-        new_v[i] = 0.0
-        new_v[i, : len(ring)] = ring
-        new_v[i, len(ring) :] = ring[0]
-        new_s[i] = -(1 << 62)
-        new_s[i, : len(ring)] = labels
-        new_n[i] = len(ring)
-    out = dict(raw)
-    out |= {"verts": new_v, "n": new_n, "side": new_s, "values": raw["values"][keep]}
-    if raw.get("packed") is not None:
-        out["packed"] = raw["packed"][keep]
-    return out, hashes[keep]
+    return drop, rings

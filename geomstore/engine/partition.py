@@ -316,20 +316,6 @@ def _interior_points(polys: np.ndarray, rng: np.random.Generator, k: int) -> lis
     return pts
 
 
-def _merge(raw: dict[str, Any], tol: float) -> dict[str, Any]:
-    """:func:`merge_equal_patterns` (NumPy, on the host) on the descent's tensors."""
-    dev = raw["verts"].device
-    host: dict[str, Any] = {k: to_host(v) for k, v in raw.items() if k != "packed"}
-    host["packed"] = None if raw["packed"] is None else np.concatenate(raw["packed"])
-    merged, hashes = merge_equal_patterns(host, to_host(raw["hashes"]), tol)
-    merged["hashes"] = hashes
-    out: dict[str, Any] = {
-        k: torch.from_numpy(v).to(dev) for k, v in merged.items() if k != "packed"
-    }
-    out["packed"] = None if merged["packed"] is None else [merged["packed"]]
-    return out
-
-
 def _region_table(
     raw: dict[str, Any], centre: np.ndarray, threshold: float, packed: list[np.ndarray] | None
 ) -> tuple[pa.Table, Tensor, Tensor, Tensor, Tensor, np.ndarray]:
@@ -540,7 +526,7 @@ def partition(
     )
     raw = descent.run().concat()  # tensors on the compute device
     if any(s.kind == "maxpool" for s in specs):  # a max unit's tournament can cut a cell
-        raw = _merge(raw, tol * slice.diameter)
+        raw = merge_equal_patterns(raw, tol * slice.diameter)
     top2 = levels is None and k > 1
     args = (raw, descent, threshold, lv, output, tol * slice.diameter, top2)
     try:
