@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks in one prepared run, for a machine with CUDA (CI has none): the
-# CUDA-against-CPU tests, the MLP benchmark, the 10^6-region MLPs on the device and on the
-# same machine's CPU, and the quick zoo. Figures go to OUTDIR as JSON lines. Device
-# figures come from their own processes, before the slow CPU ones, so that a step cut
-# off at its limit loses only its own figure.
+# CUDA-against-CPU tests, the zoo's conv nets against the same machine's CPU, the MLP
+# benchmark, the 10^6-region MLPs on the device and on the CPU, and the quick zoo.
+# Figures go to OUTDIR as JSON lines. Device figures come from their own processes,
+# before the slow CPU ones, so that a step cut off at its limit loses only its own figure.
 #
 #   bash benchmarks/cuda.sh [OUTDIR]            # default: $OUT or /tmp/geomstore-cuda
 #
 # Packages the machine lacks (duckdb, shapely) may travel as wheels in .whl/; they are
 # installed into /tmp/site. Each step has its own time limit (seconds, from the
-# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO, T_CPU_LARGE, T_CPU_HUGE).
+# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO, T_ZOO_CONV, T_CPU_LARGE, T_CPU_HUGE).
 set -u
 out=${1:-${OUT:-/tmp/geomstore-cuda}}
 mkdir -p "$out"
@@ -28,8 +28,12 @@ python3 -c "import torch; print('torch', torch.__version__, 'threads', torch.get
     | tee -a "$out/gpu.txt"
 
 step tests
-timeout "${T_TESTS:-50}" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+timeout "${T_TESTS:-70}" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
     tests/test_engine.py::test_cuda_matches_cpu 2>&1 | tail -25 | tee "$out/tests.txt"
+
+step zoo-conv  # the compute-bound conv nets, first run and cached, against this CPU
+timeout "${T_ZOO_CONV:-150}" python3 benchmarks/zoo.py --device cuda --compare-cpu --repeat 1 \
+    --no-verify --count-under 0 --only lenet5 resnet20 vgg11 2>/dev/null | tee "$out/zoo-conv.jsonl"
 
 step mlps
 timeout "${T_MLP:-45}" python3 benchmarks/partition.py --device cuda --compare-cpu \

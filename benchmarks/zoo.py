@@ -8,12 +8,16 @@ regions, seconds, peak RSS, float64 multiply-adds per region (counted by
 first took under ``--count-under`` seconds, 120 by default), the achieved GFLOP/s beside this
 machine's float64 matmul GFLOP/s (2048 x 2048, measured in the same run), whether the
 partition passed ``verify()``, and, for a run stopped at ``--max-seconds``, the regions
-finished by then and the region rate (from the progress callback).
+finished by then and the region rate (from the progress callback). With ``--repeat N``
+the same partition runs N more times after the first and ``seconds_cached`` is the best of
+them: the traced graph is reused (``geomstore.engine.cache``), as for a worker's later slices
+of one checkpoint; ``--compare-cpu`` then also prints ``cpu_over_device_cached``.
 
     python benchmarks/zoo.py --quick          # LeNet-5 and a digits-sized ResNet (CI)
     python benchmarks/zoo.py                  # the whole zoo
     python benchmarks/zoo.py --only resnet20 --scale 0.003 --max-seconds 900
     python benchmarks/zoo.py --device cuda --compare-cpu --only lenet5 resnet20
+    python benchmarks/zoo.py --device cuda --compare-cpu --only vgg11 --repeat 2 --no-verify
 """
 
 from __future__ import annotations
@@ -97,7 +101,14 @@ def _warm_up(device: str) -> None:
 
 
 def _child(
-    name: str, scale: float, memory: str, verify: bool, device: str, count_under: float, out: Any
+    name: str,
+    scale: float,
+    memory: str | None,
+    verify: bool,
+    device: str,
+    count_under: float,
+    repeat: int,
+    out: Any,
 ) -> None:
     """Run one network; send progress lines and a final result through ``out``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -120,6 +131,12 @@ def _child(
     part = partition(model, sl, device=device, memory=memory, progress=progress)
     sync()
     seconds = time.perf_counter() - t0
+    cached = None
+    for _ in range(repeat):  # the lowering cache now holds the model's graph
+        t1 = time.perf_counter()
+        partition(model, sl, device=device, memory=memory)
+        sync()
+        cached = min(cached or float("inf"), time.perf_counter() - t1)
     flops = None
     if seconds < count_under:  # count in a second, untimed run: it slows small ops down
         counter = FlopCounterMode(display=False)
@@ -136,12 +153,14 @@ def _child(
         {
             "regions": part.n_regions,
             "seconds": seconds,
+            "seconds_cached": cached,
             "flops": flops,
             "units": part.model_summary["n_units"],
             "patterns": part.model_summary["patterns"],
             "verified": ok,
             "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "device": str(part.settings["device"]),
+            "budget_gib": part.settings["memory"] / 2**30,
             "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30
             if device.startswith("cuda")
             else None,
@@ -162,16 +181,17 @@ def _hwm_gib(pid: int) -> float | None:
 def run(
     name: str,
     scale: float,
-    memory: str,
+    memory: str | None,
     max_seconds: float,
     verify: bool,
     gf: float,
     device: str = "cpu",
     count_under: float = 120.0,
+    repeat: int = 0,
 ) -> dict:
     ctx = mp.get_context("spawn")
     q: Any = ctx.Queue()
-    args = (name, scale, memory, verify, device, count_under, q)
+    args = (name, scale, memory, verify, device, count_under, repeat, q)
     proc = ctx.Process(target=_child, args=args, daemon=True)
     t0 = time.perf_counter()
     proc.start()
@@ -192,7 +212,7 @@ def run(
             print(json.dumps({"network": name, **msg}), file=sys.stderr, flush=True)
         else:
             result = msg
-    line: dict[str, Any] = {"network": name, "device": device, "scale": scale, "memory": memory}
+    line: dict[str, Any] = {"network": name, "device": device, "scale": scale}
     if result is None:
         proc.kill()
         proc.join(5)
@@ -216,7 +236,11 @@ def run(
         "regions": result["regions"],
         "seconds": round(result["seconds"], 2),
         "regions_per_s": round(result["regions"] / result["seconds"], 1),
+        "seconds_cached": None
+        if result["seconds_cached"] is None
+        else round(result["seconds_cached"], 3),
         "peak_rss_gib": round(result["rss_gib"], 2),
+        "memory_budget_gib": round(result["budget_gib"], 2),
         "units": result["units"],
         "patterns": result["patterns"],
         "madds_per_region": None if flops is None else round(flops / 2 / regions),
@@ -237,7 +261,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="LeNet-5 and a digits-sized ResNet")
     ap.add_argument("--only", nargs="*", help="networks to run (default: the whole zoo)")
     ap.add_argument("--scale", type=float, help="noise scale of the plane (overrides)")
-    ap.add_argument("--memory", default="4GiB", help="memory budget of each partition")
+    ap.add_argument(
+        "--memory",
+        help="memory budget of each partition (default: the engine's, half the free GPU "
+        "memory on CUDA, else min(4 GiB, RAM / 4))",
+    )
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop a network after")
     ap.add_argument("--no-verify", action="store_true", help="skip verify() (large partitions)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -246,6 +274,12 @@ def main() -> None:
         type=float,
         default=120.0,
         help="count FLOPs (a second run) for partitions faster than this many seconds",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=0,
+        help="time N more runs after the first, with the traced graph cached (seconds_cached)",
     )
     ap.add_argument(
         "--compare-cpu",
@@ -266,14 +300,28 @@ def main() -> None:
         scale = args.scale if args.scale is not None else scales[name]
         verify = not args.no_verify
         line = run(
-            name, scale, args.memory, args.max_seconds, verify, gf, args.device, args.count_under
+            name,
+            scale,
+            args.memory,
+            args.max_seconds,
+            verify,
+            gf,
+            args.device,
+            args.count_under,
+            args.repeat,
         )
         if args.compare_cpu and args.device != "cpu":
-            cpu = run(name, scale, args.memory, args.max_seconds, False, cpu_gf, "cpu")
+            cpu = run(
+                name, scale, args.memory, args.max_seconds, False, cpu_gf, "cpu", 0.0, args.repeat
+            )
             if cpu.get("completed") and line.get("completed"):
                 line["cpu_seconds"] = cpu["seconds"]
                 line["cpu_regions"] = cpu["regions"]
                 line["cpu_over_device"] = round(cpu["seconds"] / max(line["seconds"], 1e-9), 2)
+                if cpu["seconds_cached"] and line["seconds_cached"]:
+                    line["cpu_seconds_cached"] = cpu["seconds_cached"]
+                    ratio = cpu["seconds_cached"] / max(line["seconds_cached"], 1e-9)
+                    line["cpu_over_device_cached"] = round(ratio, 2)
             else:
                 line["cpu"] = cpu
         print(json.dumps(line), flush=True)
