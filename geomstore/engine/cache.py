@@ -108,12 +108,14 @@ class _Entry:
 class LoweringCache:
     """The last ``size`` lowered graphs by (fingerprint, input shape, logits), holding at
     most ``max_bytes`` of weights (a long-running worker keeps no more); thread-safe.
+    The default, 512 MiB, keeps models up to 256 MiB in float64 (32M parameters): VGG-11
+    (74 MB) was traced in every partition at 128 MiB, 0.19 of 0.43 s on an H100.
 
     ``hits`` and ``misses`` count lookups (a hit whose graph then fails the forward check
     is counted as a miss by :func:`geomstore.engine.lower.lower`).
     """
 
-    def __init__(self, size: int = 4, max_bytes: int = 128 << 20) -> None:
+    def __init__(self, size: int = 4, max_bytes: int = 512 << 20) -> None:
         self.size = size
         self.max_bytes = max_bytes
         self.hits = 0
