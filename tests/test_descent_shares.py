@@ -173,3 +173,39 @@ def test_the_decision_boundary_does_not_depend_on_the_chunks() -> None:
     assert np.abs(segments(small) - segments(whole)).max() < 1e-12
     report = small.verify(net, grid=12, points=1)
     assert report.ok, report
+
+
+def test_stages_on_the_programs_nodes_run_in_blocks_and_give_the_same_partition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With growing shares a stage that runs the program's nodes (a skip connection, a
+    conv too large for a matrix) takes its cells in blocks, not all at once: the blocks'
+    tensors that later stages read are joined again, and nothing else changes."""
+    import geomstore.engine.descent as descent_module
+    from tests.nets import Residual
+
+    BOX = Slice.box((-1.5, -1.5), (1.5, 1.5))
+    net = Residual().eval()
+    whole = partition(net, BOX)
+    sliced = []
+    rows = descent_module._rows
+
+    def counting(env: dict[Any, Any], lo: int, hi: int, p: int) -> dict[Any, Any]:
+        out = rows(env, lo, hi, p)
+        if out is not env:
+            sliced.append((lo, hi, p))
+        return out
+
+    monkeypatch.setattr(descent_module, "_rows", counting)
+    monkeypatch.setattr(Descent, "grow_shares", True)
+    monkeypatch.setattr(Descent, "block_elements", 200)  # a few cells per block
+    blocked = partition(net, BOX)
+    assert len(sliced) > 10 and any(lo > 0 for lo, _, _ in sliced)
+    assert blocked.n_regions == whole.n_regions
+    a, b = whole.regions.to_pydict(), blocked.regions.to_pydict()
+    assert sorted(a["pattern_hash"]) == sorted(b["pattern_hash"])
+    area = dict(zip(a["pattern_hash"], a["area"], strict=True))
+    assert max(abs(area[h] - x) for h, x in zip(b["pattern_hash"], b["area"], strict=True)) < 1e-12
+    assert blocked.edges.num_rows == whole.edges.num_rows
+    assert blocked.boundary.num_rows == whole.boundary.num_rows
+    assert blocked.verify(net, grid=12, points=1).ok
