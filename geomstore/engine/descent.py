@@ -147,8 +147,8 @@ class Descent:
     tol : float
         Vertices closer than ``tol * diameter`` to a unit's zero line are taken to lie on it.
     chunk_elements : int, optional
-        Float64 elements of every depth's chunk, fixed; by default each depth takes an
-        equal share of what the depths above it leave of ``memory`` (see ``_share``).
+        Float64 elements of every depth's chunk, fixed; by default derived from
+        ``memory`` depth by depth (see ``_share``).
     """
 
     max_matrix_elements = 1 << 23
@@ -550,7 +550,8 @@ class Descent:
             del bases, coefs
             cells_info = _Cells(cross, state0, base, whole)
             left = max(0, avail - p * per)  # what this batch holds while its children run
-            del env, cells, lstates, st0s, crosses, coef, st0, cr  # temporaries, not held below
+            # temporaries (the blocks' parts of ``live`` among them), not held below
+            del env, cells, lstates, st0s, crosses, coef, st0, cr, kept
             self._descend(layer + 1, children, child_states, live, cells_info, child_hist, left)
         self.pending[layer] = 0
 
