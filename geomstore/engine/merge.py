@@ -116,30 +116,30 @@ def merge_equal_patterns(raw: dict[str, Any], tol: float) -> dict[str, Any]:
     drop, rings = _plan(verts, n, side, to_host(hashes.index_select(0, rows)), tol)
     keep = torch.ones(len(hashes), dtype=torch.bool, device=dev)
     keep[torch.as_tensor(rows_h[drop], device=dev)] = False
+    kept = torch.nonzero(keep).squeeze(1)
     width = max(int(raw["verts"].shape[1]), max((len(r) for r, _ in rings.values()), default=0))
-    new_v, new_s = pad_polys(raw["verts"], raw["side"], width)  # new slots repeat vertex 0
-    new_v, new_s = new_v.clone(), new_s.clone()
-    new_n = raw["n"].clone()
+    # fresh tensors (indexed), new slots repeating vertex 0; the unions go in their place
+    new_v, new_s = pad_polys(raw["verts"][kept], raw["side"][kept], width)
+    new_n = raw["n"][kept]
     if rings:
-        at = np.array([rows_h[r] for r in rings], dtype=np.int64)
-        ring_v = np.zeros((len(at), width, 2))
-        ring_s = np.full((len(at), width), _PAD, dtype=np.int64)
-        ring_n = np.zeros(len(at), dtype=np.int64)
+        ring_v = np.zeros((len(rings), width, 2))
+        ring_s = np.full((len(rings), width), _PAD, dtype=np.int64)
+        ring_n = np.zeros(len(rings), dtype=np.int64)
         for i, (ring, labels) in enumerate(rings.values()):
             ring_v[i, : len(ring)] = ring
             ring_v[i, len(ring) :] = ring[0]
             ring_s[i, : len(ring)] = labels
             ring_n[i] = len(ring)
-        idx = torch.as_tensor(at, device=dev)
+        at = torch.as_tensor(rows_h[list(rings)], device=dev)  # the first piece of each
+        idx = (torch.cumsum(keep, 0) - 1)[at]  # its row among the kept
         new_v[idx] = torch.as_tensor(ring_v, dtype=new_v.dtype, device=dev)
         new_s[idx] = torch.as_tensor(ring_s, device=dev)
         new_n[idx] = torch.as_tensor(ring_n, dtype=new_n.dtype, device=dev)
-    kept = torch.nonzero(keep).squeeze(1)
     out = dict(raw)
     out |= {
-        "verts": new_v[kept],
-        "n": new_n[kept],
-        "side": new_s[kept],
+        "verts": new_v,
+        "n": new_n,
+        "side": new_s,
         "values": raw["values"][kept],
         "hashes": hashes[kept],
     }
