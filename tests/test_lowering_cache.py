@@ -226,3 +226,52 @@ def test_a_checkpoint_loaded_into_a_new_model_reuses_the_trace() -> None:
     assert (CACHE.hits, CACHE.misses) == (1, 2)
     assert b.verify(load(first), grid=32).ok
     _same(a, _fresh(load(first), digits_slice(0)))
+
+
+def test_the_weights_hash_is_sha256_of_names_and_float64_bytes() -> None:
+    """The chunked hash gives the plain definition's value: stores compare it."""
+    import hashlib
+
+    from geomstore.engine.cache import HASH_CHUNK, state_sha256
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "w": torch.randn(3 * HASH_CHUNK + 5, generator=g),  # several chunks, a short last one
+        "t": torch.randn(7, 9, generator=g).t(),  # not contiguous
+        "n": torch.tensor(4),
+        "mask": torch.tensor([True, False, True]),
+        "half": torch.randn(33, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 3),
+        "a.bias": torch.randn(2, generator=g, dtype=torch.float64),
+    }
+    want = hashlib.sha256()
+    for name in sorted(state):
+        want.update(name.encode())
+        want.update(state[name].to(torch.float64).contiguous().numpy().tobytes())
+    assert state_sha256(state) == want.hexdigest()
+    state["w"][HASH_CHUNK + 1] += 1e-6  # one value in the second chunk
+    assert state_sha256(state) != want.hexdigest()
+
+
+def test_a_hit_makes_no_float64_copy_and_still_refuses_training_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forward check runs the model as it is; the copy for tracing is made on misses."""
+    import geomstore.engine.lower as lower_mod
+    from geomstore.errors import UnsupportedModelError
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    first = partition(model, BOX, device="cpu")
+
+    def no_copy(*args: object) -> None:
+        raise AssertionError("a cache hit copied the model")
+
+    monkeypatch.setattr(lower_mod, "_source", no_copy)
+    again = partition(model, BOX, device="cpu")
+    assert (CACHE.hits, CACHE.misses) == (1, 1)
+    _same(first, again)
+    assert all(v.dtype != torch.float64 for v in model.state_dict().values())
+    model.train()
+    with pytest.raises(UnsupportedModelError, match="training mode"):
+        partition(model, BOX, device="cpu")
