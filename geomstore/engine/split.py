@@ -343,33 +343,40 @@ def _split_max(
         buf.flat.index_put_((key,), torch.where(won, (ps + 1).to(torch.uint8), cur))
         crossing = pos & neg
         step = ps + ~crossing  # settled tests move on
-        ci = torch.nonzero(crossing).squeeze(1)
+        # split each polygon by the crossing test nearest its middle (fewest rounds);
+        # the key orders by distance (float bits, top half), then by position
+        t = int(pp.shape[0])
+        mid = (hi + lo).abs_().div_(norm.squeeze(1))
+        ckey = (mid.view(torch.int64) & _HIGH) | torch.arange(t, device=dev)
+        ckey.masked_fill_(~crossing, _MAX)
         m = buf.count
-        if ci.numel():
-            cp = pp[ci]
-            # split each polygon by the crossing test nearest its middle (fewest rounds);
-            # the key orders by distance (float bits, top half), then by position
-            mid = ((hi + lo).abs_() / norm.squeeze(1))[ci]
-            ckey = (mid.view(torch.int64) & _HIGH) | ci
-            best = torch.full((m,), _MAX, dtype=torch.int64, device=dev)
-            chosen = ckey == best.scatter_reduce_(0, cp, ckey, "amin")[cp]
-            fi, sp = ci[chosen], cp[chosen]
-            k = int(fi.shape[0])
-            ids = torch.arange(first_id + n_cuts, first_id + n_cuts + k, device=dev)
-            n_cuts += k
-            split_units.append(units[pt[fi]])
-            split_lines.append(lines[fi])
-            children = clip_both(va[fi], f[fi], buf.n[sp], buf.side[sp], ids)
-            code = ps[fi] + 1  # the positive child takes candidate j + 1, and moves on
-            buf.split(sp, children, key[fi], code.to(torch.uint8))
-            step.index_copy_(0, fi, code)
+        best = torch.full((m,), _MAX, dtype=torch.int64, device=dev)
+        best.scatter_reduce_(0, pp, ckey, "amin")
+        chosen = crossing & (ckey == best.index_select(0, pp))
+        fi = torch.nonzero(chosen).squeeze(1)  # one sync a round for the splits ...
+        k = int(fi.shape[0])
+        if k == 0:
+            keep = torch.nonzero(step < n_steps).squeeze(1)
+            pp, pt, ps = pp[keep], pt[keep], step[keep]
+            continue
+        sp = pp[fi]  # sorted, as pp is
+        ids = torch.arange(first_id + n_cuts, first_id + n_cuts + k, device=dev)
+        n_cuts += k
+        split_units.append(units[pt[fi]])
+        split_lines.append(lines[fi])
+        children = clip_both(va[fi], f[fi], buf.n[sp], buf.side[sp], ids)
+        code = ps[fi] + 1  # the positive child takes candidate j + 1, and moves on
+        buf.split(sp, children, key[fi], code.to(torch.uint8))
+        step.index_copy_(0, fi, code)
+        # ... and one for what goes on: the live pairs, then again those of a split
+        # polygon, for its negative child (new ids m, m + 1, ... in the order of sp)
         alive = step < n_steps
-        pp, pt, ps = pp[alive], pt[alive], step[alive]
-        if ci.numel():
-            # pairs of a split polygon go on in both children (the negative one is new)
-            dup = torch.isin(pp, sp)
-            kn = torch.searchsorted(sp, pp[dup]).add_(m)
-            pp, pt, ps = torch.cat([pp, kn]), torch.cat([pt, pt[dup]]), torch.cat([ps, ps[dup]])
+        sel = torch.nonzero(torch.cat([alive, alive & torch.isin(pp, sp)])).squeeze(1)
+        again = sel >= t
+        src = torch.where(again, sel - t, sel)
+        p0 = pp[src]
+        pp = torch.where(again, torch.searchsorted(sp, p0).add_(m), p0)
+        pt, ps = pt[src], step[src]
     if split_units:
         cut = torch.cat(split_lines)  # (cuts, 3, 1)
         cuts.add(spec.unit_offset + torch.cat(split_units), cut[:, 0, 0], cut[:, 1, 0])
