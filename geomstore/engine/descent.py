@@ -153,7 +153,10 @@ class Descent:
 
     max_matrix_elements = 1 << 23
     block_elements = 1 << 22  # float64 elements of one block's input forms on a CPU (32 MiB)
-    device_block_elements = 1 << 27  # on a GPU: large blocks, few kernel launches
+    # on a GPU: blocks as large as the depth's chunk allows (each block costs kernel
+    # launches); at 1 << 27, LeNet-5's max-pool depths took five blocks each under an
+    # H100's budget and dispatched 6,019 operations, 4,690 now (VGG-11 8,078 -> 7,421)
+    device_block_elements = 1 << 30
     rank1_limit = 1  # rank-1 updates while changed units per child <= units / 32 x this
     # deep depths take what shallow ones leave, and stages that run the program's nodes
     # take their cells in blocks (None: on GPUs, where each batch costs kernel launches)
