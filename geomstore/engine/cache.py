@@ -79,10 +79,16 @@ def state_sha256(state: dict[str, Tensor]) -> str:
     whole and copying it once more to bytes (SHA-256 of the 74 MB alone: 44 ms).
     """
     h = hashlib.sha256()
-    buf = torch.empty(HASH_CHUNK, dtype=torch.float64)
+    buf: Tensor | None = None
     for name, t in sorted(state.items()):
         h.update(name.encode())
-        flat = t.detach().reshape(-1)
+        t = t.detach() if t.requires_grad else t
+        if t.numel() <= HASH_CHUNK:  # one conversion (none for float64 on the host)
+            h.update(t.to("cpu", torch.float64).contiguous().numpy().data)
+            continue
+        flat = t.reshape(-1)
+        if buf is None:
+            buf = torch.empty(HASH_CHUNK, dtype=torch.float64)
         for lo in range(0, flat.numel(), HASH_CHUNK):
             piece = flat[lo : lo + HASH_CHUNK]
             chunk = buf[: piece.numel()]

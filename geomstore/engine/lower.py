@@ -254,7 +254,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
         out = _first(model(x))
     if not isinstance(out, Tensor):
         raise TypeError("the model's forward returned no tensor")
-    return out.detach().clone()
+    return out.clone()  # under no_grad: nothing to detach
 
 
 def _same_forward(model: nn.Module, input_shape: tuple[int, ...], want: Tensor) -> bool:
