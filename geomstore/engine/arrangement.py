@@ -108,7 +108,7 @@ def arrangements(
     dist = (inward[i_cell] * rel).sum(2)
     dist = torch.where(valid[i_cell, :-1], dist, torch.inf).amin(1)  # NaN: parallel lines
     bad.index_fill_(0, i_cell[dist.abs() <= tol], True)  # an intersection on the cell's border
-    inner = dist > tol
+    inner = torch.nonzero(dist > tol).squeeze(1)  # one sync for the four selections
     i_pts, i_cell = i_pts[inner], i_cell[inner]
     i_lab = torch.stack([first_cut + i[inner], first_cut + j[inner]], 1)
     pts = torch.cat([corner_pts, b_pts, i_pts])
@@ -135,7 +135,9 @@ def arrangements(
         n_zero = torch.bincount(pt_of[f.abs() <= tol], minlength=n_all)
         up = f > tol
         bits = torch.zeros((n_all, words), dtype=torch.int64, device=dev)
-        bits.index_put_((pt_of[up], pl[up] // _BITS), weight[pl[up] % _BITS], accumulate=True)
+        ui = torch.nonzero(up).squeeze(1)
+        pu = pl[ui]
+        bits.index_put_((pt_of[ui], pu // _BITS), weight[pu % _BITS], accumulate=True)
     bad.index_fill_(0, pcell[n_zero != expect], True)
     n_inner = torch.bincount(i_cell, minlength=p)
 
@@ -160,13 +162,16 @@ def arrangements(
     good_face = ~bad[fcell]
     keep = good_face[face_of]
     renum = torch.cumsum(good_face, 0) - 1
-    faces, fcell, cnt = faces[good_face], fcell[good_face], cnt[good_face]
-    face_of = renum[face_of[keep]]
+    gi = torch.nonzero(good_face).squeeze(1)
+    faces, fcell, cnt = faces[gi], fcell[gi], cnt[gi]
+    ki = torch.nonzero(keep).squeeze(1)
+    face_of = renum[face_of[ki]]
+    kept = owner[ki]
     n_faces = int(faces.shape[0])
 
     # order each child's corners by angle around their mean
     order = torch.argsort(face_of, stable=True)
-    fo, po, lo = face_of[order], pts[owner[keep]][order], labs[owner[keep]][order]
+    fo, po, lo = face_of[order], pts[kept][order], labs[kept][order]
     fstart = torch.cumsum(cnt, 0) - cnt
     slot = torch.arange(fo.numel(), device=dev) - fstart[fo]
     width = int(cnt.max().item()) + 1 if n_faces else 4
