@@ -32,7 +32,7 @@ timeout "${T_TESTS:-70}" python3 -m pytest -q -x -p no:cacheprovider tests/test_
     tests/test_engine.py::test_cuda_matches_cpu 2>&1 | tail -25 | tee "$out/tests.txt"
 
 step zoo-conv  # the compute-bound conv nets, first run and cached, against this CPU
-timeout "${T_ZOO_CONV:-150}" python3 benchmarks/zoo.py --device cuda --compare-cpu --repeat 1 \
+timeout "${T_ZOO_CONV:-200}" python3 benchmarks/zoo.py --device cuda --compare-cpu --repeat 2 \
     --no-verify --count-under 0 --only lenet5 resnet20 vgg11 2>/dev/null | tee "$out/zoo-conv.jsonl"
 
 step mlps
