@@ -377,7 +377,8 @@ class Descent:
         if layer > 0:
             prev = prog.nonlinearities[layer - 1]
             block_per += 6 * int(np.prod(prev.in_shape))
-        whole = self._dense_input(layer) and not self.grow  # the stage runs on the batch
+        dense = self._dense_input(layer)
+        whole = dense and not self.grow  # the stage runs on the batch
         if whole:
             per += block_per
         if per > chunk:
@@ -385,7 +386,7 @@ class Descent:
         batch = max(1, chunk // per)
         if whole:
             block = batch
-        elif self._dense_input(layer):  # its temporaries also within the depth's chunk
+        elif dense:  # its temporaries also within the depth's chunk
             block = max(1, min(self.block_elements, chunk) // block_per)
         else:
             block = max(1, self.block_elements // block_per)

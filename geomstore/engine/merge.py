@@ -20,11 +20,9 @@ import shapely
 import torch
 
 from geomstore.engine.host import to_host
-from geomstore.engine.split import pad_polys
+from geomstore.engine.split import PAD_SIDE, pad_polys
 
 __all__ = ["merge_equal_patterns"]
-
-_PAD = -(1 << 62)  # the side label of padding slots
 
 
 def _pieces(verts: np.ndarray, n: np.ndarray, rows: np.ndarray) -> list[Any]:
@@ -84,7 +82,7 @@ def _side_labels(
     on = (dist(a) <= tol) & (dist(b) <= tol)
     length = np.where(on, np.linalg.norm(b - a, axis=1)[:, None], -1.0)
     best = length.argmax(axis=0)
-    return np.where(length.max(axis=0) > 0, lab[best], -(1 << 62)).astype(np.int64)
+    return np.where(length.max(axis=0) > 0, lab[best], PAD_SIDE).astype(np.int64)
 
 
 def merge_equal_patterns(raw: dict[str, Any], tol: float) -> dict[str, Any]:
@@ -123,7 +121,7 @@ def merge_equal_patterns(raw: dict[str, Any], tol: float) -> dict[str, Any]:
     new_n = raw["n"][kept]
     if rings:
         ring_v = np.zeros((len(rings), width, 2))
-        ring_s = np.full((len(rings), width), _PAD, dtype=np.int64)
+        ring_s = np.full((len(rings), width), PAD_SIDE, dtype=np.int64)
         ring_n = np.zeros(len(rings), dtype=np.int64)
         for i, (ring, labels) in enumerate(rings.values()):
             ring_v[i, : len(ring)] = ring

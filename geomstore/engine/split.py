@@ -53,13 +53,17 @@ class CutLog:
         return ids
 
 
+PAD_SIDE = -(1 << 62)
+"""The side label of padding slots (real ones: cut ids >= 0, the domain's sides -1, -2, ...)."""
+
+
 def pad_polys(verts: Tensor, side: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Widen padded polygons to ``width`` slots; new slots repeat vertex 0."""
     grow = width - verts.shape[1]
     if grow <= 0:
         return verts, side
     verts = torch.cat([verts, verts[:, :1].expand(-1, grow, -1)], dim=1)
-    side = torch.nn.functional.pad(side, (0, grow), value=-(1 << 62))
+    side = torch.nn.functional.pad(side, (0, grow), value=PAD_SIDE)
     return verts, side
 
 
