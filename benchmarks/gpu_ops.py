@@ -5,8 +5,9 @@ and a GPU is lent only some of the time. This benchmark runs the CPU with every 
 the engine picks for a CUDA device (arrangements for every layer of line units, blocks
 and batches sized for a GPU, growing shares, one convolution per stage, GPU-sized hash
 blocks, boundary screening where the tensors are), counts the ATen operations of one
-partition (graph cached, as for a worker's later slices) and the syncs among them
-(``nonzero``, ``.item()``, boolean indexing), and prints one JSON line per network with
+partition (graph cached, as for a worker's later slices), the kernels among them (the
+operations that are not views, which launch nothing) and the syncs (``nonzero``,
+``.item()``, boolean indexing), and prints one JSON line per network with
 the functions that dispatch the most. Counts are deterministic, so two commits compare
 on a busy machine; the partition is the GPU's (same code, same choices), only the device
 differs. Operations on host tensors (the weights hash of a model kept on the CPU) count
@@ -92,6 +93,7 @@ class _Counter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.kernels: collections.Counter[str] = collections.Counter()  # ops less views
         self.syncs: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -100,6 +102,8 @@ class _Counter(TorchDispatchMode):
             frame = frame.f_back
         where = f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}" if frame else "?"
         self.ops[where] += 1
+        if not func.is_view:  # a view launches nothing
+            self.kernels[where] += 1
         name = func.overloadpacket.__name__
         masks = args[1] if name == "index" and len(args) > 1 else ()
         if name in _SYNCS or any(
@@ -127,9 +131,11 @@ def count(name: str, scale: float, memory: str, top: int) -> dict[str, Any]:
         "regions": part.n_regions,
         "ops": ops,
         "ops_per_1k_regions": round(1000 * ops / part.n_regions, 1),
+        "kernels": sum(counter.kernels.values()),
         "syncs": sum(counter.syncs.values()),
         "seconds_counted": round(seconds, 1),
         "top_ops": dict(counter.ops.most_common(top)),
+        "top_kernels": dict(counter.kernels.most_common(top)),
         "top_syncs": dict(counter.syncs.most_common(top)),
     }
 

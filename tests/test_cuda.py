@@ -123,3 +123,26 @@ def test_index_add_is_the_same_on_every_run_and_leaves_the_flag_alone() -> None:
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     want = torch.zeros((7, 3, 5), dtype=torch.float64).index_add_(0, index.cpu(), values.cpu())
     assert torch.allclose(runs[0], want, rtol=0, atol=1e-9)
+
+
+def test_a_cached_graph_keeps_its_gpu_weights_and_matrices_and_stays_exact() -> None:
+    """Later partitions of a model reuse its device copy and stage matrices, not stale
+    ones: a changed model gets its own."""
+    from geomstore.engine.graph import Program
+    from geomstore.engine.lower import CACHE
+
+    CACHE.clear()
+    model = mlp((32, 32), 2, seed=8)
+    dev = torch.device("cuda")
+    a, b = Program(model, (2,), dev), Program(model, (2,), dev)
+    assert a.static and all(b.static[n] is t for n, t in a.static.items())
+    assert all(t.device.type == "cuda" for t in a.static.values() if isinstance(t, Tensor))
+    first = partition(model, BOX, device="cuda")
+    again = partition(model, BOX, device="cuda")
+    assert again.regions.equals(first.regions)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    changed = partition(model, BOX, device="cuda")
+    assert changed.verify(model, grid=48).ok
+    CACHE.clear()
+    _same(changed, partition(model, BOX, device="cpu"))

@@ -169,7 +169,32 @@ def test_models_over_half_the_cache_are_traced_every_time(
     monkeypatch.setattr(CACHE, "max_bytes", 6_000)
     partition(model, BOX, device="cpu")
     partition(model, BOX, device="cpu")
-    assert (CACHE.hits, CACHE.misses, CACHE.nbytes) == (1, 1, 2_968)
+    # and the stage matrices kept with the graph: 8 x (16 x 16 + 16 + 16 x 3 + 3) bytes
+    assert (CACHE.hits, CACHE.misses, CACHE.nbytes) == (1, 1, 2_968 + 2_584)
+
+
+def _f64(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float64)
+
+
+def test_what_programs_derive_is_kept_within_the_cache_bytes() -> None:
+    from geomstore.engine.cache import LoweringCache
+
+    cache = LoweringCache(size=2, max_bytes=1000)
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    memos: list[dict[object, object]] = [{}, {}]
+    cache.put("a", gm, False, None, 400, memos[0])
+    cache.remember(memos[0], "big", _f64(80))  # 640 bytes: a past 1000 alone
+    assert "big" not in memos[0] and cache.nbytes == 400
+    cache.remember(memos[0], "small", _f64(50))
+    assert cache.nbytes == 800
+    cache.put("b", gm, False, None, 300, memos[1])  # 1100 bytes: the oldest goes
+    assert cache.get("a") is None and cache.nbytes == 300
+    cache.remember(memos[1], "m", {"w": _f64(25), "again": memos[0]["small"]})
+    assert cache.nbytes == 300 + 200 + 400  # tensors in dicts, each counted once
+    loose: dict[object, object] = {}
+    cache.remember(loose, "x", _f64(10_000))  # not a cached graph's: kept, uncounted
+    assert "x" in loose and cache.nbytes == 900
 
 
 class Tied(nn.Module):
@@ -277,3 +302,38 @@ def test_a_hit_makes_no_float64_copy_and_still_refuses_training_mode(
     model.train()
     with pytest.raises(UnsupportedModelError, match="training mode"):
         partition(model, BOX, device="cpu")
+
+
+def test_a_hit_reuses_the_stage_matrices_kept_with_the_graph(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stage matrices depend on the graph and the device only: probed once per graph."""
+    from geomstore.engine.cache import memo_bytes
+    from geomstore.engine.descent import Descent
+
+    model = mlp((24, 24), 3, seed=5)
+    first = partition(model, BOX, device="cpu")
+    entry = next(iter(CACHE._entries.values()))
+    kept = {k: v for k, v in entry.memo.items() if "stage matrix" in k}
+    assert len(kept) == 2 and kept[("cpu", "stage matrix", 0, Descent.max_matrix_elements)]
+    assert memo_bytes(entry.memo) >= 8 * (24 * 24 + 24 * 3)  # counted in the cache's bytes
+    assert CACHE.nbytes == entry.nbytes + memo_bytes(entry.memo)
+
+    def no_probe(self: Descent, layer: int) -> None:
+        raise AssertionError("a cache hit probed a stage matrix again")
+
+    monkeypatch.setattr(Descent, "_stage_matrix", no_probe)
+    again = partition(model, OTHER, device="cpu")
+    assert (CACHE.hits, CACHE.misses) == (1, 1)
+    assert again.verify(model, grid=48).ok
+    monkeypatch.undo()
+    _same(again, _fresh(model, OTHER))
+    _same(first, _fresh(model))
+    # another setting is another key: probed again (no stage is a matrix now)
+    monkeypatch.setattr(Descent, "max_matrix_elements", 10)
+    general = partition(model, BOX, device="cpu")
+    entry = next(iter(CACHE._entries.values()))
+    assert entry.memo[("cpu", "stage matrix", 0, 10)] is None
+    assert general.n_regions == first.n_regions and general.verify(model, grid=48).ok
+    CACHE.clear()
+    assert CACHE.nbytes == 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -128,6 +128,30 @@ class _Entry:
     stripped: bool
     probe: Any  # the model's own forward on the probe batch when the graph was made
     nbytes: int  # what the graph holds (its float64 copy of the weights)
+    memo: dict[Any, Any] = field(default_factory=dict)  # what programs derive, by device
+
+
+def memo_bytes(memo: dict[Any, Any]) -> int:
+    """Bytes of the tensors a memo holds (in dicts, lists, tuples and dataclasses)."""
+    seen: set[int] = set()
+
+    def size(obj: Any, depth: int) -> int:
+        if isinstance(obj, Tensor):
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return obj.numel() * obj.element_size()
+        if depth > 3:
+            return 0
+        if isinstance(obj, dict):
+            return sum(size(v, depth + 1) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(size(v, depth + 1) for v in obj)
+        if hasattr(obj, "__dataclass_fields__"):
+            return sum(size(getattr(obj, f), depth + 1) for f in obj.__dataclass_fields__)
+        return 0
+
+    return size(memo, 0)
 
 
 class LoweringCache:
@@ -156,20 +180,43 @@ class LoweringCache:
             return entry
 
     def put(
-        self, key: Any, gm: torch.fx.GraphModule, stripped: bool, probe: Any, nbytes: int
+        self,
+        key: Any,
+        gm: torch.fx.GraphModule,
+        stripped: bool,
+        probe: Any,
+        nbytes: int,
+        memo: dict[Any, Any] | None = None,
     ) -> None:
         if nbytes > self.max_bytes:
             return
         with self._lock:
-            self._entries[key] = _Entry(gm, stripped, probe, nbytes)
+            self._entries[key] = _Entry(gm, stripped, probe, nbytes, {} if memo is None else memo)
             self._entries.move_to_end(key)
-            while len(self._entries) > self.size or self.nbytes > self.max_bytes:
-                self._entries.popitem(last=False)
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.size or self.nbytes > self.max_bytes:
+            self._entries.popitem(last=False)
+
+    def remember(self, memo: dict[Any, Any], key: Any, value: Any) -> None:
+        """Keep ``value`` in a cached graph's memo (what programs derive from the graph on
+        one device: its weights there, stage matrices), evicting the oldest graphs past
+        ``max_bytes``; a value that would take its own graph past it is not kept."""
+        with self._lock:
+            memo[key] = value
+            owner = next((e for e in self._entries.values() if e.memo is memo), None)
+            if owner is None:  # a graph not cached: the memo lives with its program
+                return
+            if owner.nbytes + memo_bytes(memo) > self.max_bytes:
+                del memo[key]
+            self._evict()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of weights the cached graphs hold."""
-        return sum(e.nbytes for e in self._entries.values())
+        """Bytes the cached graphs hold: their weights, and what programs derived from
+        them on each device (:meth:`remember`), GPU memory included."""
+        return sum(e.nbytes + memo_bytes(e.memo) for e in self._entries.values())
 
     def count(self, hit: bool) -> None:
         with self._lock:

@@ -202,7 +202,13 @@ class Descent:
         self.done = 0
         self.t0 = time.perf_counter()
         with torch.no_grad():
-            self.matrices = [self._stage_matrix(i) for i in range(self.n_layers)]
+            self.matrices = [
+                program.memo(
+                    ("stage matrix", i, self.max_matrix_elements),
+                    lambda i=i: self._stage_matrix(i),
+                )
+                for i in range(self.n_layers)
+            ]
 
     # helpers ---------------------------------------------------------------------------------
     def _points_input(self) -> Tensor:

@@ -19,7 +19,7 @@ import torch.fx
 from torch import Tensor
 
 from geomstore.engine.cache import state_sha256
-from geomstore.engine.lower import lower
+from geomstore.engine.lower import CACHE, lower
 from geomstore.engine.nonlinear import Kind, Nonlinearity
 from geomstore.engine.windows import windows_max
 from geomstore.errors import ModelShapeError, UnsupportedModelError
@@ -68,6 +68,7 @@ class Program:
         self._weights = low.weights
         self._weights_sha256 = low.weights_sha256
         self.stripped_softmax = low.stripped_softmax
+        self._memo = low.memo
         self.nodes: list[torch.fx.Node] = list(self.gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -75,7 +76,7 @@ class Program:
             raise UnsupportedModelError(
                 f"the model takes {len(placeholders)} inputs; geomstore needs exactly one tensor."
             )
-        self.static = self._static_env()
+        self.static = self.memo(("static",), self._static_env)
         self.nonlinearities: list[Nonlinearity] = [
             self._spec(n, _KINDS[n.target])
             for n in self.nodes
@@ -207,6 +208,23 @@ class Program:
         """Nodes computed by the end of nonlinearity ``layer`` that later nodes still read."""
         pos = self.index[self.nonlinearities[layer].node]
         return [n for n in self.nodes[: pos + 1] if self.last_use[self.index[n]] > pos]
+
+    def memo(self, key: tuple[Any, ...], make: Any) -> Any:
+        """``make()``, kept with the cached graph for later programs on this device.
+
+        A GPU program's copy of the weights (VGG-11: 74 MB sent again by every partition)
+        and the stage matrices (:meth:`Descent._stage_matrix`, VGG-11: 0.9 s on the
+        project's CPU) depend on the graph and the device only. They stay while the graph
+        is cached, counted in its bytes; ``geomstore.engine.lower.CACHE.clear()`` frees
+        them. The CPU program's weights are the graph's own tensors: not kept twice.
+        """
+        full = (str(self.device), *key)
+        if full in self._memo:
+            return self._memo[full]
+        value = make()
+        if key != ("static",) or self.device.type != "cpu":
+            CACHE.remember(self._memo, full, value)
+        return value
 
     def _static_env(self) -> dict[torch.fx.Node, Any]:
         """Values that do not depend on the input (parameters and functions of them)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,6 +80,9 @@ class Lowered:
     weights: dict[str, Tensor]  # the source model's state (for the weights hash)
     stripped_softmax: bool
     weights_sha256: str | None = None  # state_sha256(weights), when already computed
+    # what programs derive from the graph on a device, kept with the cached graph (see
+    # LoweringCache.remember); a graph the cache does not keep has its own
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -159,7 +162,7 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
         entry = CACHE.get(key.key)
         if entry is not None and _same_forward(model, input_shape, entry.probe):
             CACHE.count(hit=True)
-            return Lowered(entry.gm, key.state, entry.stripped, sha)
+            return Lowered(entry.gm, key.state, entry.stripped, sha, entry.memo)
         CACHE.count(hit=False)
     fn, weights, module = _source(model, None if key is None else key.state)
     x1 = _example(input_shape, 1)
@@ -195,10 +198,11 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     gm.recompile()
     _check_batch(gm, fn, input_shape)
     stripped = bool(logits and getattr(gm, "_gs_stripped", False))
+    low = Lowered(gm, weights, stripped, sha)
     if key is not None:
         with contextlib.suppress(Exception):  # a model the probe cannot run: traced each time
-            CACHE.put(key.key, gm, stripped, _probe(model, input_shape), key.nbytes)
-    return Lowered(gm, weights, stripped, sha)
+            CACHE.put(key.key, gm, stripped, _probe(model, input_shape), key.nbytes, low.memo)
+    return low
 
 
 CACHE = LoweringCache(size=4)
