@@ -2,7 +2,10 @@
 
 A model reaches geomstore as one of:
 
-- a ``torch.export`` program (``.pt2``, from ``torch.export.save``);
+- a ``torch.export`` program (``.pt2``, from ``torch.export.save``), read with every
+  pickle in it refused but tensors (``torch.export.load`` itself would unpickle weights
+  marked ``use_pickle``, opaque constants and legacy payloads, running code named in the
+  file): such an archive loads only with ``trust_pickle=True``;
 - a factory ``package.module:function`` that builds the module, plus a weights file: a
   state dict (``torch.load(weights_only=True)``: tensors only, no code) or safetensors;
 - a TorchScript file (``torch.jit.save``), converted to an export program;
@@ -19,7 +22,10 @@ import hashlib
 import importlib
 import logging
 import os
+import re
 import sys
+import threading
+import types
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -130,6 +136,71 @@ def _quiet_export() -> Iterator[None]:
             lg.setLevel(level)
 
 
+class _PickledCode(ModelLoadError):
+    """An archive asked to unpickle an object (raised where it would have run)."""
+
+
+_EXPORT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _tensors_only() -> Iterator[None]:
+    """``torch.export.load`` with no unpickling but of tensors.
+
+    Its loader calls ``torch.load(weights_only=False)`` for weights and constants marked
+    ``use_pickle`` (and as the fallback for example inputs), ``pickle.loads`` for opaque
+    constants and TorchScript's unpickler for custom objects. For the load, ``torch.load``
+    takes tensors only and the other two refuse; loads take turns (the patch is global).
+    """
+    import pickle
+
+    import torch.export.pt2_archive._package as package
+
+    real_load, real_obj = torch.load, torch._C._pickle_load_obj
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _PickledCode("an object pickled in the archive")
+
+    def tensors(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs.get("pickle_module") is not None:
+            refuse()
+        kwargs["weights_only"] = True
+        try:
+            return real_load(f, map_location, **kwargs)
+        except pickle.UnpicklingError as exc:
+            named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise _PickledCode(
+                f"it names {named.group(1)}" if named else "not tensors only"
+            ) from None
+
+    shim = types.SimpleNamespace(**vars(pickle))
+    shim.loads = shim.load = refuse
+    with _EXPORT_LOCK:
+        torch.load = tensors
+        torch._C._pickle_load_obj = refuse
+        package.pickle = shim  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.load, torch._C._pickle_load_obj = real_load, real_obj
+            package.pickle = pickle
+
+
+def _load_export(p: Path, trust_pickle: bool) -> Any:
+    guard = contextlib.nullcontext() if trust_pickle else _tensors_only()
+    try:
+        with _quiet_export(), guard:
+            return torch.export.load(str(p))
+    except _PickledCode as exc:
+        raise ModelLoadError(
+            f"{p} holds pickled objects besides tensors ({exc}); unpickling them would run "
+            "code named in the file. Load it with --trust-pickle (trust_pickle=True) only if "
+            "you trust where it came from, or save the model again with torch.export.save."
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"{p} is not a readable torch.export program: {exc}") from None
+
+
 def _state_dict(path: Path, kind: str) -> dict[str, torch.Tensor]:
     if kind == "safetensors":
         try:
@@ -183,7 +254,8 @@ def load_model(
     factory : ``"package.module:function"``, a function without arguments returning the
         module whose ``load_state_dict`` takes the weights.
     input_shape : the shape of one input (without batch); needed for TorchScript files.
-    trust_pickle : load a pickled whole module, which runs code named in the file.
+    trust_pickle : load a pickled whole module, or a ``.pt2`` archive holding pickled
+        objects besides tensors; either runs code named in the file.
 
     Returns an ``nn.Module`` in eval mode or a ``torch.export.ExportedProgram``.
 
@@ -216,11 +288,7 @@ def load_model(
             ) from None
         return model.eval()
     if kind == "export":
-        try:
-            with _quiet_export():
-                return torch.export.load(str(p))
-        except Exception as exc:
-            raise ModelLoadError(f"{p} is not a readable torch.export program: {exc}") from None
+        return _load_export(p, trust_pickle)
     if kind == "torchscript":
         if input_shape is None:
             raise ModelLoadError(f"{p} is a TorchScript file; its input shape is needed.")
