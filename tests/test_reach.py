@@ -234,6 +234,66 @@ def test_residual_network_with_adaptive_head() -> None:
     _check(TinyResNet(), _plane((1, 5, 5), seed=4, scale=6.0), {"relu"})
 
 
+class InplaceBlock(BasicBlock):
+    """torchvision's BasicBlock as written there: an inplace ReLU and ``out += identity``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.b1(self.c1(x)))
+        out = self.b2(self.c2(out))
+        out += x
+        return self.relu(out)
+
+
+def test_torchvision_style_inplace_residuals_equal_their_out_of_place_form() -> None:
+    plain = TinyResNet().eval()
+    inplace = TinyResNet().eval()
+    inplace.blocks = nn.Sequential(InplaceBlock(3), InplaceBlock(3))
+    inplace.load_state_dict(plain.state_dict())
+    sl = _plane((1, 5, 5), seed=4, scale=6.0)
+    _check(inplace, sl, {"relu"})
+    a, b = partition(plain, sl, device="cpu"), partition(inplace, sl, device="cpu")
+    assert a.n_regions == b.n_regions
+    assert (
+        np.sort(a.pattern_hashes().view("V16").ravel())
+        == np.sort(b.pattern_hashes().view("V16").ravel())
+    ).all()
+
+
+INPLACE = {
+    "y.add_(h)": lambda y, h: torch.relu(y.add_(h)),
+    "y.sub_(h).mul_(2).div_(3)": lambda y, h: torch.relu(y.sub_(h).mul_(2.0).div_(3.0)),
+    "ReLU6(inplace)": lambda y, h: nn.ReLU6(inplace=True)(y),
+    "Hardtanh(inplace)": lambda y, h: nn.Hardtanh(-0.5, 0.5, inplace=True)(y),
+    "LeakyReLU(inplace)": lambda y, h: nn.LeakyReLU(0.1, inplace=True)(y),
+    "threshold(inplace)": lambda y, h: F.threshold(y, 0.0, 0.0, inplace=True),
+    "clamp_ / clamp_min_": lambda y, h: y.clamp_(-1.0, 1.0).clamp_min_(-0.5),
+    "abs_": lambda y, h: y.abs_(),
+}
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.o = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.f = f
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))
+        return self.o(self.f(self.b(h), h))
+
+
+@pytest.mark.parametrize("name", sorted(INPLACE))
+def test_inplace_operators_are_their_out_of_place_forms(name: str) -> None:
+    model = _TwoInputs(INPLACE[name]).eval()
+    part = partition(model, _plane(VEC, scale=4.0), device="cpu")
+    assert part.n_regions > 1 and part.verify(model, grid=32).ok
+
+
 def test_export_program_with_maxout_and_clamp() -> None:
     model = Wrap(lambda h: h.view(h.shape[0], 2, 3).amax(-1).clamp(min=0), VEC, 6, seed=5)
     ep = torch.export.export(model.eval(), (torch.zeros(1, 4),))

@@ -172,8 +172,10 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
 
     def trace(stacks: bool) -> torch.fx.GraphModule:
         with torch.no_grad(), quiet():
+            # functionalized: in-place operators (``out += identity``, ``clamp_``, inplace
+            # activations) are traced as their out-of-place forms
             out: torch.fx.GraphModule = make_fx(
-                fn, decomposition_table=decomp, record_stack_traces=stacks
+                torch.func.functionalize(fn), decomposition_table=decomp, record_stack_traces=stacks
             )(x1)
         return out
 
