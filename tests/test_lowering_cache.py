@@ -337,3 +337,50 @@ def test_a_hit_reuses_the_stage_matrices_kept_with_the_graph(
     assert general.n_regions == first.n_regions and general.verify(model, grid=48).ok
     CACHE.clear()
     assert CACHE.nbytes == 0
+
+
+CAP = 1e9  # read by Capped.forward: changing it changes the model beyond the probe's inputs
+
+
+class Capped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.fc1 = nn.Linear(2, 12)
+        self.fc2 = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.relu(h) - torch.relu(h - CAP))
+
+
+def test_verify_runs_the_model_itself_and_fails_a_stale_graph(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = Capped().eval()
+    wide = Slice.box((-20.0, -20.0), (20.0, 20.0))
+    first = partition(model, wide, device="cpu")
+    assert first.verify(model, grid=32).ok
+    # the probe's inputs lie in [-0.5, 0.5): there no unit reaches the new cap
+    monkeypatch.setattr(sys.modules[__name__], "CAP", 2.0)
+    stale = partition(model, wide, device="cpu")
+    assert CACHE.hits == 1  # the cache could not tell
+    report = stale.verify(model, grid=32)
+    own = next(c for c in report.checks if c.name == "model's own output")
+    assert not own.passed and not report.ok
+    assert all(c.passed for c in report.checks if c.name != "model's own output")
+    fresh = _fresh(model, wide)
+    assert fresh.n_regions > stale.n_regions and fresh.verify(model, grid=32).ok
+
+
+def test_verify_of_another_model_fails_and_logits_partitions_pass() -> None:
+    model = mlp((16, 16), 3, seed=4)
+    part = partition(model, BOX, device="cpu")
+    assert not part.verify(mlp((16, 16), 3, seed=5), grid=24).ok
+    soft = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    logsoft = nn.Sequential(model, nn.LogSoftmax(dim=-1)).eval()
+    for net in (soft, logsoft):
+        p = partition(net, BOX, device="cpu", logits=True)
+        report = p.verify(net, grid=24)
+        assert report.ok, str(report)
+        assert any(c.name == "model's own output" for c in report.checks)

@@ -18,7 +18,9 @@ A graph is reused only for a model that is the same in everything tracing reads:
 
 And even then only when the model's own forward gives, bit for bit, what it gave on a
 batch of 4 random inputs when the graph was made: what no fingerprint sees (a global
-that ``forward`` reads, a class attribute) makes it retrace. That check runs the model as
+that ``forward`` reads, a class attribute) makes it retrace when it changes the output
+there (not always: a change beyond the probe's inputs goes unseen, and ``verify(net)``,
+which runs the model itself, fails such a partition). That check runs the model as
 it is, in its own dtype and on its own device, so a hit copies nothing: the float64 copy
 that tracing needs is made on a miss only (VGG-11's hit took 0.76 s on the project's CPU
 with the copy's forward on 16 inputs, most of it float64 convolutions).

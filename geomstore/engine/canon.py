@@ -104,6 +104,8 @@ class Canon:
                 out.args = ((new, *res[1:]),) if isinstance(res, (tuple, list)) else (new,)
                 self.g.eliminate_dead_code()
                 self.gm._gs_stripped = True  # type: ignore[assignment]
+                # what was stripped, for checks against the model's own output
+                self.gm._gs_stripped_op = (packet, first.args[1])  # type: ignore[assignment]
 
     # judging ---------------------------------------------------------------------------------
     def _dep_args(self, node: torch.fx.Node) -> list[torch.fx.Node]:

@@ -69,6 +69,33 @@ def model_states(
     return np.concatenate(outs), np.concatenate(sts), np.concatenate(mgs)
 
 
+def _own_output(net: Any, program: Any, x: torch.Tensor) -> np.ndarray:
+    """The model's own forward at x, run on a float64 copy of it (not the lowered graph:
+    a graph that no longer matches the model would agree with its own partition)."""
+    from geomstore.engine.lower import _first, _source
+
+    fn = _source(net)[0]
+    held = [*fn.parameters(), *fn.buffers()] if isinstance(fn, torch.nn.Module) else []
+    dev = held[0].device if held else torch.device("cpu")  # where the model is
+    rows = max(1, (1 << 24) // max(1, program.n_units))
+    outs = []
+    with torch.no_grad():
+        for lo in range(0, x.shape[0], rows):
+            out = _first(fn(x[lo : lo + rows].to(dev)))
+            outs.append(out.detach().to(torch.float64).cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, program.n_outputs))
+
+
+def _stripped(program: Any, logits: np.ndarray) -> np.ndarray:
+    """The model's output from the logits when a trailing softmax was stripped."""
+    op = getattr(program.gm, "_gs_stripped_op", None)
+    if not program.stripped_softmax or op is None:
+        return logits
+    t = torch.from_numpy(logits)
+    f = torch.log_softmax if "log_softmax" in op[0] else torch.softmax
+    return f(t, dim=int(op[1])).numpy()
+
+
 def _blockwise(
     program: Any,
     partition: Any,
@@ -219,6 +246,18 @@ def verify(
             f"region {err:.3g}",
         )
     )
+    if net is not None:
+        own = _own_output(net, program, x)
+        err_own = float(np.abs(own - _stripped(program, pred)).max()) if len(own) else 0.0
+        report.checks.append(
+            Check(
+                "model's own output",
+                err_own <= 1e-5 * scale,
+                f"max |net(x) - A u - c| at the same points {err_own:.3g}, the model given "
+                "run itself (a float64 copy), not its lowered graph (within 1e-5 of the "
+                "output's scale: constants a forward makes in float32 differ in their digits)",
+            )
+        )
     mism = bad[:n]
     report.checks.append(
         Check(
