@@ -20,9 +20,9 @@ SHIFT = 0.25  # read by Shifted.forward: a global no fingerprint sees
 
 
 class Shifted(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 3) -> None:
         super().__init__()
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         self.fc1 = nn.Linear(2, 12)
         self.fc2 = nn.Linear(12, 2)
 
@@ -342,12 +342,9 @@ def test_a_hit_reuses_the_stage_matrices_kept_with_the_graph(
 CAP = 1e9  # read by Capped.forward: changing it changes the model beyond the probe's inputs
 
 
-class Capped(nn.Module):
+class Capped(Shifted):
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(11)
-        self.fc1 = nn.Linear(2, 12)
-        self.fc2 = nn.Linear(12, 2)
+        super().__init__(seed=11)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
