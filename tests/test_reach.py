@@ -458,3 +458,30 @@ def test_cpu_convolution_in_pieces_equals_whole_batch(
         assert torch.equal(pieces, whole)  # samples are computed alone either way
     else:
         torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-12)
+
+
+def _branch_on_sum(h: Tensor) -> Tensor:
+    if h.sum() > 0:  # the line the error must name
+        return torch.relu(h)
+    return -h
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        _branch_on_sum,
+        lambda h: torch.relu(h - h[:, 0].mean().item()),
+        lambda h: torch.relu(h) if bool((h > 0).any()) else h,
+    ],
+    ids=["if h.sum() > 0", ".item()", ".any()"],
+)
+def test_data_dependent_control_flow_is_named_at_the_users_line(
+    f: Callable[[Tensor], Tensor],
+) -> None:
+    with pytest.raises(UnsupportedModelError) as err:
+        partition(Wrap(f, VEC, 6, seed=1).eval(), _plane(VEC), device="cpu")
+    msg = str(err.value)
+    assert "data-dependent control flow" in msg and "\n" not in msg
+    assert f"{__file__}:" in msg and "make_fx" not in msg and "tracing_mode" not in msg
+    if f is _branch_on_sum:
+        assert "if h.sum() > 0:  # the line the error must name" in msg

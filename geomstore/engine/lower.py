@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import linecache
+import os
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -190,10 +194,7 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
                 f"the model cannot run on one input of shape {tuple(input_shape)} "
                 f"({type(exc2).__name__}: {exc2}); check the slice's input shape."
             ) from exc2
-        raise UnsupportedModelError(
-            f"could not trace the model ({type(exc).__name__}: {exc}); remove data-dependent "
-            "control flow, or pass a torch.export program."
-        ) from exc
+        raise UnsupportedModelError(_trace_failure(exc)) from exc
     refuse = Refusal(gm, module, x1, retrace=lambda: trace(True))
     Canon(gm, refuse, logits=logits).run(x1)
     gm.graph.eliminate_dead_code()
@@ -205,6 +206,48 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
         with contextlib.suppress(Exception):  # a model the probe cannot run: traced each time
             CACHE.put(key.key, gm, stripped, _probe(model, input_shape), key.nbytes, low.memo)
     return low
+
+
+def _library_roots() -> tuple[str, ...]:
+    """Folders whose frames are not the user's: torch, geomstore and the standard library."""
+    import geomstore
+
+    dirs = (Path(torch.__file__).parent, Path(geomstore.__file__).parent)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return tuple(str(d.resolve()) + os.sep for d in (*dirs, stdlib))
+
+
+_DATA_DEPENDENT = (
+    "data-dependent",
+    "data dependent",
+    "_local_scalar_dense",
+    "GuardOnDataDependent",
+)
+
+
+def _trace_failure(exc: BaseException) -> str:
+    """One line on why tracing failed, at the user's line where the traceback has it."""
+    where = ""
+    roots = _library_roots()
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost frame outside torch, geomstore and the stdlib
+        name = tb.tb_frame.f_code.co_filename
+        if not name.startswith("<") and not str(Path(name).resolve()).startswith(roots):
+            line = linecache.getline(name, tb.tb_lineno).strip()
+            where = f" at {name}:{tb.tb_lineno}" + (f" ({line})" if line else "")
+        tb = tb.tb_next
+    text = " ".join(str(exc).split())
+    if any(k in text for k in _DATA_DEPENDENT):
+        return (
+            f"the model's forward reads the value of an input-dependent tensor in Python{where} "
+            "(data-dependent control flow: `if h.sum() > 0`, `.item()`, `.any()`, `.tolist()`); "
+            "geomstore needs the same operations for every input: write it with piecewise-"
+            "linear tensor operations (torch.maximum, clamp, relu, abs) instead."
+        )
+    return (
+        f"could not trace the model{where} ({type(exc).__name__}: {text[:300]}); geomstore "
+        "needs a forward without data-dependent control flow that torch's make_fx can trace."
+    )
 
 
 CACHE = LoweringCache(size=4)
