@@ -381,6 +381,26 @@ def test_refusal_names_module_path_and_source_line() -> None:
     assert "test_reach.py" in msg and "torch.tanh(self.fc(x))" in msg
 
 
+def _swish(h: Tensor) -> Tensor:
+    return h * torch.sigmoid(h)  # a helper's line, named by the error
+
+
+def test_refusal_names_the_operators_own_line_inside_helpers() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.o = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.o(_swish(self.a(x)))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        partition(Net().eval(), Slice.through(*np.eye(4)[:3]), device="cpu")
+    msg = str(info.value)
+    assert "aten.sigmoid" in msg and "module '<model>' (Net)" in msg
+    assert "torch.sigmoid(h)  # a helper's line, named by the error" in msg
+
+
 def test_batch_norm_in_training_mode_is_refused() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedModelError, match="eval"):

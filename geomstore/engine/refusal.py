@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,19 +57,29 @@ def _user_frame(stack: str | None) -> str:
     return f"{path}:{line}: {code.strip()}"
 
 
-def _module_paths(module: nn.Module | None, x: Tensor, target: Any) -> list[str]:
-    """Module paths at each call of ``target`` in a plain forward (for error messages)."""
+def _innermost_user_frame() -> str:
+    """The innermost frame of the current Python stack outside torch and geomstore."""
+    skip = (str(Path(torch.__file__).parent) + os.sep, str(Path(__file__).parents[1]) + os.sep)
+    for fs in reversed(traceback.extract_stack()):
+        if not fs.filename.startswith(skip) and not fs.filename.startswith("<"):
+            return f"{fs.filename}:{fs.lineno}: {(fs.line or '').strip()}"
+    return ""
+
+
+def _module_paths(module: nn.Module | None, x: Tensor, target: Any) -> list[tuple[str, str]]:
+    """Module path and source line at each call of ``target`` in a plain forward (for
+    error messages): the line is the operator's own, inside helpers the forward calls."""
     if module is None:
         return []
     names = {id(m): (n or "<model>", type(m).__name__) for n, m in module.named_modules()}
     stack: list[tuple[str, str]] = []
-    found: list[str] = []
+    found: list[tuple[str, str]] = []
     packet = getattr(target, "overloadpacket", target)
 
     class Spy(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
             if getattr(func, "overloadpacket", func) is packet and stack:
-                found.append(f"module {stack[-1][0]!r} ({stack[-1][1]})")
+                found.append((f"module {stack[-1][0]!r} ({stack[-1][1]})", _innermost_user_frame()))
             return func(*args, **(kwargs or {}))
 
     def pre(m: nn.Module, _i: Any) -> None:
@@ -122,9 +135,11 @@ class Refusal:
         where: list[str] = []
         paths = _module_paths(self.module, self.x, node.target)
         k = same.index(node) if node in same else 0
+        line = ""
         if k < len(paths):
-            where.append(paths[k])
-        frame = _user_frame(self._stack_trace(node))
+            where.append(paths[k][0])
+            line = paths[k][1]
+        frame = line or _user_frame(self._stack_trace(node))
         if frame:
             where.append(frame)
         at = f" at {', '.join(where)}" if where else ""
