@@ -505,3 +505,17 @@ def test_data_dependent_control_flow_is_named_at_the_users_line(
     assert f"{__file__}:" in msg and "make_fx" not in msg and "tracing_mode" not in msg
     if f is _branch_on_sum:
         assert "if h.sum() > 0:  # the line the error must name" in msg
+
+
+def test_writing_into_the_input_in_place_is_refused_with_the_fix() -> None:
+    class Scales(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x.mul_(2.0)
+            return torch.relu(self.fc(x))
+
+    with pytest.raises(UnsupportedModelError, match=r"writes in place into its input.*x \* 2"):
+        partition(Scales().eval(), _plane(VEC), device="cpu")

@@ -124,6 +124,13 @@ class Canon:
                     "pass logits=True (--logits) to partition the logits: the regions and "
                     "decision boundary are those of the logits, which softmax does not change"
                 )
+            elif packet == "aten.copy_":  # what a functionalized trace leaves of x.mul_(2)
+                raise self.refuse(
+                    node,
+                    "the forward writes in place into its input",
+                    "write the out-of-place form (x = x * 2, not x.mul_(2)): geomstore "
+                    "evaluates many inputs through one graph",
+                )
             elif r.how.startswith("not in"):
                 fix = "geomstore partitions networks of affine and piecewise-linear operators"
             raise self.refuse(node, r.how, fix)
