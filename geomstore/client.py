@@ -31,6 +31,12 @@ __all__ = ["Client", "RemoteError", "connect", "remote_aware"]
 
 ARROW = "application/vnd.apache.arrow.stream"
 _RETRY_STATUS = (502, 503, 504)
+#: Default retries: waits of 0.2, 0.4, 0.8, 1.6 and then 2 s (``MAX_BACKOFF``), 15 s in
+#: all, longer than ``geomstore serve`` takes to start again.
+RETRIES = 10
+MAX_BACKOFF = 2.0
+#: The columns ``point_regions(..., affine=True)`` adds to the plain answer.
+_AFFINE = ("partition_id", "A", "c", "pattern_hash")
 
 
 class RemoteError(StoreError):
@@ -124,8 +130,11 @@ class Client:
         Seconds to wait for each answer.
     retries : int
         Times to retry a request that could not reach the server (connection refused or
-        dropped, 502/503/504), waiting ``backoff * 2**i`` seconds between tries; every
-        request here is a read (or an idempotent job submission), so retrying is safe.
+        dropped, 502/503/504), waiting ``min(backoff * 2**i, max_backoff)`` seconds
+        between tries: by default 15 s in all, so that a request outlasts a server restart;
+        every request here is a read (or an idempotent job submission), so retrying is safe.
+    backoff, max_backoff : float
+        The first wait and the longest one, in seconds.
 
     Examples
     --------
@@ -140,8 +149,9 @@ class Client:
         *,
         token: str | None = None,
         timeout: float = 120.0,
-        retries: int = 3,
+        retries: int = RETRIES,
         backoff: float = 0.2,
+        max_backoff: float = MAX_BACKOFF,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise GeomstoreError(
@@ -150,6 +160,7 @@ class Client:
         self.url = url.rstrip("/")
         self.retries = max(0, int(retries))
         self.backoff = backoff
+        self.max_backoff = max_backoff
         headers = {"Accept": ARROW, "User-Agent": "geomstore-client"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -171,9 +182,10 @@ class Client:
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         last: Exception | None = None
+        t0 = time.monotonic()
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
             try:
                 resp = self._http.request(method, path, **kw)
             except httpx.TransportError as exc:
@@ -191,7 +203,8 @@ class Client:
             return resp
         raise StoreError(
             f"cannot reach the geomstore service at {self.url} after {self.retries + 1} tries "
-            f"({type(last).__name__}: {last}); is `geomstore serve` running?"
+            f"in {time.monotonic() - t0:.1f} s ({type(last).__name__}: {last}); is "
+            "`geomstore serve` running? (connect(..., retries=N) waits longer)"
         ) from last
 
     def _table(self, method: str, path: str, **kw: Any) -> tuple[pa.Table, dict[str, Any]]:
@@ -429,11 +442,16 @@ class Client:
         points: np.ndarray | str,
         slice: str | None = None,
         checkpoints: Sequence[str] | None = None,
+        affine: bool = False,
     ) -> pa.Table:
-        """The region holding each point, with its affine map ``A``, ``c`` and pattern hash
-        (the columns of :func:`geomstore.queries.point_regions` and those)."""
+        """The region holding each point (see :func:`geomstore.queries.point_regions`): the
+        same columns, with ``affine=True`` also the partition id, the affine map ``A``, ``c``
+        and the pattern hash."""
         body = self._selection(model, slice, checkpoints) | self._points(points)
-        return self._table("POST", "/api/points/regions", json=body)[0]
+        table = self._table("POST", "/api/points/regions", json=body)[0]
+        # the service always answers with the affine columns, the partition id first
+        plain = [c for c in table.column_names if c not in _AFFINE]
+        return table.select(plain + list(_AFFINE) if affine else plain)
 
     def churn(
         self,
@@ -522,7 +540,7 @@ def connect(
     *,
     token: str | None = None,
     timeout: float = 120.0,
-    retries: int = 3,
+    retries: int = RETRIES,
 ) -> Client:
     """Connect to a ``geomstore serve`` at ``url``; see :class:`Client`.
 

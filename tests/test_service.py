@@ -238,9 +238,11 @@ def test_region_at_a_point_has_pattern_affine_map_label_and_distances(
     client: geomstore.client.Client, local: geomstore.Store
 ) -> None:
     u = np.array([[0.1, -0.2], [0.5, 0.5]])
-    got = client.point_regions(model="net", points=u, checkpoints=["step0", "step100"])
-    want = queries.point_regions(local, model="net", points=u, checkpoints=["step0", "step100"])
-    assert got.select(want.column_names).equals(want)
+    ck = ["step0", "step100"]
+    for affine in (False, True):  # the same arguments and columns as the local store
+        got = queries.point_regions(client, model="net", points=u, checkpoints=ck, affine=affine)
+        want = queries.point_regions(local, model="net", points=u, checkpoints=ck, affine=affine)
+        assert got.equals(want)
     for row in got.to_pylist():
         part = local.load_partition(row["partition_id"])
         a, c = part.affine_maps()

@@ -49,19 +49,23 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-_PATH = re.compile(r"(?<![\w<>.:/])/(?!api/|static/)(?:[\w.@+~-]+/)+[\w.@+~-]*")
+#: A URL's scheme and the rest of it (file:///..., s3://bucket/..., https://host/...).
+_URL = re.compile(r"\b([A-Za-z][\w+.-]*)://[^\s'\"`<>]*")
+#: An absolute path of two parts or more (``/docs`` and the API's own paths stay).
+_PATH = re.compile(r"(?<![\w<>])/(?!api/|static/)(?:[^\s/'\"`<>]+/)+[^\s/'\"`<>]*")
 
 
-class BodyTooLarge(Exception):
-    """The request body passed the server's --max-body."""
+class BodyTooLarge(StarletteHTTPException):
+    """The request body passed the server's --max-body (an HTTP error, so that FastAPI's
+    body parsing passes it on instead of answering 400)."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(limit)
+        super().__init__(413, f"the request body is larger than {limit} bytes")
         self.limit = limit
 
 
 def scrub(message: str, store: str) -> str:
-    """One line without the store's path or any other absolute file path.
+    """One line without the store's path, any other absolute file path or any URL's path.
 
     Examples
     --------
@@ -69,8 +73,11 @@ def scrub(message: str, store: str) -> str:
     'cannot open <store>/x.parquet'
     >>> scrub("no file /etc/passwd here", "/srv")
     'no file <path> here'
+    >>> scrub("cannot read 'file:///etc/passwd' or s3://b/etc/x", "/srv")
+    "cannot read 'file://<path>' or s3://<path>"
     """
     line = message.strip().splitlines()[0] if message.strip() else "error"
+    line = _URL.sub(lambda m: f"{m.group(1)}://<path>", line)
     for root in {store, str(Path(store).resolve())}:
         if len(root) > 1:
             line = line.replace(root.rstrip("/"), "<store>")
@@ -140,6 +147,8 @@ class Gate:
                 f"the request body has {length} bytes, more than this server allows ({limit}); "
                 "send less, or start the server with a larger --max-body.",
             )
+        if self._preflight(scope, headers):
+            return None
         tokens = self.state.config.tokens
         public = path in PUBLIC or path.startswith("/static/")
         access = None
@@ -161,6 +170,17 @@ class Gate:
                 "--token-file).",
             )
         return None
+
+    def _preflight(self, scope: Scope, headers: dict[str, str]) -> bool:
+        """A CORS preflight from a configured origin: browsers send it without credentials,
+        and CORSMiddleware answers it without running any endpoint."""
+        origins = self.state.config.cors_origins
+        return (
+            scope["method"] == "OPTIONS"
+            and "access-control-request-method" in headers
+            and "origin" in headers
+            and (headers["origin"] in origins or "*" in origins)
+        )
 
     def _counting(self, receive: Receive, scope: Scope) -> Receive:
         limit = self.state.limits.max_body

@@ -61,7 +61,8 @@ class FormatError(GeomstoreError, ValueError):
 
 
 def choose_format(query_format: str | None, accept: str | None) -> Format:
-    """The output format: ``?format=`` wins, then the first known type in ``Accept``.
+    """The output format: ``?format=`` wins, then the known type in ``Accept`` with the
+    highest quality value (the first of equals; ``q=0`` refuses a type), else JSON.
 
     Examples
     --------
@@ -71,17 +72,36 @@ def choose_format(query_format: str | None, accept: str | None) -> Format:
     'csv'
     >>> choose_format(None, "text/html,*/*")
     'json'
+    >>> choose_format(None, "application/vnd.apache.arrow.stream;q=0.1, text/csv;q=0.9")
+    'csv'
     """
     if query_format:
         fmt = query_format.strip().lower()
         if fmt not in FORMATS:
             raise FormatError(f"format must be one of {', '.join(FORMATS)}; got {query_format!r}.")
         return fmt  # type: ignore[return-value]
+    best: tuple[float, str] | None = None
     for part in (accept or "").split(","):
-        media = part.split(";")[0].strip().lower()
-        if media in _BY_MEDIA:
-            return _BY_MEDIA[media]  # type: ignore[return-value]
-    return "json"
+        media, *params = (p.strip().lower() for p in part.split(";"))
+        if media not in _BY_MEDIA:
+            continue
+        q = _quality(params)
+        if q > 0 and (best is None or q > best[0]):
+            best = (q, _BY_MEDIA[media])
+    return best[1] if best else "json"  # type: ignore[return-value]
+
+
+def _quality(params: list[str]) -> float:
+    """The ``q=`` of a media range's parameters (1 when absent, 0 when unreadable)."""
+    for p in params:
+        key, _, value = p.partition("=")
+        if key.strip() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                return 0.0
+            return q if 0.0 <= q <= 1.0 else 0.0
+    return 1.0
 
 
 def _wkt(values: list[Any]) -> list[str | None]:
@@ -160,6 +180,26 @@ def _parquet(table: pa.Table) -> bytes:
     return bytes(sink.getvalue())
 
 
+#: What encoding a value the format cannot hold raises (pyarrow's type errors, Python's
+#: range errors such as an infinite date).
+_UNWRITABLE = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
+def _unwritable(table: pa.Table, fmt: Format) -> str:
+    """The first column ``fmt`` cannot hold, named with its type, and what to do instead."""
+    other = " or ".join(f for f in ("arrow", "json") if f != fmt)
+    keep = [table.column_names.index("geometry")] if fmt == "geojson" else []
+    for i, field in enumerate(table.schema):
+        try:
+            _encode(table.select(sorted({i, *keep})), fmt, False, None)
+        except _UNWRITABLE:
+            return (
+                f"column {field.name!r} of type {field.type}; cast it in the query "
+                f'(CAST("{field.name}" AS VARCHAR)) or ask for format {other}.'
+            )
+    return f"this result; ask for format {other}."
+
+
 def _csv(table: pa.Table) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -213,6 +253,17 @@ def encode_table(
     >>> media, json.loads(body)["rows"]
     ('application/json', [{'a': 1}, {'a': 2}])
     """
+    try:
+        return _encode(table, fmt, truncated, extra)
+    except _UNWRITABLE as exc:
+        if isinstance(exc, GeomstoreError):
+            raise
+        raise FormatError(f"format {fmt} cannot hold {_unwritable(table, fmt)}") from exc
+
+
+def _encode(
+    table: pa.Table, fmt: Format, truncated: bool, extra: dict[str, Any] | None
+) -> tuple[bytes, str]:
     if fmt == "json":
         return _json(table, truncated, extra), MEDIA["json"]
     if fmt == "arrow":

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
     "CompareRequest",
@@ -14,6 +15,21 @@ __all__ = [
     "SampleRequest",
     "Selection",
 ]
+
+
+#: The largest magnitude of a coordinate or a distance a request may give (slice units):
+#: far beyond any slice, and small enough that squares and areas stay finite.
+BIG = 1e100
+
+
+def _bounded(x: float) -> float:
+    if not math.isfinite(x) or abs(x) > BIG:
+        raise ValueError(f"give a finite number between -{BIG:g} and {BIG:g}, not {x!r}")
+    return x
+
+
+Coordinate = Annotated[float, AfterValidator(_bounded)]
+Distance = Annotated[float, Field(gt=0), AfterValidator(_bounded)]
 
 
 class Selection(BaseModel):
@@ -36,17 +52,19 @@ class SQLRequest(BaseModel):
         None, description="Values for ? or $name placeholders."
     )
     max_rows: int | None = Field(None, ge=0, description="Row cap (at most the server's).")
-    timeout: float | None = Field(None, gt=0, description="Seconds (at most the server's).")
+    timeout: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Seconds (at most the server's)."
+    )
 
 
 class PointsRequest(Selection):
     """Points in slice coordinates, or a stored data set, for per-point queries."""
 
-    points: list[tuple[float, float]] | None = Field(
+    points: list[tuple[Coordinate, Coordinate]] | None = Field(
         None, description="Slice coordinates [[u0, u1], ...].", examples=[[[0.1, 0.2]]]
     )
     dataset: str | None = Field(None, description="Instead of points: a stored data set.")
-    radius: float | None = Field(None, gt=0, description="LC: the neighbourhood radius.")
+    radius: Distance | None = Field(None, description="LC: the neighbourhood radius.")
     shape: Literal["disk", "diamond"] = Field("disk", description="LC: the neighbourhood.")
     layers: Literal["hidden", "all"] = Field(
         "hidden", description="LC: hidden units only, or also the logits' decision lines."
@@ -57,20 +75,22 @@ class SampleRequest(Selection):
     """Decision-boundary samples per checkpoint (uniform by length)."""
 
     n: int = Field(100, ge=0, description="Samples per checkpoint.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Random seed (>= 0).")
     pair: tuple[int, int] | None = Field(None, description="Only this class pair.")
-    near: list[tuple[float, float]] | None = Field(
+    near: list[tuple[Coordinate, Coordinate]] | None = Field(
         None, description="Only boundary within `within` of these points (slice coordinates)."
     )
-    within: float | None = Field(None, gt=0)
-    offset: float = Field(0.0, description="Push samples along the normal (towards class_b).")
+    within: Distance | None = None
+    offset: Coordinate = Field(0.0, description="Push samples along the normal (towards class_b).")
 
 
 class CompareRequest(Selection):
     """Consecutive checkpoints compared: agreement and boundary movement, or churn."""
 
-    spacing: float | None = Field(None, gt=0, description="Boundary distance sampling step.")
-    points: list[tuple[float, float]] | None = Field(None, description="Churn: these points.")
+    spacing: Distance | None = Field(None, description="Boundary distance sampling step.")
+    points: list[tuple[Coordinate, Coordinate]] | None = Field(
+        None, description="Churn: these points."
+    )
     dataset: str | None = Field(None, description="Churn: this stored data set.")
 
 

@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from geomstore import queries
 from geomstore.errors import GeomstoreError, NotFoundError
 from geomstore.queries import catalog
+from geomstore.queries.stats import resolve_partitions
 from geomstore.service.formats import choose_format, encode_table
 from geomstore.service.models import (
     CompareRequest,
@@ -30,7 +31,7 @@ from geomstore.service.models import (
     Selection,
     SQLRequest,
 )
-from geomstore.service.state import ServiceState
+from geomstore.service.state import LimitError, ServiceState
 from geomstore.service.tables import (
     Table,
     parse_bbox,
@@ -38,6 +39,7 @@ from geomstore.service.tables import (
     require_partition,
     with_affine,
 )
+from geomstore.store.sqlutil import sql_in
 from geomstore.store.store import Store
 
 __all__ = ["router"]
@@ -45,6 +47,8 @@ __all__ = ["router"]
 router = APIRouter()
 FORMAT = Query(None, description="json (default), arrow, parquet, csv or geojson.")
 CHECKPOINT = Query(None, description="Only these checkpoints (repeatable).")
+#: ``agreement``'s boundary sampling step when none is given, in slice diameters.
+DEFAULT_SPACING = 1e-4
 
 
 def state(request: Request) -> ServiceState:
@@ -422,19 +426,44 @@ def boundary_samples(
 def compare(
     request: Request, s: State, body: CompareRequest, format: str | None = FORMAT
 ) -> Response:
-    table = _run(
-        s,
-        "/api/compare",
-        lambda st: queries.agreement_over(
+    def run(st: Store) -> pa.Table:
+        _check_spacing(st, body, s.limits.max_boundary_points)
+        return queries.agreement_over(
             st,
             model=body.model,
             slice=body.slice,
             checkpoints=body.checkpoints,
             spacing=body.spacing,
-        ),
-        body,
+        )
+
+    return answer(request, _run(s, "/api/compare", run, body), format)
+
+
+def _check_spacing(store: Store, body: CompareRequest, most: int) -> None:
+    """Refuse a ``spacing`` that samples more boundary points than ``most`` in all: the
+    boundary distances are NumPy work, which the query deadline cannot interrupt."""
+    parts = resolve_partitions(
+        store, model=body.model, slice=body.slice, checkpoints=body.checkpoints
     )
-    return answer(request, table, format)
+    if parts.num_rows < 2:
+        return
+    ids = parts.column("partition_id").to_pylist()
+    rows = store.reader().execute(
+        "SELECT partition_id, sum(sqrt((u0_b - u0_a) ^ 2 + (u1_b - u1_a) ^ 2)) FROM boundary "
+        f"WHERE partition_id IN {sql_in(ids)} GROUP BY ALL"
+    )
+    length = {pid: float(n or 0.0) for pid, n in rows.fetchall()}
+    lengths = [length.get(pid, 0.0) for pid in ids]
+    # each consecutive pair samples both boundaries: inner checkpoints count twice
+    total = 2 * sum(lengths) - lengths[0] - lengths[-1]
+    diameter = store.load_slice(parts.column("slice_id")[0].as_py()).diameter
+    step = body.spacing or diameter * DEFAULT_SPACING
+    if total / step > most:
+        raise LimitError(
+            f"spacing: {step:g} samples about {total / step:.3g} boundary points, more than "
+            f"this server allows ({most}); give spacing >= {total / most:.3g} (slice units) "
+            "or fewer checkpoints."
+        )
 
 
 @router.post(

@@ -3,7 +3,7 @@
 DuckDB connections are not shared between threads: each request borrows one read-only
 :class:`~geomstore.Store` from the pool (waiting at most the query timeout for one), so a
 slow query holds one store while the others go on. Every query function runs under a
-deadline that interrupts the store's read connection.
+deadline that interrupts the request's read connections.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class LimitError(GeomstoreError, ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """The most a single request may ask for; each has a ``geomstore serve`` option."""
+    """The most a single request may ask for; each but ``max_boundary_points`` has a
+    ``geomstore serve`` option."""
 
     max_body: int = 8 * 2**20
     """Request body size in bytes."""
@@ -54,6 +55,9 @@ class Limits:
     """Boundary samples per checkpoint."""
     max_upload: int = 256 * 2**20
     """A checkpoint file submitted as a job, in bytes."""
+    max_boundary_points: int = 2_000_000
+    """Boundary points sampled by one checkpoint comparison (``spacing``), in all; no
+    option of its own: ask for a larger ``spacing`` (about 2 s of NumPy work a million)."""
 
     def check(self, what: str, n: int, most: int, option: str) -> None:
         """Refuse ``n`` above ``most`` with a message naming the server option."""
@@ -175,32 +179,18 @@ class StorePool:
 
 @contextlib.contextmanager
 def deadline(st: Store, seconds: float | None) -> Iterator[None]:
-    """Interrupt the store's read connection when the block runs past ``seconds``."""
+    """Stop the block's reads of ``st`` when it runs past ``seconds``.
+
+    The block runs in one request thread: every statement on that thread's read
+    connection and on the sandbox's cursors it borrows is interrupted, and the block
+    raises :class:`~geomstore.errors.QueryTimeoutError` (the service answers 408).
+    """
     if seconds is None:
         yield
         return
-    fired = threading.Event()
-
-    def stop() -> None:
-        fired.set()
-        with contextlib.suppress(Exception):
-            st.reader().interrupt()
-
-    timer = threading.Timer(seconds, stop)
-    timer.daemon = True
-    timer.start()
-    try:
+    advice = "ask for fewer checkpoints or points, or a smaller radius."
+    with st._read_path().deadline(seconds, advice=advice):
         yield
-    except duckdb.InterruptException as exc:
-        if fired.is_set():
-            raise QueryTimeoutError(
-                f"the query ran past its time limit of {seconds:g} s and was stopped; "
-                "ask for fewer checkpoints or points, or a smaller radius.",
-                timeout=seconds,
-            ) from exc
-        raise
-    finally:
-        timer.cancel()
 
 
 class PartitionCache:

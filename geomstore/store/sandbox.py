@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from geomstore.errors import QueryTimeoutError, SQLError, SQLRefusedError
+from geomstore.store.sandbox_deadline import Deadline
 from geomstore.store.sqlutil import ALIAS, _sql_helpers
 
 if TYPE_CHECKING:
@@ -361,33 +362,48 @@ MEMORY_LIMIT = "4GB"
 THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def _allowed_paths(store: Store) -> list[str]:
-    """Where the read connection may still read: the store's own files and data path."""
-    out: list[str] = []
+def _allowed_paths(store: Store) -> tuple[list[str], list[str]]:
+    """Where the read connection may still read: (directories, single files).
+
+    Only the store's own files: a directory store's data path and catalog files, a
+    ``.duckdb`` store's file and its write-ahead log. Never the folder around them, where
+    other files may lie (a ``.duckdb`` file's neighbours, a store's ``uploads/``). DuckDB's
+    temporary files (spilling) do not pass this check, so their folder needs no entry.
+    """
+    from geomstore.store.store import CATALOG
+
+    dirs: list[str] = []
+    files: list[str] = []
     data = store.data_path
     if data:
-        out.append(data if "://" in data else f"{Path(data).resolve()}/")
+        dirs.append(data if "://" in data else f"{Path(data).resolve()}/")
     if store.kind == "ducklake":
-        out.append(f"{Path(store.target).resolve()}/")
+        catalog = Path(store.target).resolve() / CATALOG
+        files += [str(catalog), *(f"{catalog}{end}" for end in ("-wal", "-shm", "-journal"))]
     if store.kind == "duckdb":
-        out.append(f"{Path(store.target).resolve().parent}/")
-    return list(dict.fromkeys(out))
+        file = Path(store.target).resolve()
+        files += [str(file), f"{file}.wal"]
+    return list(dict.fromkeys(dirs)), files
 
 
 def harden(
     con: duckdb.DuckDBPyConnection,
     *,
     allowed: Sequence[str],
+    allowed_files: Sequence[str] = (),
     memory_limit: str = MEMORY_LIMIT,
     threads: int = THREADS,
 ) -> None:
-    """Disable external access (but ``allowed``), auto-loading; set limits; lock the config.
+    """Disable external access (but the folders ``allowed`` and the files ``allowed_files``)
+    and auto-loading; set limits; lock the config.
 
     These settings hold for the whole DuckDB instance of ``con``: for a ``.duckdb`` store,
     whose single instance also writes, they bound the writer too.
     """
     if allowed:
         con.execute("SET allowed_directories = ?", [list(allowed)])
+    if allowed_files:
+        con.execute("SET allowed_paths = ?", [list(allowed_files)])
     con.execute("SET enable_external_access = false")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
@@ -407,10 +423,12 @@ class ReadPath:
         self.store = store
         # one process owns a .duckdb file: read through a cursor of the writer's instance
         base = store.con.cursor() if store.kind == "duckdb" else store._open(read_only=True)
+        dirs, files = _allowed_paths(store)
         try:
             harden(
                 base,
-                allowed=_allowed_paths(store),
+                allowed=dirs,
+                allowed_files=files,
                 memory_limit=getattr(store, "sql_memory_limit", MEMORY_LIMIT),
                 threads=getattr(store, "sql_threads", THREADS),
             )
@@ -433,12 +451,43 @@ class ReadPath:
         return con
 
     def reader(self) -> duckdb.DuckDBPyConnection:
-        """This thread's read connection (DuckDB connections are not shared across threads)."""
+        """This thread's read connection (DuckDB connections are not shared across threads).
+
+        Under a :meth:`deadline` that has passed, raises
+        :class:`~geomstore.errors.QueryTimeoutError` instead of handing out more work.
+        """
+        limit: Deadline | None = getattr(self._local, "deadline", None)
+        if limit is not None:
+            limit.check()
         con = getattr(self._local, "con", None)
         if con is None:
             con = self._cursor()
             self._local.con = con
         return con
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float, *, advice: str = "ask for less.") -> Iterator[Deadline]:
+        """Stop this thread's reads (:meth:`reader`, :meth:`sql`) after ``seconds``.
+
+        Every statement running on them is interrupted and the block raises
+        :class:`~geomstore.errors.QueryTimeoutError` (whose message ends with ``advice``),
+        also when its last statement ended in time but the block did not.
+        """
+        outer: Deadline | None = getattr(self._local, "deadline", None)
+        limit = Deadline(seconds, advice=advice)
+        try:
+            limit.add(self.reader())
+            self._local.deadline = limit
+            yield limit
+        except Exception as exc:
+            # an interrupted statement surfaces as whatever its caller made of it
+            if limit.fired and not isinstance(exc, QueryTimeoutError):
+                raise limit.error() from exc
+            raise
+        finally:
+            self._local.deadline = outer
+            limit.close()
+        limit.check()
 
     @property
     def policy(self) -> Policy:
@@ -486,6 +535,9 @@ class ReadPath:
             # a table or macro made since the policy was read (a migration): read again
             self._policy = Policy.of(self.reader())
             statement = check_sql(query, self._policy, max_rows=max_rows)
+        limit: Deadline | None = getattr(self._local, "deadline", None)
+        if limit is not None:
+            limit.check()
         with self._borrow() as (con, broken):
             fired = threading.Event()
 
@@ -497,13 +549,17 @@ class ReadPath:
             if timer is not None:
                 timer.daemon = True
                 timer.start()
+            if limit is not None:
+                limit.add(con)
             try:
                 # fetched whole (a streamed fetch cannot be interrupted); LIMIT caps the plan
                 table = con.execute(statement, params).to_arrow_table()
             except duckdb.InterruptException:
                 broken[0] = True
+                if limit is not None and limit.fired and not fired.is_set():
+                    raise limit.error() from None
                 raise QueryTimeoutError(
-                    f"the query ran longer than its {timeout:g} s limit and was stopped; "
+                    f"the query ran longer than its {timeout or 0:g} s limit and was stopped; "
                     "narrow it (WHERE partition_id = ..., LIMIT) or pass a longer timeout.",
                     timeout=float(timeout or 0.0),
                 ) from None
@@ -521,9 +577,11 @@ class ReadPath:
             except duckdb.Error as exc:
                 raise SQLError(_first_line(exc)) from None
             finally:
+                if limit is not None:
+                    limit.discard(con)
                 if timer is not None:
                     timer.cancel()
-                if fired.is_set():
+                if fired.is_set() or (limit is not None and limit.fired):
                     broken[0] = True
         truncated = table.num_rows > max_rows
         return QueryResult(table.slice(0, max_rows) if truncated else table, truncated)
