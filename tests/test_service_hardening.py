@@ -377,3 +377,21 @@ def test_chunked_body_over_the_limit_is_413(http: httpx.Client) -> None:
     err = _error(r, 413)
     assert err["type"] == "LimitError"
     assert http.post("/api/sql", json={"sql": "SELECT 1"}).status_code == 200
+
+
+# 6. memory ------------------------------------------------------------------------------------
+def test_a_query_past_the_memory_cap_is_a_4xx_and_the_server_stays_up(store_path: str) -> None:
+    """range(n) builds one list value that DuckDB's memory limit does not count: 10^8 of
+    them took the process past 8 GB; under the cap the allocation fails as an error."""
+    with (
+        serve(store_path, "--max-memory", "3GiB") as srv,
+        httpx.Client(base_url=srv.url, timeout=120) as c,
+    ):
+        err = _error(c.post("/api/sql", json={"sql": "SELECT range(100000000) AS r"}))
+        assert "memory" in err["message"]
+        assert srv.alive
+        ok = c.post("/api/sql", json={"sql": "SELECT count(*) AS n FROM regions"})
+        assert ok.status_code == 200 and ok.json()["rows"][0]["n"] > 0
+    with pytest.raises(RuntimeError, match="exited"):  # a bad size is refused at once
+        with serve(store_path, "--max-memory", "lots"):
+            pass

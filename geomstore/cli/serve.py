@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -34,6 +35,12 @@ def serve(
     max_points: int = typer.Option(10_000, help="Points in one per-point request."),
     max_samples: int = typer.Option(100_000, help="Boundary samples per checkpoint."),
     pool: int = typer.Option(4, help="Read connections shared by the request threads."),
+    max_memory: str = typer.Option(
+        "auto",
+        help="Memory the server process may take, e.g. 8GiB (auto: half the RAM, at least "
+        "4GiB; 0: no limit). A query that needs more fails with a 4xx error instead of the "
+        "kernel killing the server: DuckDB's own limit misses some values (range(10^9)).",
+    ),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info logs requests)."),
 ) -> None:
     """Serve the store over HTTP: JSON/Arrow/Parquet/CSV/GeoJSON API, viewer at /, docs at /docs.
@@ -45,8 +52,6 @@ def serve(
     print(secrets.token_urlsafe(32))"). Without tokens only loopback hosts are allowed
     unless --insecure.
     """
-    import os
-
     import uvicorn
 
     from geomstore.service import Limits, ServiceConfig, check_bind, create_app, load_tokens
@@ -70,7 +75,9 @@ def serve(
         data_path=data_path,
     )
     check_bind(host, config, insecure=insecure)
-    err.print(f"geomstore serving {store} on http://{host}:{port}/ (docs at /docs)")
+    limit = _limit_memory(max_memory)
+    cap = f", memory capped at {limit / 2**30:.1f} GiB" if limit else ""
+    err.print(f"geomstore serving {store} on http://{host}:{port}/ (docs at /docs{cap})")
     uvicorn.run(
         create_app(config),
         host=host,
@@ -79,3 +86,30 @@ def serve(
         access_log=log_level in ("debug", "trace", "info"),
         timeout_graceful_shutdown=5,
     )
+
+
+def _limit_memory(spec: str) -> int:
+    """Cap the process's data segment (``RLIMIT_DATA``: heap and private writable maps)
+    so that an allocation past it fails, as DuckDB reports an out-of-memory query, rather
+    than the kernel's OOM killer stopping the server; returns the cap (0: none)."""
+    import resource
+
+    from geomstore.engine.partition import parse_memory
+    from geomstore.errors import GeomstoreError
+
+    spec = spec.strip().lower()
+    if spec in ("0", "none", "off"):
+        return 0
+    if spec == "auto":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cap = max(4 << 30, ram // 2)
+    else:
+        try:
+            cap = parse_memory(spec)
+        except GeomstoreError as exc:
+            raise GeomstoreError(f"--max-memory: {exc} (or 'auto', or 0 for no limit)") from None
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    return cap
