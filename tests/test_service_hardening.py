@@ -392,6 +392,5 @@ def test_a_query_past_the_memory_cap_is_a_4xx_and_the_server_stays_up(store_path
         assert srv.alive
         ok = c.post("/api/sql", json={"sql": "SELECT count(*) AS n FROM regions"})
         assert ok.status_code == 200 and ok.json()["rows"][0]["n"] > 0
-    with pytest.raises(RuntimeError, match="exited"):  # a bad size is refused at once
-        with serve(store_path, "--max-memory", "lots"):
-            pass
+    with pytest.raises(RuntimeError, match="exited"), serve(store_path, "--max-memory", "lots"):
+        pass  # a bad size is refused at once
