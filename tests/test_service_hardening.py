@@ -319,6 +319,10 @@ def test_cors_preflight_passes_the_token_gate(store_path: str, tmp_path: Path) -
             headers={"Origin": ORIGIN, "Authorization": f"Bearer {TOKEN}"},
         )
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
+        # probes may ask /healthz without a token, and learn only that the store reads
+        assert c.get("/healthz").json() == {"status": "ok"}
+        full = c.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert full["partitions"] > 0 and full["store_kind"]
 
 
 # 6. clients outlast a restart ----------------------------------------------------------------
