@@ -201,11 +201,13 @@ def local_complexity(
         {"ids": ids},
     ).to_arrow_reader(_BATCH)
     for batch in edges:  # small batches: numpy's temporaries stay in cache
+        store.reader()  # raises once a deadline the caller set has passed (the service's)
         tally.add(grid, *(np.asarray(c.to_numpy()) for c in batch.columns))
     if layers == "all":
         segs = _logit_segments(con, ids, sum(units[:-1]), n_outputs)
         none = np.full(segs.num_rows, -1, dtype=np.int32)
         for batch in segs.to_batches(_BATCH):
+            store.reader()
             c = [np.asarray(x.to_numpy()) for x in batch.columns]
             tally.add(grid, c[0], c[1], none[: len(c[0])], none[: len(c[0])], *c[2:])
     return tally.table(parts, split)

@@ -293,7 +293,9 @@ class Store:
 
         Query functions (``geomstore.queries``) run their own SQL here; user SQL goes
         through :meth:`sql`, which checks it first. Each statement reads the latest
-        committed snapshot.
+        committed snapshot. Under a time limit of the service (a request's deadline) that
+        has passed, raises :class:`~geomstore.errors.QueryTimeoutError` instead: long query
+        functions ask for it again between batches of their work.
 
         Examples
         --------
