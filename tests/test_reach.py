@@ -300,6 +300,9 @@ def test_export_program_with_maxout_and_clamp() -> None:
     sl = _plane(VEC, scale=4.0)
     part = partition(ep, sl, device="cpu")
     assert part.verify(grid=32).ok
+    # the program given runs itself, one input at a time (it was exported for batch 1)
+    own = next(c for c in part.verify(ep, grid=32).checks if c.name == "model's own output")
+    assert own.passed, own.detail
     direct = partition(model, sl, device="cpu")
     assert part.n_regions == direct.n_regions
 
