@@ -13,7 +13,13 @@ from geomstore.engine.host import to_host
 from geomstore.engine.split import clip_both, pad_polys
 from geomstore.engine.wkb import segments_wkb
 
-__all__ = ["boundary_segments", "edge_overlay", "polygon_measures"]
+__all__ = [
+    "boundary_segments",
+    "edge_boundary",
+    "edge_overlay",
+    "polygon_measures",
+    "with_edge_boundary",
+]
 
 
 def _sides(n: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -378,3 +384,129 @@ def table_segments(a: Any, b: Any, cols: dict[str, Any]) -> pa.Table:
         else:
             data[key] = pa.array(arr, mask=np.isnan(arr))  # "not applicable" is null
     return pa.table(data)
+
+
+def edge_boundary(
+    a: np.ndarray,
+    b: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    cen: np.ndarray,
+    amap: np.ndarray,
+    cvec: np.ndarray,
+    *,
+    levels: list[float] | None,
+    output: int,
+    tol: float,
+) -> dict[str, np.ndarray]:
+    """Decision boundary lying on edges between regions, in the shape of
+    :func:`boundary_segments`' answer.
+
+    That pass finds the boundary where it crosses a region's interior. A tie that holds
+    along a whole edge (logits ``relu(u) - relu(-u)`` and its negative: the boundary is the
+    hinge itself) crosses no interior, and is found here: an edge is boundary when the two
+    classes that win just inside its two regions differ and tie at both its ends (within
+    ``tol`` of the tie line, as the clipping there counts it); for level sets, when the
+    output is at the level at both ends and rises into one region and falls into the other.
+
+    ``a``, ``b`` (E, 2) are the edges' ends, ``left``/``right`` their regions (-1: the
+    domain's side), ``cen`` (P, 2) the regions' centroids and ``amap`` (P, K, 2), ``cvec``
+    (P, K) their affine maps, all in the same coordinates.
+    """
+    inner = (left >= 0) & (right >= 0)
+    a, b, lt, rt = a[inner], b[inner], left[inner].astype(np.int64), right[inner].astype(np.int64)
+    mid = 0.5 * (a + b)
+    seg = b - a
+    nrm = np.stack([-seg[:, 1], seg[:, 0]], 1)
+    nrm /= np.maximum(np.linalg.norm(nrm, axis=1, keepdims=True), 1e-300)
+
+    def into(r: np.ndarray) -> np.ndarray:  # the unit normal pointing into region r
+        return np.where((((cen[r] - mid) * nrm).sum(1) < 0)[:, None], -nrm, nrm)
+
+    n_l, n_r = into(lt), into(rt)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("a", "b", "region", "ca", "cb", "lv")}
+
+    def on_line(g_a: np.ndarray, g_b: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        tau = tol * np.linalg.norm(grad, axis=1)
+        return (np.abs(g_a) <= tau) & (np.abs(g_b) <= tau) & (tau > 0)
+
+    if levels is None and amap.shape[1] >= 2:
+
+        def top_inside(r: np.ndarray, inward: np.ndarray) -> np.ndarray:
+            v = np.einsum("ekd,ed->ek", amap[r], mid) + cvec[r]
+            best = v.argmax(1)
+            ga = amap[r] - amap[r, best][:, None, :]
+            tied = v[np.arange(len(r)), best][:, None] - v <= tol * np.linalg.norm(ga, axis=2)
+            rise = np.einsum("ekd,ed->ek", amap[r], inward)  # each class into the region
+            return np.where(tied, rise, -np.inf).argmax(1)
+
+        t_l, t_r = top_inside(lt, n_l), top_inside(rt, n_r)
+        grad = amap[lt, t_l] - amap[lt, t_r]
+        c0 = cvec[lt, t_l] - cvec[lt, t_r]
+        hit = (t_l != t_r) & on_line((grad * a).sum(1) + c0, (grad * b).sum(1) + c0, grad)
+        ca, cb = np.minimum(t_l, t_r)[hit], np.maximum(t_l, t_r)[hit]
+        out["region"].append(np.where(t_l[hit] == ca, lt[hit], rt[hit]))
+        out["ca"].append(ca)
+        out["cb"].append(cb)
+        out["lv"].append(np.full(int(hit.sum()), np.nan))
+        out["a"].append(a[hit])
+        out["b"].append(b[hit])
+    elif levels is not None:
+        grad = amap[lt, output]
+        for level in levels:
+            c0 = cvec[lt, output] - level
+            s_l = (amap[lt, output] * n_l).sum(1)
+            s_r = (amap[rt, output] * n_r).sum(1)
+            hit = on_line((grad * a).sum(1) + c0, (grad * b).sum(1) + c0, grad)
+            hit &= s_l * s_r < 0
+            k = int(hit.sum())
+            out["region"].append(lt[hit])
+            out["ca"].append(np.full(k, output))
+            out["cb"].append(np.full(k, output))
+            out["lv"].append(np.full(k, level))
+            out["a"].append(a[hit])
+            out["b"].append(b[hit])
+    return {
+        key: (np.concatenate(v) if v else np.zeros((0, 2) if key in "ab" else 0))
+        for key, v in out.items()
+    }
+
+
+def with_edge_boundary(
+    bd: dict[str, np.ndarray],
+    edges: pa.Table,
+    regions: pa.Table,
+    amap: np.ndarray,
+    c_centre: np.ndarray,
+    centre: np.ndarray,
+    lv: list[float] | None,
+    output: int,
+    tol: float,
+) -> dict[str, np.ndarray]:
+    """``bd`` and the boundary that lies on edges (:func:`edge_boundary`), in the
+    centred coordinates of ``bd``."""
+
+    def xy(t: pa.Table, u0: str, u1: str) -> np.ndarray:
+        return np.stack([np.asarray(t.column(u0)), np.asarray(t.column(u1))], 1) - centre
+
+    a, b = xy(edges, "u0_a", "u1_a"), xy(edges, "u0_b", "u1_b")
+    left, right = np.asarray(edges.column("region_left")), np.asarray(edges.column("region_right"))
+    cen = xy(regions, "centroid_u0", "centroid_u1")
+    parts = [bd]
+    for lo in range(0, len(a), EDGE_BLOCK):  # (edges, classes, 2) temporaries, bounded
+        s = slice(lo, lo + EDGE_BLOCK)
+        on = edge_boundary(
+            a[s], b[s], left[s], right[s], cen, amap, c_centre, levels=lv, output=output, tol=tol
+        )
+        if len(on["region"]):
+            parts.append(on)
+    if len(parts) == 1:
+        return bd
+    return {
+        k: np.concatenate([np.asarray(q[k]).astype(np.asarray(bd[k]).dtype) for q in parts])
+        for k in bd
+    }
+
+
+EDGE_BLOCK = 1 << 16
+"""Edges tested at a time for boundary lying on them (:func:`with_edge_boundary`)."""
