@@ -3,7 +3,7 @@
 from geomstore.client import remote_aware
 from geomstore.queries.agreement import agreement
 from geomstore.queries.approx import approximate_lc
-from geomstore.queries.boundary import sample_boundary
+from geomstore.queries.boundary import NoBoundaryError, sample_boundary
 from geomstore.queries.catalog import (
     checkpoints,
     dataset_points,
@@ -31,6 +31,7 @@ churn = remote_aware(churn)
 point_regions = remote_aware(point_regions)
 
 __all__ = [
+    "NoBoundaryError",
     "agreement",
     "agreement_over",
     "approximate_lc",

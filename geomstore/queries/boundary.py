@@ -9,7 +9,11 @@ from geomstore._aliases import renamed_kwargs
 from geomstore.errors import GeomstoreError
 from geomstore.slice import Slice
 
-__all__ = ["sample_boundary"]
+__all__ = ["NoBoundaryError", "sample_boundary"]
+
+
+class NoBoundaryError(GeomstoreError, ValueError):
+    """No part of the decision boundary matches the requested class pair or ``near=``."""
 
 
 @renamed_kwargs(slice_="slice")
@@ -42,6 +46,14 @@ def sample_boundary(
     offset : float
         Push each sample by ``offset`` along the unit normal, which points towards
         ``class_b`` (``offset > 0`` lands where class_b wins, ``< 0`` class_a).
+
+    With ``near=``, the samples are uniform by length over the union of the boundary's
+    pieces within ``within`` of some given point; nothing farther is sampled.
+
+    Raises
+    ------
+    NoBoundaryError
+        ``n > 0`` and no boundary length matches ``pair`` / ``near``.
 
     Returns
     -------
@@ -76,22 +88,26 @@ def sample_boundary(
     if pair is not None:
         lo, hi = sorted(pair)
         keep &= (ca == lo) & (cb == hi)
-    t_lo = np.zeros(len(a))
-    t_hi = np.ones(len(a))
     if near is not None:
         if within is None or not within > 0:
             raise GeomstoreError("near= needs within= (a distance > 0).")
-        t_lo, t_hi = _near_interval(a, b, np.asarray(near, dtype=float).reshape(-1, 2), within)
-    seg_len = np.linalg.norm(b - a, axis=1) * np.clip(t_hi - t_lo, 0, None) * keep
-    total = seg_len.sum()
+        pts = np.asarray(near, dtype=float).reshape(-1, 2)
+        seg, t_lo, t_hi = _near_intervals(a, b, pts, float(within), keep)
+    else:
+        seg = np.flatnonzero(keep)
+        t_lo, t_hi = np.zeros(len(seg)), np.ones(len(seg))
+    # one piece per (segment, interval): uniform by length over the union of the pieces
+    piece_len = np.linalg.norm(b[seg] - a[seg], axis=1) * np.clip(t_hi - t_lo, 0, None)
+    total = piece_len.sum()
     if n and total <= 0:
-        raise GeomstoreError(
+        raise NoBoundaryError(
             "no decision boundary matches the request; widen within= or drop pair=."
         )
     rng = np.random.default_rng(seed)
     if n:
-        idx = rng.choice(len(a), size=n, p=seg_len / total)
-        t = t_lo[idx] + rng.random(n) * (t_hi[idx] - t_lo[idx])
+        pick = rng.choice(len(seg), size=n, p=piece_len / total)
+        idx = seg[pick]
+        t = t_lo[pick] + rng.random(n) * (t_hi[pick] - t_lo[pick])
     else:
         idx, t = np.zeros(0, np.int64), np.zeros(0)
     u = a[idx] + t[:, None] * (b[idx] - a[idx])
@@ -118,25 +134,44 @@ def sample_boundary(
     )
 
 
-def _near_interval(
-    a: np.ndarray, b: np.ndarray, pts: np.ndarray, r: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per segment, the hull of its parameter intervals inside any of the disks."""
-    lo = np.full(len(a), np.inf)
-    hi = np.full(len(a), -np.inf)
+def _near_intervals(
+    a: np.ndarray, b: np.ndarray, pts: np.ndarray, r: float, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parts of the kept segments [a, b] within ``r`` of any of the points ``pts``.
+
+    Returns ``(segment, t_lo, t_hi)``: the union of each segment's parameter intervals
+    inside the disks, as disjoint intervals sorted by segment and start (``a + t (b - a)``).
+    """
     d = b - a
     qa = (d * d).sum(1)
+    cand = np.flatnonzero(keep & (qa > 0))
+    segs, los, his = [np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)]
     for p in pts:
-        f = a - p
-        qb = 2 * (f * d).sum(1)
+        f = a[cand] - p
+        qb = 2 * (f * d[cand]).sum(1)
         qc = (f * f).sum(1) - r * r
-        disc = qb * qb - 4 * qa * qc
+        disc = qb * qb - 4 * qa[cand] * qc
         ok = disc > 0
         sq = np.sqrt(np.where(ok, disc, 0))
-        t0 = np.clip((-qb - sq) / (2 * qa), 0, 1)
-        t1 = np.clip((-qb + sq) / (2 * qa), 0, 1)
+        t0 = np.clip((-qb - sq) / (2 * qa[cand]), 0, 1)
+        t1 = np.clip((-qb + sq) / (2 * qa[cand]), 0, 1)
         ok &= t1 > t0
-        lo = np.where(ok, np.minimum(lo, t0), lo)
-        hi = np.where(ok, np.maximum(hi, t1), hi)
-    empty = ~np.isfinite(lo)
-    return np.where(empty, 0, lo), np.where(empty, 0, hi)
+        segs.append(cand[ok])
+        los.append(t0[ok])
+        his.append(t1[ok])
+    seg, lo, hi = np.concatenate(segs), np.concatenate(los), np.concatenate(his)
+    if len(seg) == 0:
+        return seg, lo, hi
+    order = np.lexsort((lo, seg))
+    seg, lo, hi = seg[order], lo[order], hi[order]
+    # the running maximum of the ends within each segment, exactly: the ends by rank, so
+    # that seg * span + rank orders by segment, then end, in int64
+    ends, rank = np.unique(hi, return_inverse=True)
+    span = len(ends) + 1
+    top = np.maximum.accumulate(seg * span + rank.reshape(-1))
+    reach = ends[top - seg * span]
+    start = np.ones(len(seg), dtype=bool)
+    start[1:] = (seg[1:] != seg[:-1]) | (lo[1:] > reach[:-1])
+    first = np.flatnonzero(start)
+    last = np.append(first[1:], len(seg)) - 1
+    return seg[first], lo[first], reach[last]

@@ -138,7 +138,11 @@ def local_complexity(
 
     Parameters
     ----------
-    points : array (n, 2) of slice coordinates, or the name of a stored dataset
+    points : array or str
+        Slice coordinates (n, 2); or inputs (n, *input_shape), or flattened (n, D), which
+        are projected orthogonally onto the slice (:meth:`~geomstore.Slice.project`); or
+        the name of a stored dataset. An (n, 2) array is always read as slice coordinates,
+        also for a model with two inputs.
     radius : float
         Radius of the neighbourhood in slice coordinates.
     shape : {"disk", "diamond"}
@@ -296,12 +300,27 @@ def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[
         u = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError):
         u = np.empty((0, 0))
-    if u.ndim != 2 or u.shape[1] != 2 or not np.all(np.isfinite(u)):
-        raise LCArgumentError(
-            "points must be finite slice coordinates of shape (n, 2), or a "
-            "stored dataset name; project inputs with slice.project(x)."
-        )
+    if not (u.ndim == 2 and u.shape[1] == 2):
+        u = _project(store, u, slice_id)
+    if not np.all(np.isfinite(u)):
+        raise LCArgumentError("points must be finite; got NaN or infinite coordinates.")
     return u, [None] * len(u)
+
+
+def _project(store: Store, x: np.ndarray, slice_id: str) -> np.ndarray:
+    """Inputs ``x`` (..., *input_shape) or (..., D) projected onto the slice: (n, 2)."""
+    sl = store.load_slice(slice_id)
+    shape = tuple(int(d) for d in sl.input_shape)
+    k = len(shape)
+    if x.ndim >= k and x.ndim > 0 and tuple(x.shape[x.ndim - k :]) == shape:
+        return np.asarray(sl.project(x.reshape(-1, sl.dim))[0], dtype=np.float64)
+    if x.ndim >= 1 and x.shape[-1] == sl.dim:
+        return np.asarray(sl.project(x.reshape(-1, sl.dim))[0], dtype=np.float64)
+    raise LCArgumentError(
+        f"points must be slice coordinates of shape (n, 2), inputs of shape (n, "
+        f"{', '.join(map(str, shape))}) or (n, {sl.dim}) to project onto the slice, or a "
+        f"stored dataset name; got an array of shape {x.shape}."
+    )
 
 
 def _architecture(store: Store, parts: pa.Table) -> tuple[list[int], int, int]:

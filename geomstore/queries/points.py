@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,12 @@ def point_regions(
     """For each point and checkpoint: its region, label, pattern, and its distances to the
     region's border and to the decision boundary (null where a partition has none).
 
+    ``label`` is the predicted class at the point: the region's affine map ``A u + c``
+    evaluated there, its argmax (ties go to the lowest class index) or, for a model with
+    one output, whether it exceeds the partition's threshold. It is the convention of the
+    regions' own ``label`` (taken at the centroid), applied at the point, so it differs
+    from the region's label where the decision boundary crosses the region.
+
     ``pattern`` is the packed activation pattern, or its 128-bit hash for models whose
     patterns are stored as hashes only (either identifies the region's pattern, so churn
     compares them across checkpoints of one model). With ``affine=True`` the rows also
@@ -40,8 +47,8 @@ def point_regions(
     u, split = _points(store, points, parts.column("slice_id")[0].as_py())
     ids = parts.column("partition_id").to_pylist()
     ids_in = sql_in(ids)
-    extra = ", partition_id := r.partition_id, A := r.A, c := r.c, ph := r.pattern_hash"
-    out = ", h.h.partition_id AS partition_id, h.h.A AS A, h.h.c AS c, h.h.ph AS pattern_hash"
+    extra = ", partition_id := r.partition_id, ph := r.pattern_hash"
+    out = ", h.h.partition_id AS partition_id, h.h.ph AS pattern_hash"
     # the points go in as list parameters and the partitions as a literal list: the filter
     # then reaches the scans (one of regions, one of boundary), which skip other partitions.
     # Each list travels as the text of its floats (repr: shortest round trip, parsed back
@@ -53,7 +60,7 @@ def point_regions(
         hold AS (
             SELECT r.partition_id, p.point_id,
                    arg_min(struct_pack(
-                       region_id := r.region_id, label := r.label,
+                       region_id := r.region_id, A := r.A, c := r.c,
                        pattern := coalesce(r.pattern, r.pattern_hash),
                        border := ST_Distance(ST_Boundary(r.geometry), ST_Point(p.pu0, p.pu1))
                        {extra if affine else ""}), r.region_id) AS h
@@ -67,7 +74,7 @@ def point_regions(
             WHERE b.partition_id IN {ids_in}
             GROUP BY ALL)
         SELECT list_position($ids, h.partition_id) - 1 AS pidx, h.point_id,
-               h.h.region_id AS region_id, h.h.label AS label, h.h.pattern AS pattern,
+               h.h.region_id AS region_id, h.h.A AS A, h.h.c AS c, h.h.pattern AS pattern,
                h.h.border AS distance_to_border, bd.d AS distance_to_boundary
                {out if affine else ""}
         FROM hold h
@@ -80,12 +87,53 @@ def point_regions(
     point_id = table.column("point_id").to_numpy()
     names = np.asarray(parts.column("checkpoint").to_pylist(), dtype=object)
     steps = parts.column("step").to_pylist()
+    label = _label_at(table, u[point_id], _thresholds(store, ids)[pidx])
     table = table.drop_columns(["pidx"])
+    at = table.schema.get_field_index("A")
+    amap, cvec = table.column("A"), table.column("c")
+    table = table.drop_columns(["A", "c"]).add_column(at, "label", pa.array(label, pa.int32()))
+    if affine:
+        at = table.schema.get_field_index("partition_id") + 1
+        table = table.add_column(at, "A", amap).add_column(at + 1, "c", cvec)
     table = table.add_column(
         1, "split", pa.array([split[i] for i in point_id.tolist()], type=pa.string())
     )
     table = table.add_column(0, "step", pa.array([steps[i] for i in pidx], type=pa.int64()))
     return table.add_column(0, "checkpoint", pa.array(names[pidx].tolist()))
+
+
+def _label_at(table: pa.Table, u: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """The predicted class at each point from its region's affine map (rows of ``table``).
+
+    As the regions' ``label``: the argmax of ``A u + c`` (the first, i.e. the lowest class,
+    on a tie) with several outputs, ``A u + c > threshold`` with one.
+    """
+    n = table.num_rows
+    c = np.asarray(table.column("c").combine_chunks().flatten().to_numpy(), np.float64)
+    k = len(c) // n if n else 1
+    c = c.reshape(n, k)
+    a = np.asarray(table.column("A").combine_chunks().flatten().to_numpy(), np.float64)
+    a = a.reshape(n, k, 2)
+    out = a[:, :, 0] * u[:, :1] + a[:, :, 1] * u[:, 1:] + c
+    if k == 1:
+        return (out[:, 0] > threshold).astype(np.int32)
+    return out.argmax(axis=1).astype(np.int32)
+
+
+def _thresholds(store: Store, ids: list[str]) -> np.ndarray:
+    """Each partition's ``threshold`` setting (one-output models), in the order of ``ids``."""
+    rows = dict(
+        store.reader()
+        .execute(
+            f"SELECT partition_id, settings FROM partitions WHERE partition_id IN {sql_in(ids)}"
+        )
+        .fetchall()
+    )
+    out = []
+    for i in ids:
+        settings = json.loads(rows.get(i) or "{}")
+        out.append(float(settings.get("threshold") or 0.0))
+    return np.asarray(out, dtype=np.float64)
 
 
 def churn(
@@ -97,7 +145,8 @@ def churn(
     checkpoints: Sequence[str] | None = None,
 ) -> pa.Table:
     """Share of points whose activation pattern (hence region) changes between consecutive
-    checkpoints, and share whose predicted label changes.
+    checkpoints, and share whose label (the predicted class at the point, as in
+    :func:`point_regions`) changes.
 
     Columns: checkpoint, step, previous, pattern_churn, label_churn, n_points.
     """

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from geomstore.queries.agreement import agreement
-from geomstore.queries.boundary import sample_boundary
+from geomstore.queries.boundary import NoBoundaryError, sample_boundary
 from geomstore.queries.fragmentation import fragmentation
 from geomstore.queries.stats import resolve_partitions
 from geomstore.store.store import Store
@@ -35,19 +35,25 @@ def boundary_samples(
 ) -> pa.Table:
     """``sample_boundary`` for every checkpoint (options: seed, pair, near, within, offset).
 
-    Checkpoints without a decision boundary on the slice give no rows.
+    Checkpoints without a decision boundary on the slice, or without the part of it that
+    ``pair`` / ``near`` ask for, give no rows; :class:`~geomstore.queries.NoBoundaryError`
+    is raised only when some checkpoint has a boundary and none has that part.
     """
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     out = []
+    missed: NoBoundaryError | None = None
     for p in parts.to_pylist():
         part = store.load_partition(p["partition_id"])
         if part.boundary.num_rows == 0:
             continue
-        out.append(
-            _with_checkpoint(
-                sample_boundary(part.boundary, part.slice, n, **options), p["checkpoint"], p["step"]
-            )
-        )
+        try:
+            samples = sample_boundary(part.boundary, part.slice, n, **options)
+        except NoBoundaryError as exc:
+            missed = exc  # this checkpoint lacks the pair (or the near part): no rows
+            continue
+        out.append(_with_checkpoint(samples, p["checkpoint"], p["step"]))
+    if not out and missed is not None:
+        raise missed
     if not out:
         return _with_checkpoint(
             sample_boundary(

@@ -8,34 +8,88 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from geomstore.queries.complexity import Layers, Shape, local_complexity
+from geomstore.queries.complexity import Layers, LCArgumentError, Shape, local_complexity
 from geomstore.store.store import Store
 
 __all__ = ["lc_trajectory", "turning_points"]
 
 
-def turning_points(values: Sequence[float]) -> dict[str, int | None]:
+def turning_points(values: Sequence[float], *, prominence: float = 0.25) -> dict[str, int | None]:
     """Indices of the end of the first descent, the following peak, and the start of the
     second descent (None where the curve has no such phase).
+
+    A rise or fall counts only when it spans at least ``prominence`` times the curve's
+    range (max - min); smaller bumps are noise. The curve is cut into legs at its
+    significant turns (a zigzag with that minimum reversal): ``first_descent_end`` is the
+    lowest point of the first leg when that leg falls, ``peak`` the highest point of the
+    rise after it (or of the first leg, when the curve starts by rising), and
+    ``second_descent_start`` is the peak when a significant fall follows it. A curve that
+    ends while falling (or rising) has its last point as the end of that leg.
+
+    Parameters
+    ----------
+    values : sequence of float
+        The curve, in order (e.g. the mean local complexity per checkpoint).
+    prominence : float
+        The smallest rise or fall that counts, as a fraction of the range, in (0, 1].
 
     Examples
     --------
     >>> turning_points([5, 3, 2, 4, 6, 5, 3])
     {'first_descent_end': 2, 'peak': 4, 'second_descent_start': 4}
+    >>> turning_points([5, 3, 3.2, 2, 4, 6, 5.8, 6.1, 3])  # bumps below a quarter of the range
+    {'first_descent_end': 3, 'peak': 7, 'second_descent_start': 7}
     """
+    if not 0 < prominence <= 1:
+        raise LCArgumentError(f"prominence must be in (0, 1]; got {prominence!r}.")
     v = np.asarray(values, dtype=float)
-    if len(v) < 3:
-        return {"first_descent_end": None, "peak": None, "second_descent_start": None}
-    i = 0
-    while i + 1 < len(v) and v[i + 1] <= v[i]:
-        i += 1
-    end = i if i > 0 else None
-    j = i
-    while j + 1 < len(v) and v[j + 1] >= v[j]:
-        j += 1
-    peak = j if j > i else None
-    second = j if peak is not None and j + 1 < len(v) and v[j + 1] < v[j] else None
-    return {"first_descent_end": end, "peak": peak, "second_descent_start": second}
+    none: dict[str, int | None] = {
+        "first_descent_end": None,
+        "peak": None,
+        "second_descent_start": None,
+    }
+    if len(v) < 3 or not np.all(np.isfinite(v)) or v.max() == v.min():
+        return none
+    legs = _zigzag(v, prominence * float(v.max() - v.min()))
+    # legs: (index where the leg ends, +1 rising / -1 falling, confirmed by a reversal)
+    k = 0
+    end = None
+    if legs[0][1] < 0:
+        end = legs[0][0]
+        k = 1
+    if k >= len(legs):
+        return none | {"first_descent_end": end}
+    peak, _, confirmed = legs[k]
+    return {
+        "first_descent_end": end,
+        "peak": peak,
+        "second_descent_start": peak if confirmed else None,
+    }
+
+
+def _zigzag(v: np.ndarray, h: float) -> list[tuple[int, int, bool]]:
+    """The legs of ``v`` between reversals of at least ``h`` (``0 < h <= range``): for each,
+    the index of its extreme, its direction, and whether a reversal of ``h`` follows."""
+    hi = lo = cand = 0
+    t = 1
+    direction = 0
+    while direction == 0:  # the first move of h decides the first leg's direction
+        hi = t if v[t] > v[hi] else hi
+        lo = t if v[t] < v[lo] else lo
+        if v[t] <= v[hi] - h:
+            direction, cand = -1, hi + int(np.argmin(v[hi : t + 1]))
+        elif v[t] >= v[lo] + h:
+            direction, cand = 1, lo + int(np.argmax(v[lo : t + 1]))
+        t += 1
+    legs = []
+    for i in range(t, len(v)):
+        if direction * (v[i] - v[cand]) > 0:
+            cand = i  # the leg goes on
+        elif direction * (v[cand] - v[i]) >= h:
+            legs.append((cand, direction, True))  # reversed: the leg ended at cand
+            direction, cand = -direction, i
+    legs.append((cand, direction, False))
+    return legs
 
 
 def lc_trajectory(

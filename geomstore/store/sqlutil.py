@@ -54,10 +54,31 @@ JOIN {ALIAS}.checkpoints c ON c.checkpoint_id = p.checkpoint_id
 JOIN {ALIAS}.models m ON m.model_id = c.model_id
 JOIN {ALIAS}.slices s ON s.slice_id = p.slice_id;
 CREATE OR REPLACE TEMP MACRO gs_lc(pid, x, y, r) AS TABLE
-SELECT count(DISTINCT (layer, neuron)) AS n_neurons,
-       count(DISTINCT region_left) AS n_regions_left
-FROM {ALIAS}.edges
-WHERE partition_id = pid AND layer IS NOT NULL AND ST_DWithin(geometry, ST_Point(x, y), r);
+WITH near AS (
+    SELECT layer, neuron, region_left, region_right,
+           u0_b - u0_a AS dx, u1_b - u1_a AS dy, u0_a - x AS fx, u1_a - y AS fy
+    FROM {ALIAS}.edges
+    WHERE partition_id = pid AND ST_DWithin(geometry, ST_Point(x, y), r * (1 + 1e-9))
+), quad AS (
+    SELECT *, dx * dx + dy * dy AS qa, 2 * (fx * dx + fy * dy) AS qb,
+           fx * fx + fy * fy - r * r AS qc
+    FROM near
+), clip AS (
+    SELECT layer, neuron, region_left, region_right,
+           CASE WHEN qb * qb - 4 * qa * qc > 0 AND qa > 0 THEN
+               (least(greatest((sqrt(qb * qb - 4 * qa * qc) - qb) / (2 * qa), 0.0), 1.0)
+                - least(greatest((-qb - sqrt(qb * qb - 4 * qa * qc)) / (2 * qa), 0.0), 1.0))
+               * sqrt(qa)
+           ELSE 0.0 END AS seg_len
+    FROM quad
+)
+SELECT count(DISTINCT (layer, neuron)) FILTER (WHERE seg_len > 0 AND layer IS NOT NULL)
+           AS n_neurons,
+       greatest(1, (SELECT count(DISTINCT region) FROM (
+           SELECT region_left AS region FROM clip WHERE seg_len > 0
+           UNION ALL SELECT region_right FROM clip WHERE seg_len > 0))) AS n_regions,
+       coalesce(sum(seg_len), 0.0) / (pi() * r * r) AS boundary_density
+FROM clip;
 """
 
 
