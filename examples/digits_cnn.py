@@ -37,7 +37,7 @@ class DigitsCNN(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     ap.add_argument("--out", type=Path, default=Path("examples-out/digits"))
     ap.add_argument("--quick", action="store_true", help="fewer epochs (a smoke test)")
     args = ap.parse_args()

@@ -30,7 +30,7 @@ def smiley(n: int = 32) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     ap.add_argument("--out", type=Path, default=Path("examples-out/inr"))
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     args = ap.parse_args()

@@ -20,7 +20,7 @@ from geomstore.queries import lc_trajectory, partition_stats, sample_boundary
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     ap.add_argument("--out", type=Path, default=Path("examples-out/moons"))
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     args = ap.parse_args()

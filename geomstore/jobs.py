@@ -3,9 +3,9 @@
 :func:`compute` partitions every checkpoint x slice now (:func:`plan` lists the jobs,
 :func:`run_planned` runs one, :func:`compute_one` loads, partitions and writes), in this
 process or as Ray tasks. :func:`submit` queues one checkpoint x slice in the store's
-``jobs`` table instead (idempotently: the same file content, slice and options make the
-same job), for the workers of :mod:`geomstore.worker` to run; :func:`job_table` lists the
-queue and :func:`retry_failed` puts failed jobs back.
+``jobs`` table instead (idempotently: the same file content, slice, options and loading
+options make the same job), for the workers of :mod:`geomstore.worker` to run;
+:func:`job_table` lists the queue and :func:`retry_failed` puts failed jobs back.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from geomstore._aliases import renamed_kwargs
-from geomstore.engine.partition import Partition, partition
+from geomstore.engine.partition import Partition, partition, resolve_device
 from geomstore.errors import ExecutorError, GeomstoreError
 from geomstore.loading import ModelSpec, file_sha256
 from geomstore.slice import Slice
@@ -279,6 +279,8 @@ def compute(
         raise ExecutorError("address= names a Ray cluster: give it with executor='ray'.")
     if store.read_only:
         raise GeomstoreError("this store is open read-only; open it for writing to compute.")
+    if executor == "local":
+        resolve_device(device)  # once, not as every job's failure (Ray workers decide there)
     jobs = plan(checkpoints, slices)
     opts = dict(options or {})
     start = time.monotonic()
@@ -370,7 +372,9 @@ def submit(
     """Queue one checkpoint x slice for the workers; returns the job id.
 
     Name, step and metrics default to :func:`checkpoint_meta` of the file. Submitting the
-    same file content, slice and options again returns the existing job.
+    same file content, slice, options and loading options (``spec.factory``,
+    ``spec.trust_pickle``) again returns the existing job; other loading options make a
+    new job (a file that failed for want of ``trust_pickle`` can be submitted with it).
     """
     if store.read_only:
         raise GeomstoreError("this store is open read-only; open it for writing to submit.")
@@ -381,7 +385,12 @@ def submit(
     opts = {k: v for k, v in (options or {}).items() if k in PARTITION_OPTIONS}
     spec = ModelSpec(str(path), spec.factory, spec.trust_pickle)
     sha = file_sha256(path)
-    job_id = _hash("job", model, checkpoint or name, sha, spec.factory, slice.content_hash, opts)
+    # the loading options are part of the job: a job that failed for want of trust_pickle
+    # is submitted again with it as a new job (without it, ids are as they always were)
+    trusted = ("trust_pickle",) if spec.trust_pickle else ()
+    job_id = _hash(
+        "job", model, checkpoint or name, sha, spec.factory, slice.content_hash, opts, *trusted
+    )
     body = {
         "model": spec.to_dict(),
         "sha256": sha,

@@ -37,11 +37,19 @@ import torch
 
 from geomstore.errors import GeomstoreError
 
-__all__ = ["ModelLoadError", "ModelSpec", "file_sha256", "load_model"]
+__all__ = ["FactoryError", "ModelLoadError", "ModelSpec", "file_sha256", "load_model"]
 
 
 class ModelLoadError(GeomstoreError):
     """A model file is missing, of an unknown kind, or does not fit its factory."""
+
+
+class FactoryError(GeomstoreError):
+    """A model factory (``package.module:function``) raised while building the module.
+
+    Not a :class:`ModelLoadError`: what a factory does (download, read a config) may fail
+    only this once, so a worker tries its job again.
+    """
 
 
 @dataclass(frozen=True)
@@ -274,7 +282,14 @@ def load_model(
     kind = _kind(p)
     if factory is not None:
         state = _state_dict(p, kind)
-        model = _factory(factory)()
+        build = _factory(factory)
+        try:
+            model = build()
+        except Exception as exc:
+            raise FactoryError(
+                f"factory {factory!r} raised {type(exc).__name__}: {exc} (while building the "
+                f"model for {p})"
+            ) from exc
         if not isinstance(model, torch.nn.Module):
             raise ModelLoadError(
                 f"factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module."

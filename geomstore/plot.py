@@ -212,6 +212,27 @@ def _draw(
     return pc
 
 
+def check_image_path(path: str | Path, *, animation: bool = False) -> Path:
+    """``path`` as a Path, refused unless its suffix names a format that can be written:
+    one of matplotlib's (.png, .svg, .pdf, ...) for a picture, .gif for an animation.
+
+    >>> check_image_path("out/p.svg").suffix
+    '.svg'
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    formats = ["gif"] if animation else sorted(FigureCanvasBase.get_supported_filetypes())
+    if suffix not in formats:
+        what = "an animation" if animation else "a picture"
+        raise GeomstoreError(
+            f"{path}: cannot write {what} as {path.suffix or 'a file without a suffix'}; "
+            f"give a name ending in one of {', '.join('.' + f for f in formats)}."
+        )
+    return path
+
+
 def _save(fig: Any, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +261,7 @@ def draw_partition(
     >>> draw_partition(part, tempfile.mkdtemp() + "/p.svg", color="class").suffix
     '.svg'
     """
+    path = check_image_path(path)
     plt = _plt()
     coloured = _colours(part, color, radius)
     fig, ax = plt.subplots(figsize=(6.6, 5.2 * _aspect(part) + 0.9), dpi=130, layout="constrained")
@@ -270,6 +292,7 @@ def small_multiples(
     """A grid of partitions (one per checkpoint) with one shared colour scale."""
     if not parts:
         raise GeomstoreError("no partitions to draw.")
+    path = check_image_path(path)
     plt = _plt()
     ncols = min(ncols, len(parts))
     nrows = -(-len(parts) // ncols)
@@ -309,6 +332,7 @@ def animate(
     """A GIF, one frame per partition, with one shared colour scale."""
     if not parts:
         raise GeomstoreError("no partitions to animate.")
+    path = check_image_path(path, animation=True)
     plt = _plt()
     from matplotlib.animation import FuncAnimation, PillowWriter
 
@@ -342,6 +366,7 @@ def plot_trajectory(
     and accuracy, against the training step."""
     import json
 
+    path = check_image_path(path)
     plt = _plt()
     panels = 3 if stats is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), dpi=120)

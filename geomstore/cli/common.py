@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import pickle
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,15 @@ STORE = typer.Argument(
     ...,
     envvar="GEOMSTORE_STORE",
     metavar="STORE",
-    help="The store: a directory (created if missing), a .duckdb file, postgres:DSN, or the "
-    "http(s):// URL of a geomstore serve (token in $GEOMSTORE_TOKEN) "
+    help="The store: a directory or a .duckdb file made by geomstore init, postgres:DSN, or "
+    "the http(s):// URL of a geomstore serve (token in $GEOMSTORE_TOKEN) "
+    "(default: $GEOMSTORE_STORE).",
+)
+NEW_STORE = typer.Argument(
+    ...,
+    envvar="GEOMSTORE_STORE",
+    metavar="STORE",
+    help="The store: a directory (created if missing), a .duckdb file, or postgres:DSN "
     "(default: $GEOMSTORE_STORE).",
 )
 BOX = typer.Option([], "--box", help="A box slice of a 2-input model: x0,y0,x1,y1 (repeatable).")
@@ -59,13 +69,32 @@ NAMED = typer.Option(
 MARGIN = typer.Option(0.2, help="With --through: grow the triangle's bounding box by this.")
 
 
-def open_store(target: str, *, read_only: bool = False) -> Any:
+def require_store(target: str) -> None:
+    """Refuse a local path that holds no store: only init, compute, submit, watch and demo
+    create one, so that a mistyped path is an error rather than a new empty store."""
+    from geomstore.errors import StoreError
+    from geomstore.store.store import CATALOG
+
+    if target.startswith(("http://", "https://", "postgres:", "postgresql://")):
+        return  # the catalog's server answers for these
+    path = Path(target)
+    if path.is_file() if path.suffix == ".duckdb" else (path / CATALOG).is_file():
+        return
+    raise StoreError(f"no store at {target}; create one with `geomstore init {target}`.")
+
+
+def open_store(target: str, *, read_only: bool = False, create: bool = False) -> Any:
     """Open the store named on the command line; its data path (where the Parquet files
-    live: a shared folder or s3://bucket/prefix/) comes from $GEOMSTORE_DATA_PATH."""
+    live: a shared folder or s3://bucket/prefix/) comes from $GEOMSTORE_DATA_PATH.
+
+    Only with ``create`` may a local path that holds no store become a new one.
+    """
     import os
 
     import geomstore
 
+    if not create:
+        require_store(target)
     if target.startswith(("http://", "https://")):  # a served store, read through the client
         if not read_only:
             raise GeomstoreError(
@@ -114,11 +143,19 @@ def _three_inputs(path: Path) -> np.ndarray:
         elif path.suffix in (".pt", ".pth"):
             import torch
 
-            arr = torch.load(path, map_location="cpu", weights_only=True).numpy()
+            with warnings.catch_warnings():  # torch's note on pickle protocols is noise here
+                warnings.simplefilter("ignore", UserWarning)
+                arr = torch.load(path, map_location="cpu", weights_only=True).numpy()
         else:
             raise GeomstoreError(f"slice file {path}: expected .npy, .npz or .pt.")
-    except (ValueError, OSError, RuntimeError, AttributeError) as exc:
-        raise GeomstoreError(f"cannot read three inputs from {path}: {exc}") from None
+    except (ValueError, OSError, RuntimeError, AttributeError, EOFError, pickle.PickleError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else "the file ends early"
+        if isinstance(exc, pickle.PickleError):
+            why = "not a tensor file that torch.load(weights_only=True) reads"
+        raise GeomstoreError(
+            f"cannot read three inputs from {path}: {why}; expected 3 inputs stacked, saved "
+            "with torch.save (.pt), np.save (.npy) or np.savez (.npz)."
+        ) from exc
     arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim < 2 or arr.shape[0] != 3:
         raise GeomstoreError(
@@ -152,6 +189,25 @@ def slices_from(
             "or --slice NAME (stored)."
         )
     return out_
+
+
+def metrics_columns(table: pa.Table, column: str = "metrics") -> pa.Table:
+    """``table`` with its JSON ``metrics`` column spread into one float column per metric
+    key (``accuracy``, ...; null where a checkpoint has no such metric), in first-seen order.
+    A key that is already a column's name becomes ``metric_KEY``."""
+    if column not in table.column_names:
+        return table
+    rows = [json.loads(m) if m else {} for m in table.column(column).to_pylist()]
+    table = table.drop_columns([column])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    for k in keys:
+        name = f"metric_{k}" if k in table.column_names else k
+        values = [r.get(k) for r in rows]
+        typed = pa.float64() if all(isinstance(v, int | float | None) for v in values) else None
+        if typed is None:
+            values = [None if v is None else json.dumps(v) for v in values]
+        table = table.append_column(name, pa.array(values, type=typed or pa.string()))
+    return table
 
 
 def _cell(v: Any) -> str:
@@ -196,7 +252,8 @@ def emit(
             raise GeomstoreError("--format parquet writes a file: add --output FILE.parquet")
         import pyarrow.parquet as pq
 
-        pq.write_table(table, output)
+        with _writing(output):
+            pq.write_table(table, output)
         err.print(f"wrote {table.num_rows} rows to {output}")
         return
     if fmt == "table":
@@ -205,11 +262,14 @@ def emit(
             t.add_column(name, overflow="fold")
         for r in table.to_pylist():
             t.add_row(*(_cell(v) for v in r.values()))
-        target = out if output is None else Console(file=open(output, "w"), width=200)  # noqa: SIM115
-        target.print(t)
+        if output is None:
+            out.print(t)
+        else:
+            with _writing(output), open(output, "w") as f:
+                Console(file=f, width=200).print(t)
     elif fmt == "csv":
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")  # not the csv module's CRLF
         w.writerow(table.column_names)
         for r in _plain(table):
             w.writerow(json.dumps(v) if isinstance(v, list | dict) else v for v in r.values())
@@ -223,9 +283,21 @@ def emit(
         err.print("(result truncated at --max-rows rows)")
 
 
+@contextlib.contextmanager
+def _writing(output: Path) -> Iterator[None]:
+    """An output file that cannot be written is the user's error, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise GeomstoreError(
+            f"cannot write {output}: {exc.strerror or exc}; check --output's folder exists."
+        ) from exc
+
+
 def _write_text(text: str, output: Path | None) -> None:
     if output is None:
         typer.echo(text, nl=False)
     else:
-        Path(output).write_text(text)
+        with _writing(output):
+            Path(output).write_text(text)
         err.print(f"wrote {output}")

@@ -15,6 +15,7 @@ from geomstore.cli.common import (
     BOX,
     MARGIN,
     NAMED,
+    NEW_STORE,
     STORE,
     THROUGH,
     app,
@@ -91,7 +92,7 @@ def _options(levels: list[float], threshold: float | None) -> dict[str, object]:
 
 @app.command(cls=_OptionalRayValue)
 def compute(
-    store: str = STORE,
+    store: str = NEW_STORE,
     checkpoints: list[str] = CHECKPOINTS,
     model: str = MODEL,
     factory: str | None = FACTORY,
@@ -128,7 +129,7 @@ def compute(
     from geomstore.jobs import compute as compute_all
 
     files = _files(checkpoints)
-    with open_store(store) as st:
+    with open_store(store, create=True) as st:
         sls = slices_from(st, box, through, slice_name, margin)
         with progress() as bar:
             where = "partitioning" if ray is None else "partitioning on Ray"
@@ -177,7 +178,7 @@ def compute(
 
 @app.command()
 def submit(
-    store: str = STORE,
+    store: str = NEW_STORE,
     checkpoints: list[str] = CHECKPOINTS,
     model: str = MODEL,
     factory: str | None = FACTORY,
@@ -199,7 +200,7 @@ def submit(
     from geomstore.jobs import submit as submit_one
 
     files = _files(checkpoints)
-    with open_store(store) as st:
+    with open_store(store, create=True) as st:
         sls = slices_from(st, box, through, slice_name, margin)
         ids = set()
         with progress() as bar:
@@ -241,8 +242,10 @@ def worker(
 
     Example: geomstore worker runs/moons --once
     """
+    from geomstore.engine.partition import resolve_device
     from geomstore.worker import Job, Worker
 
+    resolve_device(device)  # refuse an impossible device before claiming (and failing) jobs
     with open_store(store) as st:
         w = Worker(
             st,
@@ -276,7 +279,7 @@ def worker(
 
 @app.command()
 def watch(
-    store: str = STORE,
+    store: str = NEW_STORE,
     folder: Path = typer.Argument(..., help="The folder a training run writes checkpoints to."),
     model: str = MODEL,
     pattern: str = typer.Option("*.pt2", help="Which files are checkpoints."),
@@ -298,7 +301,7 @@ def watch(
 
     if not folder.is_dir():
         raise GeomstoreError(f"{folder} is not a folder.")
-    with open_store(store) as st:
+    with open_store(store, create=True) as st:
         sls = slices_from(st, box, through, slice_name, margin)
         sizes: dict[Path, tuple[int, float]] = {}
         done: set[Path] = set()

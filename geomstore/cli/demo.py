@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geomstore.cli.common import app, emit, err, out, progress
+from geomstore.cli.common import app, emit, err, metrics_columns, out, progress
 
 
 @app.command()
@@ -36,7 +36,8 @@ def demo(
             width=width,
             on_step=lambda s: bar.update(task, completed=s + 1),
         )
-    curve = res.trajectory.select(["step", "split", "n_points", "lc_mean", "lc_q25", "lc_q75"])
+    base = ["step", "split", "n_points", "lc_mean", "lc_q25", "lc_q75"]
+    curve = metrics_columns(res.trajectory.select([*base, "metrics"]))  # + train_acc, ...
     emit(curve, title=f"local complexity near the moons (r=0.1), {res.model}")
     for split, tp in res.turning_points.items():
         out.print(

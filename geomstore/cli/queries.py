@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from geomstore.cli.common import STORE, app, emit, err, open_store, out
+from geomstore.cli.common import STORE, app, emit, err, metrics_columns, open_store, out
 from geomstore.errors import GeomstoreError
 
 MODEL = typer.Option(..., "--model", "-m", help="The model's name in the store.")
@@ -18,19 +18,35 @@ FMT = typer.Option("table", "--format", "-f", help="table, csv, json or parquet.
 OUTPUT = typer.Option(None, "--output", "-o", help="Write to this file.")
 
 
+def grid_points(domain: np.ndarray, n: int) -> np.ndarray:
+    """The centres of an n x n grid of equal cells over the bounding box of a slice's
+    domain, kept where they lie inside it: all n * n of them on a box slice, fewer on a
+    domain that does not fill its bounding box (a slice through three inputs).
+
+    >>> grid_points(np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), 2).tolist()
+    [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
+    """
+    import shapely
+
+    if n < 1:
+        raise GeomstoreError(f"--grid N needs N >= 1 (an N x N grid of points); got {n}.")
+    lo, hi = domain.min(0), domain.max(0)
+    centres = (np.arange(n) + 0.5) / n
+    g = np.stack(
+        np.meshgrid(lo[0] + centres * (hi[0] - lo[0]), lo[1] + centres * (hi[1] - lo[1])), -1
+    ).reshape(-1, 2)
+    # the cell centres of a box domain are strictly inside it; the test drops only those
+    # outside a domain that is not a box
+    inside = shapely.intersects_xy(shapely.Polygon(domain), g[:, 0], g[:, 1])
+    return np.asarray(g[inside], dtype=np.float64)
+
+
 def _grid_points(st: Any, model: str, slice_name: str | None, n: int) -> np.ndarray:
     from geomstore.queries.stats import resolve_partitions
 
     parts = resolve_partitions(st, model=model, slice=slice_name)
     sl = st.load_slice(parts.column("slice_id")[0].as_py())
-    lo, hi = sl.domain.min(0), sl.domain.max(0)
-    g = np.stack(
-        np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n)), -1
-    ).reshape(-1, 2)
-    import shapely
-
-    inside = shapely.contains_xy(shapely.Polygon(sl.domain), g[:, 0], g[:, 1])
-    return np.asarray(g[inside], dtype=np.float64)
+    return grid_points(np.asarray(sl.domain, dtype=np.float64), n)
 
 
 def _dataset_points(st: Any, name: str, slice_id: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -44,7 +60,12 @@ def lc(
     store: str = STORE,
     model: str = MODEL,
     points: str | None = typer.Option(None, help="A stored data set (store.add_points)."),
-    grid: int = typer.Option(0, help="Instead of --points: an N x N grid over the slice."),
+    grid: int | None = typer.Option(
+        None,
+        help="Instead of --points: the centres of an N x N grid of cells over the slice's "
+        "domain (its bounding box; on a slice through three inputs the points outside the "
+        "domain are left out).",
+    ),
     radius: float = typer.Option(..., "--radius", "-r", help="Neighbourhood radius (u units)."),
     layers: str = typer.Option(
         "hidden",
@@ -56,16 +77,19 @@ def lc(
     fmt: str = FMT,
     output: Path | None = OUTPUT,
 ) -> None:
-    """Local complexity near the data, per checkpoint: the trajectory and its turning points.
+    """Local complexity near the data, per checkpoint: the trajectory and its turning points,
+    beside each checkpoint's stored metrics (one column per metric, such as accuracy).
 
     Example: geomstore lc runs/moons --model moons-mlp --points moons --radius 0.1 --layers all
     """
     from geomstore.queries import lc_trajectory
 
+    if (points is None) == (grid is None):
+        raise GeomstoreError("give --points DATASET or --grid N (one of them).")
+    if grid is not None and grid < 1:
+        raise GeomstoreError(f"--grid N needs N >= 1 (an N x N grid of points); got {grid}.")
     with open_store(store, read_only=True) as st:
-        if points is None and grid <= 0:
-            raise GeomstoreError("give --points DATASET or --grid N.")
-        pts: Any = points if points is not None else _grid_points(st, model, slice_name, grid)
+        pts: Any = points if grid is None else _grid_points(st, model, slice_name, grid)
         with err.status("computing local complexity ..."):
             table, turns = lc_trajectory(
                 st,
@@ -76,7 +100,7 @@ def lc(
                 checkpoints=checkpoint or None,
                 layers=layers,  # type: ignore[arg-type]  # checked there, with the choices
             )
-    emit(table.drop_columns(["metrics"]), fmt, output, title=f"local complexity, r={radius}")
+    emit(metrics_columns(table), fmt, output, title=f"local complexity, r={radius}")
     if fmt == "table":
         for split, tp in turns.items():
             out.print(
@@ -201,12 +225,13 @@ def plot(
     from geomstore import plot as gplot
     from geomstore.queries.stats import resolve_partitions
 
+    animate = out_path.suffix.lower() == ".gif"
+    gplot.check_image_path(out_path, animation=animate)  # before loading anything
     with open_store(store, read_only=True) as st:
         parts_t = resolve_partitions(
             st, model=model, slice=slice_name, checkpoints=checkpoint or None
         )
         rows = parts_t.to_pylist()
-        animate = out_path.suffix.lower() == ".gif"
         if not (grid or animate):
             rows = rows[-1:]
         with err.status(f"loading {len(rows)} partition(s) ..."):

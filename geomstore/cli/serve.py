@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from geomstore.cli.common import STORE, app, err
+from geomstore.cli.common import STORE, app, err, require_store
 
 
 @app.command()
@@ -57,6 +57,7 @@ def serve(
     from geomstore.service import Limits, ServiceConfig, check_bind, create_app, load_tokens
     from geomstore.store.store import Store
 
+    require_store(store)
     data_path = os.environ.get("GEOMSTORE_DATA_PATH")
     Store(store, read_only=True, data_path=data_path).close()  # fail now, not per request
     config = ServiceConfig(

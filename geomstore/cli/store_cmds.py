@@ -6,16 +6,16 @@ from pathlib import Path
 
 import typer
 
-from geomstore.cli.common import STORE, app, emit, err, open_store, out
+from geomstore.cli.common import NEW_STORE, STORE, app, emit, err, open_store, out, require_store
 
 
 @app.command()
-def init(store: str = STORE) -> None:
+def init(store: str = NEW_STORE) -> None:
     """Create a store (a directory, or a .duckdb file), or check an existing one.
 
     Example: geomstore init runs/moons
     """
-    with open_store(store) as st:
+    with open_store(store, create=True) as st:
         out.print(f"store {store}: {st.kind}, schema version {st.schema_version}")
 
 
@@ -32,6 +32,7 @@ def migrate(
     from geomstore.store.sqlutil import _retry
     from geomstore.store.store import Store
 
+    require_store(store)
     st = Store(store, upgrade=False)
     try:
         have = current_version(st.con)

@@ -58,11 +58,25 @@ def _user_frame(stack: str | None) -> str:
 
 
 def _innermost_user_frame() -> str:
-    """The innermost frame of the current Python stack outside torch and geomstore."""
+    """The innermost frame of the current Python stack in the user's code, as
+    'file:line: code': outside torch and geomstore, and outside the standard library and
+    installed packages (the CLI's typer and click), except in a module's own method (a
+    model's forward, even one in an installed package)."""
+    import linecache
+    import site
+    import sysconfig
+
     skip = (str(Path(torch.__file__).parent) + os.sep, str(Path(__file__).parents[1]) + os.sep)
-    for fs in reversed(traceback.extract_stack()):
-        if not fs.filename.startswith(skip) and not fs.filename.startswith("<"):
-            return f"{fs.filename}:{fs.lineno}: {(fs.line or '').strip()}"
+    kinds = ("stdlib", "platstdlib", "purelib", "platlib", "scripts")
+    libs = {sysconfig.get_paths()[k] for k in kinds}
+    libs |= {*site.getsitepackages(), site.getusersitepackages()}
+    lib_dirs = tuple(str(Path(d)) + os.sep for d in libs if d)
+    for frame, lineno in traceback.walk_stack(None):  # innermost first
+        filename = frame.f_code.co_filename
+        if not filename.startswith(("<", *skip)) and (
+            isinstance(frame.f_locals.get("self"), nn.Module) or not filename.startswith(lib_dirs)
+        ):
+            return f"{filename}:{lineno}: {linecache.getline(filename, lineno).strip()}"
     return ""
 
 

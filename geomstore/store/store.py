@@ -178,7 +178,10 @@ class Store:
             root = Path(self.target)
             exists = (root / CATALOG).exists()
             if read_only and not exists:
-                raise StoreError(f"no store at {self.target}; create it with geomstore.open.")
+                raise StoreError(
+                    f"no store at {self.target}; create it with geomstore.open(path) or "
+                    f"`geomstore init {self.target}`."
+                )
             if exists and not os.access(root, os.W_OK):
                 raise StoreError(
                     f"the store at {self.target} is on a read-only file system (or its "
