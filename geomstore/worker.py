@@ -158,6 +158,11 @@ class Worker:
     _interruptible: bool = field(default=False, init=False, repr=False)
     _stop_requested: bool = field(default=False, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        from geomstore.engine.partition import resolve_device
+
+        resolve_device(self.device)  # a device this machine lacks: refused now, not per job
+
     # the protocol ----------------------------------------------------------------------------
     def claim(self) -> Job | None:
         """Claim the oldest queued (or abandoned) job, or None when there is none."""

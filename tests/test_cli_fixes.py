@@ -265,3 +265,13 @@ def test_each_examples_help_has_its_whole_first_paragraph() -> None:
         )
         assert res.returncode == 0, res.stderr
         assert tail in " ".join(res.stdout.split()), res.stdout
+
+
+def test_a_worker_object_refuses_a_device_this_machine_lacks(tmp_path: Path) -> None:
+    from geomstore.errors import GeomstoreError
+    from geomstore.worker import Worker
+
+    with geomstore.open(tmp_path / "s") as st:
+        with pytest.raises(GeomstoreError, match="tpu"):
+            Worker(st, device="tpu")
+        assert Worker(st, device="cpu").device == "cpu"
