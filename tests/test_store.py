@@ -398,6 +398,10 @@ def test_load_partition_gives_back_the_same_tables(
     for col in ("region_id", "area", "pattern", "A", "c", "label", "geometry"):
         assert back.regions.column(col).to_pylist() == part.regions.column(col).to_pylist(), col
     assert np.array_equal(back.states, part.states)
+    # exactly the tables written, types included (pattern: fixed_size_binary)
+    assert back.regions.equals(part.regions) and back.edges.equals(part.edges)
+    order = [("region_id", "ascending"), ("u0_a", "ascending"), ("u1_a", "ascending")]
+    assert back.boundary.sort_by(order).equals(part.boundary.sort_by(order))
     assert back.edges.column("length").to_pylist() == part.edges.column("length").to_pylist()
     assert sorted(back.boundary.column("length").to_pylist()) == sorted(
         part.boundary.column("length").to_pylist()
@@ -426,3 +430,37 @@ def test_a_loaded_partition_verifies_against_its_own_checkpoint(tmp_path: Path) 
                 part.verify(other)
         with pytest.raises(geomstore.GeomstoreError, match="pass net="):
             store.load_partition(ids[0]).verify()
+
+
+def test_bad_arguments_to_add_are_refused_before_anything_is_written(
+    store: geomstore.Store, part: geomstore.Partition
+) -> None:
+    before = store.partitions().num_rows
+    cases = [
+        (("hello",), {"model": "m", "checkpoint": "c"}, "takes a Partition"),
+        ((part,), {"model": "", "checkpoint": "c"}, "model= must be a non-empty name"),
+        ((part,), {"model": "m", "checkpoint": "  "}, "checkpoint= must be a non-empty"),
+        ((part,), {"model": "m", "checkpoint": "c", "metrics": {"acc": "high"}}, "numbers"),
+    ]
+    for args, kwargs, msg in cases:
+        with pytest.raises(StoreError, match=msg):
+            store.add(*args, **kwargs)  # type: ignore[arg-type]
+    assert store.partitions().num_rows == before
+    import numpy as np
+
+    pid = store.add(part, model="m", checkpoint="c", metrics={"acc": np.float32(0.5), "x": None})
+    assert pid in store.partitions().column("partition_id").to_pylist()
+
+
+def test_nan_weights_and_levels_are_named() -> None:
+    import torch
+
+    from geomstore.errors import GeomstoreError, UnsupportedModelError
+
+    net = mlp((8,), 2, seed=1)
+    with pytest.raises(GeomstoreError, match="levels must be finite"):
+        geomstore.partition(net, BOX, device="cpu", levels=[float("nan")])
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    with pytest.raises(UnsupportedModelError, match=r"NaN or infinite values \(0.weight\)"):
+        geomstore.partition(net, BOX, device="cpu")

@@ -322,6 +322,13 @@ def _check_batch(gm: torch.fx.GraphModule, fn: Any, input_shape: tuple[int, ...]
     if not stripped and (
         not isinstance(got, Tensor) or got.shape != want.shape or not torch.allclose(got, want)
     ):
+        held = [*fn.named_parameters(), *fn.named_buffers()] if isinstance(fn, nn.Module) else []
+        bad = [k for k, t in held if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise UnsupportedModelError(
+                f"the model's weights hold NaN or infinite values ({', '.join(bad[:5])}); "
+                "load a checkpoint from before training diverged."
+            )
         raise UnsupportedModelError(
             "the model's lowered graph does not reproduce its own forward on a batch of "
             "inputs (it may mix samples, or branch on values); geomstore needs a network that "

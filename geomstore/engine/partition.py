@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -515,6 +516,9 @@ def partition(
         lv = [float(threshold)]
     else:
         lv = None
+    if lv is not None and not all(math.isfinite(x) for x in lv):
+        what = "levels" if levels is not None else "threshold"
+        raise GeomstoreError(f"{what} must be finite numbers; got {lv!r}.")
     budget = parse_memory(memory) if memory is not None else default_memory(dev)
     specs = program.nonlinearities
     n_bits = sum(s.n_units * s.bits for s in specs)

@@ -98,7 +98,11 @@ def _states_and_hashes(regions: pa.Table, summary: dict[str, Any]) -> tuple[Any,
     states = None
     if regions.num_rows and col.null_count == 0:
         packed = np.frombuffer(b"".join(col.to_pylist()), dtype=np.uint8)
-        states = unpack_patterns(packed.reshape(regions.num_rows, -1), bits, summary["n_units"])
+        packed = packed.reshape(regions.num_rows, -1)
+        states = unpack_patterns(packed, bits, summary["n_units"])
+        # back to the type the engine wrote (the store keeps a BLOB)
+        at = regions.schema.get_field_index("pattern")
+        regions = regions.set_column(at, "pattern", col.cast(pa.binary(packed.shape[1])))
     elif not regions.num_rows:
         states = np.zeros((0, summary["n_units"]), dtype=np.uint8)
     at = regions.schema.get_field_index("pattern_hash")

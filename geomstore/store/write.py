@@ -8,6 +8,7 @@ transaction, retried while the catalog is busy (another writer holds it).
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,33 @@ def _check_writable(store: Store) -> None:
         raise StoreError("this store is open read-only; open it without read_only to write.")
 
 
+def _check_arguments(
+    partition: Any, model: Any, checkpoint: Any, metrics: dict[str, Any] | None
+) -> dict[str, float] | None:
+    """Refuse what would store a partition nobody can find or read back, before writing;
+    returns the metrics as plain floats (NumPy scalars are numbers too)."""
+    from geomstore.engine.partition import Partition
+
+    if not isinstance(partition, Partition):
+        raise StoreError(
+            f"store.add takes a Partition (from geomstore.partition(net, slice)), not "
+            f"{type(partition).__name__}."
+        )
+    for what, name in (("model", model), ("checkpoint", checkpoint)):
+        if not isinstance(name, str) or not name.strip():
+            raise StoreError(f"{what}= must be a non-empty name, not {name!r}.")
+    for key, value in (metrics or {}).items():
+        ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+        if not isinstance(key, str) or not ok:
+            raise StoreError(
+                f"metrics must map names to numbers; {key!r}: {value!r} is not (store text "
+                "in the checkpoint's name or a data set instead)."
+            )
+    if metrics is None:
+        return None
+    return {k: None if v is None else float(v) for k, v in metrics.items()}  # type: ignore[misc]
+
+
 def write_partition(
     store: Store,
     partition: Partition,
@@ -44,6 +72,7 @@ def write_partition(
 ) -> str:
     """:meth:`Store.add <geomstore.store.store.Store.add>`: one partition, one transaction."""
     _check_writable(store)
+    metrics = _check_arguments(partition, model, checkpoint, metrics)
     summary = partition.model_summary
     model_id = _hash(
         "model", model, summary["layers"], summary["input_shape"], summary["n_outputs"]
