@@ -21,21 +21,14 @@ from geomstore.cli.queries import grid_points
 from geomstore.jobs import job_table
 from tests.nets import mlp
 from tests.test_commands import BOX, ROOT, ok
+from tests.test_commands import fail as run_failing
 
 
 def fail(*args: object, cwd: Path = ROOT) -> str:
     """The real entry point: one 'Error: ...' line on stderr, exit code 1, no traceback."""
-    res = subprocess.run(
-        [sys.executable, "-m", "geomstore", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    assert res.stderr.startswith("Error: ") and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.count("\n") == 1, res.stderr
-    return res.stderr.strip()
+    err = run_failing(*args, cwd=cwd)
+    assert err.count("\n") == 1, err
+    return err.strip()
 
 
 def snapshot(store: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

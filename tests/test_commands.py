@@ -29,11 +29,11 @@ def ok(*args: str) -> str:
     return res.output
 
 
-def fail(*args: str) -> str:
+def fail(*args: object, cwd: Path = ROOT) -> str:
     """Run the real entry point: user errors print 'Error: ...' and exit 1, no traceback."""
     res = subprocess.run(
         [sys.executable, "-m", "geomstore", *map(str, args)],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,

@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import linecache
-import os
-import sysconfig
+import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +34,7 @@ from torch import Tensor, nn
 
 from geomstore.engine.cache import LoweringCache, fingerprint
 from geomstore.engine.canon import Canon
-from geomstore.engine.refusal import Refusal, quiet
+from geomstore.engine.refusal import Refusal, quiet, user_frame
 from geomstore.errors import ModelShapeError, UnsupportedModelError
 
 __all__ = ["Lowered", "lower"]
@@ -208,15 +206,6 @@ def lower(model: Any, input_shape: tuple[int, ...], *, logits: bool = False) -> 
     return low
 
 
-def _library_roots() -> tuple[str, ...]:
-    """Folders whose frames are not the user's: torch, geomstore and the standard library."""
-    import geomstore
-
-    dirs = (Path(torch.__file__).parent, Path(geomstore.__file__).parent)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return tuple(str(d.resolve()) + os.sep for d in (*dirs, stdlib))
-
-
 _DATA_DEPENDENT = (
     "data-dependent",
     "data dependent",
@@ -227,15 +216,13 @@ _DATA_DEPENDENT = (
 
 def _trace_failure(exc: BaseException) -> str:
     """One line on why tracing failed, at the user's line where the traceback has it."""
+    found = [(f, n) for f, n in traceback.walk_tb(exc.__traceback__) if user_frame(f)]
     where = ""
-    roots = _library_roots()
-    tb = exc.__traceback__
-    while tb is not None:  # the innermost frame outside torch, geomstore and the stdlib
-        name = tb.tb_frame.f_code.co_filename
-        if not name.startswith("<") and not str(Path(name).resolve()).startswith(roots):
-            line = linecache.getline(name, tb.tb_lineno).strip()
-            where = f" at {name}:{tb.tb_lineno}" + (f" ({line})" if line else "")
-        tb = tb.tb_next
+    if found:  # the innermost frame in the user's code
+        frame, lineno = found[-1]
+        name = frame.f_code.co_filename
+        code = linecache.getline(name, lineno).strip()
+        where = f" at {name}:{lineno}" + (f" ({code})" if code else "")
     text = " ".join(str(exc).split())
     if any(k in text for k in _DATA_DEPENDENT):
         return (

@@ -10,10 +10,15 @@ the source line is found by tracing again, only when there is an error to build.
 from __future__ import annotations
 
 import contextlib
+import functools
+import linecache
 import logging
 import os
 import re
+import site
+import sysconfig
 import traceback
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,26 +62,43 @@ def _user_frame(stack: str | None) -> str:
     return f"{path}:{line}: {code.strip()}"
 
 
-def _innermost_user_frame() -> str:
-    """The innermost frame of the current Python stack in the user's code, as
-    'file:line: code': outside torch and geomstore, and outside the standard library and
-    installed packages (the CLI's typer and click), except in a module's own method (a
-    model's forward, even one in an installed package)."""
-    import linecache
-    import site
-    import sysconfig
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """Folders whose code is not the user's: torch, geomstore, the standard library and
+    installed packages (the CLI's typer and click), as given and resolved."""
+    import geomstore
 
-    skip = (str(Path(torch.__file__).parent) + os.sep, str(Path(__file__).parents[1]) + os.sep)
     kinds = ("stdlib", "platstdlib", "purelib", "platlib", "scripts")
-    libs = {sysconfig.get_paths()[k] for k in kinds}
-    libs |= {*site.getsitepackages(), site.getusersitepackages()}
-    lib_dirs = tuple(str(Path(d)) + os.sep for d in libs if d)
+    dirs = {Path(torch.__file__).parent, Path(geomstore.__file__).parent}
+    dirs |= {Path(sysconfig.get_paths()[k]) for k in kinds}
+    dirs |= {Path(d) for d in (*site.getsitepackages(), site.getusersitepackages()) if d}
+    return tuple({str(p) + os.sep for d in dirs for p in (d, d.resolve())})
+
+
+def user_frame(frame: types.FrameType) -> bool:
+    """Whether a frame runs the user's code: not a library's (:func:`_library_dirs`), but
+    any ``nn.Module`` method outside torch and geomstore (a model in an installed package)."""
+    name = frame.f_code.co_filename
+    if name.startswith("<"):
+        return False
+    own = (str(Path(torch.__file__).parent) + os.sep, str(Path(__file__).parents[1]) + os.sep)
+    if name.startswith(own):
+        return False
+    return isinstance(frame.f_locals.get("self"), nn.Module) or not name.startswith(_library_dirs())
+
+
+def frame_line(frame: types.FrameType, lineno: int) -> str:
+    """'file:line: code' of a frame."""
+    name = frame.f_code.co_filename
+    return f"{name}:{lineno}: {linecache.getline(name, lineno).strip()}"
+
+
+def _innermost_user_frame() -> str:
+    """The innermost frame of the current Python stack in the user's code (:func:`user_frame`),
+    as 'file:line: code'."""
     for frame, lineno in traceback.walk_stack(None):  # innermost first
-        filename = frame.f_code.co_filename
-        if not filename.startswith(("<", *skip)) and (
-            isinstance(frame.f_locals.get("self"), nn.Module) or not filename.startswith(lib_dirs)
-        ):
-            return f"{filename}:{lineno}: {linecache.getline(filename, lineno).strip()}"
+        if user_frame(frame):
+            return frame_line(frame, lineno)
     return ""
 
 

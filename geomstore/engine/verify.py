@@ -89,14 +89,13 @@ def _own_output(net: Any, program: Any, x: torch.Tensor) -> tuple[np.ndarray, np
         return _first(fn(xb.to(dev))).detach().to(torch.float64).cpu().numpy()
 
     step = max(1, (1 << 24) // max(1, program.n_units))
-    every = np.arange(x.shape[0])
+    n = int(x.shape[0])
+    rows = np.arange(n)
     with torch.no_grad():
         try:
-            outs = [run(x[lo : lo + step]) for lo in range(0, x.shape[0], step)]
-            return (np.concatenate(outs) if outs else np.zeros((0, program.n_outputs))), every
+            outs = [run(x[lo : lo + step]) for lo in range(0, n, step)]
         except Exception:  # batch 1 only: the tracing checks took batches of the graph
-            rows = np.unique(np.linspace(0, len(every) - 1, ONE_BY_ONE).astype(int))
-            rows = rows[: len(every)]
+            rows = np.unique(np.linspace(0, n - 1, min(n, ONE_BY_ONE)).astype(int))
             outs = [run(x[i : i + 1]) for i in rows]
     return (np.concatenate(outs) if outs else np.zeros((0, program.n_outputs))), rows
 
