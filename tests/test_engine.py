@@ -306,6 +306,39 @@ def test_verify_fails_on_a_corrupted_partition() -> None:
     assert "patterns at centroids" in failed
 
 
+def test_brute_force_check_names_a_wrong_pattern() -> None:
+    model = mlp((8, 8), 2, seed=14)
+    part = partition(model, BOX, device="cpu")
+    part.states[3, 0] ^= 1
+    check = next(c for c in part.verify(model).checks if c.name == "brute-force count")
+    assert not check.passed
+    assert "1 reference patterns missing here" in check.detail
+
+
+def test_nearly_concurrent_lines_keep_their_tiny_regions() -> None:
+    """8 lines through one point up to float32 rounding meet in 28 distinct points.
+
+    The exact arrangement has 1 + 8 + 28 = 37 faces, most of them within 1e-7 of the
+    point; the engine resolves those farther apart than its tolerance, so it may merge a
+    pair of meeting points (36) but never drops a region the reference sees.
+    """
+    ang = np.linspace(0, np.pi, 9)[:-1]
+    w = np.c_[np.cos(ang), np.sin(ang)]
+    first, last = nn.Linear(2, 8), nn.Linear(8, 4)
+    with torch.no_grad():  # float32 parameters: the lines miss the point by ~1e-8
+        first.weight.copy_(torch.tensor(w))
+        first.bias.copy_(torch.tensor(-(w @ [0.3, 0.2])))
+        last.weight.copy_(torch.tensor(np.random.default_rng(0).normal(size=(4, 8))))
+    model = nn.Sequential(first, nn.ReLU(), last).double().eval()
+    part = partition(model, BOX, device="cpu")
+    assert 36 <= part.n_regions <= 37
+    report = part.verify(model)
+    assert report.ok, report
+    ref = reference_regions(model, BOX)
+    assert len(ref) < part.n_regions  # the reference cannot see the tiny ones
+    assert {bytes(np.array(p, np.uint8)) for _, p in ref} <= {bytes(s) for s in part.states}
+
+
 def test_affine_maps_match_forward_at_random_points() -> None:
     model = mlp((16, 16), 3, seed=15)
     part = partition(model, BOX, device="cpu")

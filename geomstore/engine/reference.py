@@ -51,7 +51,12 @@ def _halfplane(
 def reference_regions(
     model: nn.Sequential, slice_: Slice, *, min_area: float = 1e-14
 ) -> list[tuple[shapely.Polygon, tuple[int, ...]]]:
-    """Regions as (polygon, activation pattern) for a plain ReLU MLP on a box slice."""
+    """Regions as (polygon, activation pattern) for a plain ReLU MLP on a box slice.
+
+    Pieces of area ``min_area * slice_.area`` or less are dropped: shapely's overlay is
+    not exact, so smaller ones are below what this reference can tell from noise.
+    """
+    min_area = min_area * slice_.area
     big = 10.0 * (1.0 + slice_.diameter)
     centre = slice_.domain.mean(axis=0)
     regions: list[tuple[shapely.Polygon, np.ndarray, np.ndarray, tuple[int, ...]]] = [
