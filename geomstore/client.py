@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -510,6 +511,16 @@ class Client:
         }
         job: str = self._request("POST", "/api/jobs", json=body).json()["job_id"]
         return job
+
+    def jobs(self, *, status: str | None = None, model: str | None = None) -> pa.Table:
+        """The server's job queue (``GET /api/jobs``), as :func:`geomstore.jobs.job_table`."""
+        params = {k: v for k, v in (("status", status), ("model", model)) if v is not None}
+        return self._table("GET", "/api/jobs", params=params)[0]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """One job's row (status, attempts, error, partition id) as a dict."""
+        row: dict[str, Any] = self._request("GET", f"/api/jobs/{quote(job_id, safe='')}").json()
+        return row
 
 
 F = TypeVar("F", bound=Callable[..., Any])

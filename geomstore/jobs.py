@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from geomstore.worker import Job, Worker
 
 __all__ = [
+    "JOB_STATUSES",
     "ComputeSummary",
     "Job",
     "JobResult",
@@ -421,12 +422,38 @@ def submit(
     return _retry(write)
 
 
-def job_table(store: Store) -> pa.Table:
-    """The jobs with their status, attempts, worker, error and partition id, oldest first."""
-    return store.con.execute(
+JOB_STATUSES = ("queued", "running", "done", "failed")
+
+
+def job_table(
+    store: Store, *, status: str | None = None, model: str | None = None, job_id: str | None = None
+) -> pa.Table:
+    """The jobs with their status, attempts, worker, error and partition id, oldest first.
+
+    ``status``, ``model`` and ``job_id`` keep only the matching jobs. Read through the
+    store's read path, so a read-only store and the query service list them too.
+
+    Examples
+    --------
+    >>> import tempfile, geomstore
+    >>> with geomstore.open(tempfile.mkdtemp()) as store:
+    ...     job_table(store, status="queued").num_rows
+    0
+    """
+    if status is not None and status not in JOB_STATUSES:
+        raise GeomstoreError(f"status must be one of {', '.join(JOB_STATUSES)}; got {status!r}.")
+    where, params = [], []
+    for column, value in (("status", status), ("model", model), ("job_id", job_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    sql = (
         "SELECT job_id, model, checkpoint, step, status, attempts, worker, claimed_at, "
-        "finished_at, error, partition_id FROM jobs ORDER BY created_at, job_id"
-    ).to_arrow_table()
+        "finished_at, error, partition_id, created_at FROM jobs"
+    )
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return store.reader().execute(sql + " ORDER BY created_at, job_id", params).to_arrow_table()
 
 
 def retry_failed(store: Store) -> int:

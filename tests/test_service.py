@@ -417,6 +417,32 @@ def test_tokens_read_only_and_read_write(store_path: str, tmp_path: Path) -> Non
             assert job == rw.submit(ckpt, box, model="remote", checkpoint="c0", step=0)
             got = rw.sql("SELECT job_id FROM jobs").table.column("job_id").to_pylist()
             assert job in got
+            assert rw.job(job)["status"] == "queued"
+            with pytest.raises(NotFoundError, match="no job"):
+                rw.job("nosuch")
+        # the queue is read with a read token, over HTTP, before and after a worker ran it
+        with geomstore.connect(srv.url, token=RO) as ro:
+            queued = ro.jobs(status="queued")
+            assert queued.column("job_id").to_pylist() == [job]
+            assert "token" not in queued.column_names  # a worker's claim token stays inside
+            assert ro.jobs(status="done", model="remote").num_rows == 0
+            bad = httpx.get(
+                srv.url + "/api/jobs?status=lost", headers={"Authorization": f"Bearer {RO}"}
+            )
+            _error(bad, 422)
+            worker = subprocess.run(
+                [sys.executable, "-m", "geomstore", "worker", store_path, "--once"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert worker.returncode == 0, worker.stderr
+            row = ro.job(job)
+            assert row["status"] == "done" and row["error"] is None
+            assert (
+                row["partition_id"]
+                in ro.partitions(model="remote").column("partition_id").to_pylist()
+            )
 
 
 def test_token_files_and_binding_are_checked(tmp_path: Path) -> None:

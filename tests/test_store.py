@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -241,6 +242,36 @@ def test_two_writers_at_once_both_land(tmp_path: Path) -> None:
         assert w.returncode == 0, err
     with geomstore.open(path, read_only=True) as s:
         assert s.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py() == 6
+
+
+def test_a_reader_and_a_writer_of_one_process_survive_another_process_writing(
+    tmp_path: Path,
+) -> None:
+    """A notebook (or the query service) reads a store, opens it for writing too, and a
+    worker process writes meanwhile. Opening the catalog for WAL mode with Python's own
+    SQLite while DuckDB's SQLite held it released DuckDB's file locks, and the reader then
+    failed for good with "database disk image is malformed"."""
+    path = str(tmp_path / "shared")
+    geomstore.open(path).close()
+    with geomstore.open(path, read_only=True) as reader:
+        assert reader.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py() == 0
+        with geomstore.open(path) as writer:
+            writer.add(
+                geomstore.partition(mlp((6,), 2), BOX, device="cpu"), model="n", checkpoint="a"
+            )
+        for start in (0, 10):
+            other = _spawn("write", path, str(start), "2", "8")
+            _, err = other.communicate(timeout=300)
+            assert other.returncode == 0, err
+            n = reader.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py()
+            assert n == 3 + start // 5
+    with geomstore.open(path, read_only=True) as again:
+        assert again.sql("SELECT count(*) AS n FROM partitions").table.column("n")[0].as_py() == 5
+    con = sqlite3.connect(Path(path) / "catalog.sqlite")  # no store of ours holds it now
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        con.close()
 
 
 def test_export_writes_geoparquet(

@@ -497,6 +497,34 @@ def _upload_dir(s: ServiceState) -> Path:
     return target / "uploads"
 
 
+@router.get("/api/jobs", summary="The job queue: status, attempts, error, partition", tags=["jobs"])
+def list_jobs(
+    request: Request,
+    s: State,
+    status: Literal["queued", "running", "done", "failed"] | None = None,
+    model: str | None = None,
+    format: str | None = FORMAT,
+) -> Response:
+    from geomstore.jobs import job_table
+
+    table = _run(s, "/api/jobs", lambda st: job_table(st, status=status, model=model))
+    return answer(request, table, format)
+
+
+@router.get("/api/jobs/{job_id}", summary="One job (from POST /api/jobs)", tags=["jobs"])
+def get_job(s: State, job_id: str) -> dict[str, Any]:
+    from geomstore.jobs import job_table
+
+    rows = _run(s, "/api/jobs/{job_id}", lambda st: job_table(st, job_id=job_id)).to_pylist()
+    if not rows:
+        raise NotFoundError(
+            f"no job {job_id!r} in this store; list them with GET /api/jobs.",
+            kind="job",
+            name=job_id,
+        )
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in rows[0].items()}
+
+
 @router.post(
     "/api/jobs", summary="Queue a checkpoint file for the workers (read-write token)", tags=["jobs"]
 )

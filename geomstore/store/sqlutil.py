@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -88,10 +89,30 @@ def _sql_helpers(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(stmt)
 
 
+#: SQLite catalogs this process has open through DuckDB (resolved path -> open stores).
+#: DuckDB's sqlite extension links its own SQLite; POSIX file locks belong to the process,
+#: so closing any other handle on the same file (Python's sqlite3, even a plain open()) drops
+#: the locks that SQLite holds, and a writer in another process then corrupts what this one
+#: reads ("database disk image is malformed"). While a catalog is open here, nothing else
+#: in this process may open it.
+OPEN_CATALOGS: collections.Counter[str] = collections.Counter()
+
+
 def _wal_catalog(path: Path) -> None:
-    """Put the SQLite catalog in WAL mode (persistent): readers then never block the writer."""
+    """Put the SQLite catalog in WAL mode (persistent): readers then never block the writer.
+
+    Done when the catalog is made (or found in rollback mode) while no store of this
+    process has it open; see :data:`OPEN_CATALOGS`.
+    """
     import sqlite3
 
+    if OPEN_CATALOGS[str(path.resolve())]:
+        return
+    if path.exists():
+        with path.open("rb") as fh:
+            header = fh.read(20)
+        if len(header) == 20 and header[18] == 2 and header[19] == 2:
+            return  # already WAL (file format versions 2, 2)
     try:
         con = sqlite3.connect(path, timeout=30)
         try:

@@ -27,6 +27,7 @@ from geomstore.store.connection import connect
 from geomstore.store.schema import LEDGER, apply_migrations, current_version, migrations
 from geomstore.store.sqlutil import (
     ALIAS,
+    OPEN_CATALOGS,
     _retry,
     _sql_helpers,
     _wal_catalog,
@@ -101,6 +102,10 @@ class Store:
             self.data_path = normalize_data_path(data_path)
         self.con = self._open(read_only=read_only)
         self._ro: duckdb.DuckDBPyConnection | None = None
+        self._catalog_key: str | None = None
+        if self.kind == "ducklake":  # see sqlutil.OPEN_CATALOGS
+            self._catalog_key = str((Path(target) / CATALOG).resolve())
+            OPEN_CATALOGS[self._catalog_key] += 1
         try:
             have = current_version(self.con)
             latest = migrations()[-1].version
@@ -118,7 +123,7 @@ class Store:
                     )
                 _retry(lambda: apply_migrations(self.con))
         except Exception:
-            self.con.close()
+            self.close()
             raise
 
     # opening ---------------------------------------------------------------------------------
@@ -244,6 +249,11 @@ class Store:
             self._ro.close()
             self._ro = None
         self.con.close()
+        if self._catalog_key is not None:
+            OPEN_CATALOGS[self._catalog_key] -= 1
+            if OPEN_CATALOGS[self._catalog_key] <= 0:
+                del OPEN_CATALOGS[self._catalog_key]
+            self._catalog_key = None
 
     def __enter__(self) -> Store:
         return self
