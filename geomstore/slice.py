@@ -54,22 +54,25 @@ def _convex_ccw(domain: _F64) -> _F64:
         raise InvalidSliceError(
             f"domain must be an (n, 2) array of n >= 3 polygon vertices, got shape {domain.shape}."
         )
-    if np.allclose(domain[0], domain[-1]) and domain.shape[0] > 3:
+    if np.array_equal(domain[0], domain[-1]) and domain.shape[0] > 3:  # a closed ring
         domain = domain[:-1]
+    # tolerances relative to the domain's own size (not its distance from the origin)
+    size = float(np.max(np.ptp(domain, axis=0))) or 1.0
     nxt = np.roll(domain, -1, axis=0)
-    if np.any(np.all(np.isclose(domain, nxt, rtol=0, atol=1e-15), axis=1)):
+    if np.any(np.all(np.abs(domain - nxt) <= 1e-15 * size, axis=1)):
         raise InvalidSliceError("domain has repeated consecutive vertices; remove duplicates.")
-    area2 = float(np.sum(domain[:, 0] * nxt[:, 1] - nxt[:, 0] * domain[:, 1]))
+    d = domain - domain[0]  # the shoelace about a vertex: no cancellation far from 0
+    dn = np.roll(d, -1, axis=0)
+    area2 = float(np.sum(d[:, 0] * dn[:, 1] - dn[:, 0] * d[:, 1]))
     if area2 < 0:
         domain = domain[::-1].copy()
         nxt = np.roll(domain, -1, axis=0)
     e = nxt - domain
     e_next = np.roll(e, -1, axis=0)
     cross = e[:, 0] * e_next[:, 1] - e[:, 1] * e_next[:, 0]
-    scale = float(np.max(np.abs(domain))) or 1.0
-    if abs(area2) <= 1e-12 * scale * scale:
+    if abs(area2) <= 1e-12 * size * size:
         raise InvalidSliceError("domain has zero area; give three or more non-collinear vertices.")
-    if np.any(cross < -1e-12 * scale * scale):
+    if np.any(cross < -1e-12 * size * size):
         raise InvalidSliceError(
             "domain is not convex; give a convex polygon (for example its convex hull)."
         )

@@ -73,3 +73,15 @@ def test_clockwise_domain_is_reoriented() -> None:
 def test_bad_slices_name_the_problem(call: object, message: str) -> None:
     with pytest.raises(InvalidSliceError, match=message):
         call()  # type: ignore[operator]
+
+
+def test_small_or_far_domains_keep_every_vertex() -> None:
+    """Tolerances follow the domain's own size, not numpy's absolute defaults."""
+    tiny = Slice.box((0.1, 0.1), (0.100001, 0.100001))
+    assert len(tiny.domain) == 4
+    assert tiny.area == pytest.approx(1e-12, rel=1e-6)
+    assert len(Slice.box((0, 0), (1e-9, 1e-9)).domain) == 4
+    far = Slice([0, 0], [[1, 0], [0, 1]], [[1e6, 1e6], [1e6 + 0.5, 1e6], [1e6, 1e6 + 0.5]])
+    assert far.area == pytest.approx(0.125)
+    with pytest.raises(InvalidSliceError, match="zero area"):
+        Slice([0, 0], [[1, 0], [0, 1]], [[1e6, 1e6], [1e6 + 0.5, 1e6], [1e6 + 1.0, 1e6]])

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import pytest
 
 import geomstore
@@ -495,3 +496,73 @@ def test_nan_weights_and_levels_are_named() -> None:
         net[0].weight[0, 0] = float("nan")
     with pytest.raises(UnsupportedModelError, match=r"NaN or infinite values \(0.weight\)"):
         geomstore.partition(net, BOX, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["it's store", "it's.duckdb"])
+def test_a_quote_in_a_path_is_one_path(
+    tmp_path: Path, part: geomstore.Partition, name: str
+) -> None:
+    with geomstore.open(tmp_path / name) as s:
+        s.add(part, model="m", checkpoint="c")
+        assert s.partitions().num_rows == 1
+        files = s.export(tmp_path / "export it's")
+        assert (tmp_path / "export it's" / "regions.parquet") in files
+    with geomstore.open(tmp_path / "plain", data_path=str(tmp_path / "data it's")) as s:
+        s.add(part, model="m", checkpoint="c")
+    with geomstore.open(tmp_path / "plain", read_only=True) as s:
+        assert s.sql("SELECT count(*) AS n FROM regions").table.column("n")[0].as_py() == (
+            part.n_regions
+        )
+    assert any((tmp_path / "data it's").rglob("*.parquet"))
+
+
+def test_someone_elses_database_is_refused_and_left_unchanged(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.duckdb"
+    con = duckdb.connect(str(mine))
+    con.execute("CREATE TABLE experiments (x INTEGER)")
+    con.close()
+    folder = tmp_path / "lake"
+    folder.mkdir()
+    lite = sqlite3.connect(folder / "catalog.sqlite")
+    lite.execute("CREATE TABLE t (x)")
+    lite.commit()
+    lite.close()
+    before = {p: p.read_bytes() for p in (mine, folder / "catalog.sqlite")}
+    with pytest.raises(StoreError, match=r"'experiments'.*left unchanged"):
+        geomstore.open(mine)
+    for read_only in (False, True):
+        with pytest.raises(StoreError, match=r"not a geomstore \(DuckLake\) catalog"):
+            geomstore.open(folder, read_only=read_only)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in folder.iterdir()) == ["catalog.sqlite"]
+
+
+def test_bad_points_are_refused_by_name(store: geomstore.Store) -> None:
+    import numpy as np
+
+    with pytest.raises(StoreError, match="2 of the 2 points hold NaN or inf"):
+        store.add_points("bad", BOX, np.full((2, 2), np.nan))
+    with pytest.raises(StoreError, match=r"shape \(n, 2\).*got \(5, 3\)"):
+        store.add_points("bad", BOX, np.zeros((5, 3)))
+    assert store.sql("SELECT count(*) AS n FROM datasets").table.column("n")[0].as_py() == 0
+
+
+def test_threads_sharing_a_store_take_turns_writing(store: geomstore.Store) -> None:
+    import threading
+
+    parts = [geomstore.partition(mlp((6, 6), 2, seed=i), BOX, device="cpu") for i in range(4)]
+    errors: list[BaseException] = []
+
+    def add(i: int) -> None:
+        try:
+            store.add(parts[i], model="m", checkpoint=f"c{i}", step=i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert store.partitions().column("checkpoint").to_pylist() == ["c0", "c1", "c2", "c3"]

@@ -83,6 +83,16 @@ FROM clip;
 """
 
 
+def sql_literal(value: str) -> str:
+    """A SQL string literal (quotes doubled) for statements that take no parameters
+    (ATTACH, COPY ... TO): a path with a quote in it stays one path.
+
+    >>> sql_literal("it's")
+    "'it''s'"
+    """
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _sql_helpers(con: duckdb.DuckDBPyConnection) -> None:
     """Per-connection SQL conveniences (documented in the README)."""
     for stmt in filter(None, (s.strip() for s in SQL_HELPERS.split(";"))):
@@ -98,25 +108,34 @@ def _sql_helpers(con: duckdb.DuckDBPyConnection) -> None:
 OPEN_CATALOGS: collections.Counter[str] = collections.Counter()
 
 
-def _wal_catalog(path: Path) -> None:
-    """Put the SQLite catalog in WAL mode (persistent): readers then never block the writer.
+def _wal_catalog(path: Path, *, wal: bool = True) -> None:
+    """Check that an existing catalog is a DuckLake catalog (or empty), and put it in WAL
+    mode (persistent: readers then never block the writer) unless ``wal`` is False.
 
-    Done when the catalog is made (or found in rollback mode) while no store of this
-    process has it open; see :data:`OPEN_CATALOGS`.
+    A foreign SQLite database is refused before anything writes to it. Done only while
+    no store of this process has the catalog open (see :data:`OPEN_CATALOGS`): one that
+    is open here was checked when it was opened.
     """
     import sqlite3
 
     if OPEN_CATALOGS[str(path.resolve())]:
         return
-    if path.exists():
-        with path.open("rb") as fh:
-            header = fh.read(20)
-        if len(header) == 20 and header[18] == 2 and header[19] == 2:
-            return  # already WAL (file format versions 2, 2)
+    if not wal and not path.exists():
+        return
     try:
         con = sqlite3.connect(path, timeout=30)
         try:
-            con.execute("PRAGMA journal_mode=WAL")
+            tables = {
+                row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if tables and "ducklake_metadata" not in tables:
+                raise StoreError(
+                    f"{path} is a SQLite database but not a geomstore (DuckLake) catalog; "
+                    "it was left unchanged. Give a new or empty directory for the store."
+                )
+            mode = con.execute("PRAGMA journal_mode").fetchone()
+            if wal and (mode is None or str(mode[0]).lower() != "wal"):
+                con.execute("PRAGMA journal_mode=WAL")
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:

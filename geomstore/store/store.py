@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from geomstore.store.sqlutil import (
     _retry,
     _sql_helpers,
     _wal_catalog,
+    sql_literal,
 )
 from geomstore.store.write import write_partition, write_points
 
@@ -102,6 +104,8 @@ class Store:
             self.data_path = normalize_data_path(data_path)
         self.con = self._open(read_only=read_only)
         self._ro: duckdb.DuckDBPyConnection | None = None
+        #: one write at a time through the store's one write connection (threads share it)
+        self._write_lock = threading.RLock()
         self._catalog_key: str | None = None
         if self.kind == "ducklake":  # see sqlutil.OPEN_CATALOGS
             self._catalog_key = str((Path(target) / CATALOG).resolve())
@@ -109,6 +113,8 @@ class Store:
         try:
             have = current_version(self.con)
             latest = migrations()[-1].version
+            if have == 0:
+                self._refuse_foreign()
             if have > latest:
                 raise SchemaVersionError(
                     f"the store at {self.shown} has schema version {have}, newer than this "
@@ -127,6 +133,20 @@ class Store:
             raise
 
     # opening ---------------------------------------------------------------------------------
+    def _refuse_foreign(self) -> None:
+        """A catalog without geomstore's ledger must be empty: someone else's tables are
+        never migrated into a store."""
+        row = self.con.execute(
+            "SELECT count(*), min(table_name) FROM duckdb_tables() WHERE database_name = ?",
+            [ALIAS],
+        ).fetchone()
+        if row is not None and row[0]:
+            raise StoreError(
+                f"{self.shown} holds tables that are not a geomstore store's (such as "
+                f"{row[1]!r}) and no geomstore schema; it was left unchanged. Give a new "
+                "path (or an empty file or directory) for the store."
+            )
+
     @staticmethod
     def _describe(target: str) -> tuple[str, str]:
         if target.startswith(("postgres:", "postgresql://")):
@@ -154,7 +174,7 @@ class Store:
         try:
             if self.kind == "duckdb":
                 ro = " (READ_ONLY)" if read_only else ""
-                con.execute(f"ATTACH '{self._attach}' AS {ALIAS}{ro}")
+                con.execute(f"ATTACH {sql_literal(self._attach)} AS {ALIAS}{ro}")
             else:
                 self._attach_lake(con, read_only=read_only)
             con.execute(f"USE {ALIAS}")
@@ -196,7 +216,7 @@ class Store:
                 )
             if not read_only:
                 root.mkdir(parents=True, exist_ok=True)
-                _wal_catalog(root / CATALOG)
+            _wal_catalog(root / CATALOG, wal=not read_only)
             if not exists and given is None:
                 path = f"{(root / 'data').resolve()}/"
         else:
@@ -213,9 +233,11 @@ class Store:
                 objectstore.configure(con, path)
             elif not read_only:
                 Path(path).mkdir(parents=True, exist_ok=True)
-        opts = [f"DATA_PATH '{path}'"] if path is not None else []
+        opts = [f"DATA_PATH {sql_literal(path)}"] if path is not None else []
         opts += ["READ_ONLY"] if read_only else []
-        attach = f"ATTACH '{self._attach}' AS {ALIAS}" + (f" ({', '.join(opts)})" if opts else "")
+        attach = f"ATTACH {sql_literal(self._attach)} AS {ALIAS}" + (
+            f" ({', '.join(opts)})" if opts else ""
+        )
         try:
             _retry(lambda: con.execute(attach))
         except duckdb.Error as exc:
@@ -286,19 +308,21 @@ class Store:
         no-op unless ``replace=True``. ``before_commit(con, partition_id)`` runs inside the
         transaction (the job queue marks its job done there); when it returns False the
         transaction is rolled back and :class:`~geomstore.errors.AbortedWriteError` raised.
+        Threads may share one store: its writes take turns.
         """
-        return write_partition(
-            self,
-            partition,
-            model=model,
-            checkpoint=checkpoint,
-            step=step,
-            source=source,
-            metrics=metrics,
-            verified=verified,
-            replace=replace,
-            before_commit=before_commit,
-        )
+        with self._write_lock:
+            return write_partition(
+                self,
+                partition,
+                model=model,
+                checkpoint=checkpoint,
+                step=step,
+                source=source,
+                metrics=metrics,
+                verified=verified,
+                replace=replace,
+                before_commit=before_commit,
+            )
 
     # reading ---------------------------------------------------------------------------------
     def reader(self) -> duckdb.DuckDBPyConnection:
@@ -475,8 +499,8 @@ class Store:
                 _load(raw, name)
             if self.data_path is not None and objectstore.is_url(self.data_path):
                 objectstore.configure(raw, self.data_path)
-            opts = f"DATA_PATH '{data}', READ_ONLY"
-            raw.execute(f"ATTACH '{self._attach}' AS {ALIAS} ({opts})")
+            opts = f"DATA_PATH {sql_literal(data)}, READ_ONLY"
+            raw.execute(f"ATTACH {sql_literal(self._attach)} AS {ALIAS} ({opts})")
             raw.execute(f"USE {ALIAS}")
             _sql_helpers(raw)
 
@@ -496,7 +520,8 @@ class Store:
 
         ``x`` holds inputs of the slice's input shape (n, *input_shape). Returns the id.
         """
-        return write_points(self, name, slice, x, labels=labels, split=split)
+        with self._write_lock:
+            return write_points(self, name, slice, x, labels=labels, split=split)
 
     def export(self, target: str | Path) -> list[Path]:
         """Write every table as GeoParquet into a directory, or all into one ``.duckdb`` file."""
@@ -512,7 +537,7 @@ class Store:
                 path = Path(target)
                 if path.exists():
                     raise StoreError(f"{path} exists; export into a new file.")
-                con.execute(f"ATTACH '{path}' AS gs_export")
+                con.execute(f"ATTACH {sql_literal(str(path))} AS gs_export")
                 try:
                     for table in tables:
                         con.execute(f"CREATE TABLE gs_export.{table} AS SELECT * FROM {table}")
@@ -524,7 +549,9 @@ class Store:
             files = []
             for table in _DATA_TABLES:
                 path = out / f"{table}.parquet"
-                con.execute(f"COPY (SELECT * FROM {table}) TO '{path}' (FORMAT parquet)")
+                con.execute(
+                    f"COPY (SELECT * FROM {table}) TO {sql_literal(str(path))} (FORMAT parquet)"
+                )
                 files.append(path)
             return files
         finally:

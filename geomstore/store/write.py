@@ -257,7 +257,22 @@ def write_points(
     import numpy as np
 
     _check_writable(store)
-    u, dist = slice.project(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
+    if not isinstance(name, str) or not name.strip():
+        raise StoreError(f"the data set needs a non-empty name, not {name!r}.")
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"points must be an array of numbers ({exc}).") from None
+    d = int(slice.origin.size)
+    if arr.ndim == 0 or arr.size != len(arr) * d or len(arr) == 0:
+        raise StoreError(
+            f"points must have shape (n, {d}) or (n, *{tuple(slice.input_shape)}) for this "
+            f"slice's inputs, with n >= 1; got {arr.shape}."
+        )
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.count_nonzero(~np.isfinite(arr.reshape(len(arr), -1)).any(1)))
+        raise StoreError(f"{bad} of the {len(arr)} points hold NaN or inf; drop or fix them.")
+    u, dist = slice.project(arr.reshape(len(arr), -1))
     lab = np.asarray(labels if labels is not None else np.full(len(u), -1), dtype=np.int64)
     if lab.shape != (len(u),):
         raise StoreError(f"labels must have one entry per point ({len(u)}), got {lab.shape}.")
