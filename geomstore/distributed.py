@@ -103,13 +103,14 @@ def _task(
         settings["device"],
         settings["options"],
     )
+    replace = bool(settings.get("replace"))
     if blob is None:  # a shared file system: load the file where it is
-        return run_planned(*args).__dict__
+        return run_planned(*args, replace=replace).__dict__
     suffix = "".join(Path(planned.path).suffixes[-2:]) or ".pt"
     with tempfile.TemporaryDirectory(prefix="geomstore-ray-") as tmp:
         local = Path(tmp) / f"checkpoint{suffix}"
         local.write_bytes(blob)
-        return run_planned(*args, load_from=str(local)).__dict__
+        return run_planned(*args, load_from=str(local), replace=replace).__dict__
 
 
 def _payload(job: PlannedJob) -> dict[str, Any]:
@@ -184,6 +185,7 @@ def compute_ray(
     max_retries: int = 3,
     on_result: Callable[[JobResult], None] | None = None,
     poll: float = 0.5,
+    replace: bool = False,
 ) -> list[JobResult]:
     """Run planned jobs as Ray tasks that write into ``store``; results in job order.
 
@@ -212,6 +214,7 @@ def compute_ray(
             "verify": verify,
             "device": device,
             "options": dict(options or {}),
+            "replace": replace,
         }
         blobs: dict[str, Any] = {}
         refs: list[Any] = []
@@ -301,6 +304,7 @@ class _RayRecorder:
             "verify": rec.verify,
             "device": rec.device,
             "options": dict(rec.options),
+            "replace": rec.replace,
         }
 
     def folder(self) -> Path:

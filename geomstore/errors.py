@@ -6,6 +6,7 @@ from typing import Any
 
 __all__ = [
     "AbortedWriteError",
+    "CheckpointConflictError",
     "DataPathError",
     "ExecutorError",
     "GeomstoreError",
@@ -58,6 +59,11 @@ class ReadOnlyQueryError(StoreError):
 
 class AbortedWriteError(StoreError):
     """A write was rolled back on purpose (a job's claim was lost to another worker)."""
+
+
+class CheckpointConflictError(StoreError, ValueError):
+    """A checkpoint name of a model is stored already with other weights (or architecture):
+    one name, one checkpoint, so that queries by name never mix two of them."""
 
 
 class DataPathError(StoreError, ValueError):

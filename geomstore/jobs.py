@@ -94,11 +94,13 @@ def compute_one(
     before_commit: Callable[[duckdb.DuckDBPyConnection, str], bool] | None = None,
     source: str | None = None,
     progress: Callable[[Any], None] | None = None,
+    replace: bool = False,
 ) -> tuple[str, Partition, bool | None]:
     """Load one checkpoint, partition it on one slice, write it; (partition id, it, verified).
 
     ``source`` is what the store records as the checkpoint's file (default ``spec.path``;
-    a Ray task loads a temporary copy of the file but records the original).
+    a Ray task loads a temporary copy of the file but records the original). ``replace``
+    as in :meth:`Store.add <geomstore.store.store.Store.add>`.
     """
     net = spec.load(sl.input_shape)
     part = partition(net, sl, device=device, **{"progress": progress, **(options or {})})
@@ -111,6 +113,7 @@ def compute_one(
         source=source or spec.path,
         metrics=metrics,
         verified=verified,
+        replace=replace,
         before_commit=before_commit,
     )
     return pid, part, verified
@@ -230,6 +233,7 @@ def compute(
     executor: Executor = "local",
     address: str | None = None,
     on_result: Callable[[JobResult], None] | None = None,
+    replace: bool = False,
 ) -> ComputeSummary:
     """Partition checkpoint files on slices and store them: here, or as Ray tasks.
 
@@ -258,6 +262,10 @@ def compute(
         new local cluster). Only with ``executor="ray"``.
     on_result : callable, optional
         Called with each :class:`JobResult` as it finishes (a progress bar).
+    replace : bool
+        A checkpoint name stored already with other weights is replaced (with all its
+        partitions) instead of failing its jobs with
+        :class:`~geomstore.errors.CheckpointConflictError`.
 
     Examples
     --------
@@ -299,11 +307,14 @@ def compute(
             options=opts,
             address=address,
             on_result=on_result,
+            replace=replace,
         )
         return ComputeSummary(results, "ray", time.monotonic() - start)
     results = []
     for job in jobs:
-        result = run_planned(store, job, model, factory, trust_pickle, verify, device, opts)
+        result = run_planned(
+            store, job, model, factory, trust_pickle, verify, device, opts, replace=replace
+        )
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -321,6 +332,7 @@ def run_planned(
     options: dict[str, Any],
     *,
     load_from: str | None = None,
+    replace: bool = False,
 ) -> JobResult:
     """Compute and store one planned job; any failure becomes the result's ``error``.
 
@@ -340,6 +352,7 @@ def run_planned(
             device=device,
             options=options,
             source=job.path,
+            replace=replace,
         )
     except Exception as exc:
         return JobResult(
@@ -369,13 +382,15 @@ def submit(
     metrics: dict[str, float] | None = None,
     verify: bool = False,
     options: dict[str, Any] | None = None,
+    replace: bool = False,
 ) -> str:
     """Queue one checkpoint x slice for the workers; returns the job id.
 
     Name, step and metrics default to :func:`checkpoint_meta` of the file. Submitting the
-    same file content, slice, options and loading options (``spec.factory``,
-    ``spec.trust_pickle``) again returns the existing job; other loading options make a
-    new job (a file that failed for want of ``trust_pickle`` can be submitted with it).
+    same file content, slice, options, loading options (``spec.factory``,
+    ``spec.trust_pickle``), ``verify`` and ``replace`` again returns the existing job;
+    other ones make a new job (a file that failed for want of ``trust_pickle`` can be
+    submitted with it, one computed unverified can be submitted with ``verify``).
     """
     if store.read_only:
         raise GeomstoreError("this store is open read-only; open it for writing to submit.")
@@ -388,7 +403,9 @@ def submit(
     sha = file_sha256(path)
     # the loading options are part of the job: a job that failed for want of trust_pickle
     # is submitted again with it as a new job (without it, ids are as they always were)
-    trusted = ("trust_pickle",) if spec.trust_pickle else ()
+    trusted: tuple[str, ...] = ("trust_pickle",) if spec.trust_pickle else ()
+    trusted += ("replace",) if replace else ()
+    trusted += ("verify",) if verify else ()  # a verified job is another job
     job_id = _hash(
         "job", model, checkpoint or name, sha, spec.factory, slice.content_hash, opts, *trusted
     )
@@ -399,6 +416,7 @@ def submit(
         "metrics": metrics if metrics is not None else file_metrics,
         "verify": verify,
         "options": opts,
+        **({"replace": True} if replace else {}),
     }
 
     def write() -> str:

@@ -44,6 +44,11 @@ class Recorder:
 
     The model's training mode is restored afterwards.
 
+    Checkpoints are named ``step-N``. Recording a new run under a model name that holds an
+    earlier run's checkpoints fails with :class:`~geomstore.errors.CheckpointConflictError`
+    at the first step whose weights differ, unless ``replace=True`` (the new run's
+    checkpoints then replace the old ones of the same step); or give each run its own name.
+
     ``model`` is the model's name in the store (as everywhere in the query API); the module
     itself is passed to each call as ``net``. The old spellings ``model_name=`` (here) and
     ``model=`` (for the module, in the call) still work, with a DeprecationWarning.
@@ -85,6 +90,7 @@ class Recorder:
         executor: str = "local",
         address: str | None = None,
         max_retries: int = 3,
+        replace: bool = False,
     ) -> None:
         if executor not in ("local", "queue", "ray"):
             raise GeomstoreError(
@@ -106,6 +112,7 @@ class Recorder:
         self.queue, self.device, self.verify = queue, device, verify
         self.executor = "queue" if queue else executor
         self.options = dict(options or {})
+        self.replace = replace
         self._ray: _RayRecorder | None = None
         if self.executor == "ray":
             from geomstore.distributed import _RayRecorder
@@ -190,6 +197,7 @@ class Recorder:
                     step=step,
                     metrics=metrics,
                     verified=verified,
+                    replace=self.replace,
                 )
             )
         return ids
@@ -230,6 +238,7 @@ class Recorder:
                 metrics=metrics,
                 verify=self.verify,
                 options=self.options,
+                replace=self.replace,
             )
             for sl in self.slices
         ]

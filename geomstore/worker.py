@@ -266,6 +266,7 @@ class Worker:
                 verify=bool(spec.get("verify")),
                 device=self.device,
                 options=spec.get("options"),
+                replace=bool(spec.get("replace")),
                 before_commit=mark_done,
                 progress=None if self.on_progress is None else partial(self.on_progress, job),
             )

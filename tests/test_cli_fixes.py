@@ -18,6 +18,7 @@ import torch
 
 import geomstore
 from geomstore.cli.queries import grid_points
+from geomstore.errors import CheckpointConflictError
 from geomstore.jobs import job_table
 from tests.nets import mlp
 from tests.test_commands import BOX, ROOT, ok
@@ -268,3 +269,55 @@ def test_a_worker_object_refuses_a_device_this_machine_lacks(tmp_path: Path) -> 
         with pytest.raises(GeomstoreError, match="tpu"):
             Worker(st, device="tpu")
         assert Worker(st, device="cpu").device == "cpu"
+
+
+def test_a_retrained_checkpoint_under_a_stored_name_needs_replace(tmp_path: Path) -> None:
+    """A second training run written under the same --model: its step-10 has other weights
+    than the stored step-10. It fails with the way out named, and --replace replaces it."""
+    store = tmp_path / "store"
+    ckpt = tmp_path / "step-10.pt2"
+    for seed in (1, 2):
+        net = mlp((8,), 3, seed=seed)
+        torch.export.save(torch.export.export(net, (torch.zeros(1, 2),)), str(ckpt))
+        if seed == 1:
+            ok("compute", store, ckpt, "--model", "m", BOX, "--device", "cpu")
+            before = snapshot(store)
+    err = fail("compute", store, ckpt, "--model", "m", BOX, "--device", "cpu")
+    assert "'step-10' of model 'm'" in err and "--replace" in err
+    assert snapshot(store) == before
+    ok("compute", store, ckpt, "--model", "m", BOX, "--device", "cpu", "--replace")
+    rows, _ = snapshot(store)
+    assert len(rows) == 1 and rows[0]["partition_id"] != before[0][0]["partition_id"]
+
+
+def test_recording_a_second_run_under_one_name(tmp_path: Path) -> None:
+    box = geomstore.Slice.box((-1, -1), (1, 1))
+    with geomstore.open(tmp_path / "s") as st:
+        geomstore.Recorder(st, "run", box)(mlp((6,), 2, seed=1), 0)
+        with pytest.raises(CheckpointConflictError, match="replace=True"):
+            geomstore.Recorder(st, "run", box)(mlp((6,), 2, seed=2), 0)
+        pid = geomstore.Recorder(st, "run", box, replace=True)(mlp((6,), 2, seed=2), 0)
+        assert st.partitions(model="run").column("partition_id").to_pylist() == pid
+
+
+def test_a_bad_slice_argument_makes_no_store(tmp_path: Path, run: Path) -> None:
+    ckpt = run / "step-10.pt2"
+    store = tmp_path / "new"
+    (tmp_path / "two.npy").write_bytes(b"not an array")
+    for cmd in ("compute", "submit"):
+        fail(cmd, store, ckpt, "--model", "m", "--through", tmp_path / "two.npy")
+        fail(cmd, store, ckpt, "--model", "m", "--box=1,1,0,0")
+        err = fail(cmd, store, ckpt, "--model", "m", "--slice", "plane")
+        assert "no store at" in err
+        assert not store.exists()
+
+
+def test_a_verified_submission_is_a_job_of_its_own(tmp_path: Path, run: Path) -> None:
+    box = geomstore.Slice.box((-1, -1), (1, 1))
+    spec = geomstore.ModelSpec(str(run / "step-10.pt2"))
+    with geomstore.open(tmp_path / "s") as st:
+        plain = geomstore.jobs.submit(st, spec, box, model="m")
+        assert geomstore.jobs.submit(st, spec, box, model="m") == plain
+        checked = geomstore.jobs.submit(st, spec, box, model="m", verify=True)
+        assert checked != plain
+        assert job_table(st).num_rows == 2

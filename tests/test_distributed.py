@@ -26,7 +26,13 @@ SLICES = [BOX, geomstore.Slice.box((0.0, -0.5), (2.0, 1.5), name="shifted")]
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(  # a cluster of its own, even beside one the user started
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     try:
         yield
     finally:

@@ -15,7 +15,12 @@ import duckdb
 import pytest
 
 import geomstore
-from geomstore.errors import ReadOnlyQueryError, SchemaVersionError, StoreError
+from geomstore.errors import (
+    CheckpointConflictError,
+    ReadOnlyQueryError,
+    SchemaVersionError,
+    StoreError,
+)
 from geomstore.store.connection import connect
 from geomstore.store.schema import apply_migrations, current_version, migrations
 from tests.nets import BOX, mlp
@@ -566,3 +571,31 @@ def test_threads_sharing_a_store_take_turns_writing(store: geomstore.Store) -> N
         t.join(timeout=120)
     assert not errors
     assert store.partitions().column("checkpoint").to_pylist() == ["c0", "c1", "c2", "c3"]
+
+
+def test_one_checkpoint_name_holds_one_checkpoint(tmp_path: Path) -> None:
+    """Other weights under a stored (model, checkpoint) name are refused, or with
+    replace=True replace the old checkpoint on every slice; other names of one model may
+    hold other architectures (a width sweep)."""
+    big = geomstore.Slice.box((-2, -2), (2, 2), name="big")
+    first, second = mlp((6, 6), 2, seed=1), mlp((6, 6), 2, seed=2)
+    with geomstore.open(tmp_path / "s") as s:
+        for sl in (BOX, big):
+            s.add(geomstore.partition(first, sl, device="cpu"), model="m", checkpoint="c0")
+        s.add(geomstore.partition(mlp((9,), 2), BOX, device="cpu"), model="m", checkpoint="w9")
+        before = s.partitions().to_pylist()
+        new = geomstore.partition(second, BOX, device="cpu")
+        with pytest.raises(CheckpointConflictError, match=r"'c0' of model 'm'.*2 partition"):
+            s.add(new, model="m", checkpoint="c0")
+        other = geomstore.partition(mlp((5,), 2), BOX, device="cpu")
+        with pytest.raises(CheckpointConflictError, match="another architecture"):
+            s.add(other, model="m", checkpoint="c0")
+        assert s.partitions().to_pylist() == before
+        s.add(new, model="m", checkpoint="c0", replace=True)
+        rows = s.partitions(model="m", checkpoints=["c0"]).to_pylist()
+        assert [(r["slice"], r["n_regions"]) for r in rows] == [(BOX.name, new.n_regions)]
+        n = s.sql("SELECT count(*) AS n FROM regions").table.column("n")[0].as_py()
+        assert n == new.n_regions + before[-1]["n_regions"]
+        # replacing w9 by the (6, 6) net leaves no model row of the (9,) architecture
+        s.add(new, model="m", checkpoint="w9", replace=True)
+        assert s.sql("SELECT count(*) AS n FROM models").table.column("n")[0].as_py() == 1

@@ -178,17 +178,38 @@ def slices_from(
     store: Any, box: Sequence[str], through: Sequence[Path], named: Sequence[str], margin: float
 ) -> list[Slice]:
     """The slices the user named on the command line."""
+    out_ = given_slices(box, through, named, margin)
+    return out_ + [store.load_slice(n) for n in named]
+
+
+def given_slices(
+    box: Sequence[str], through: Sequence[Path], named: Sequence[str], margin: float
+) -> list[Slice]:
+    """The slices of ``--box`` and ``--through``, checked before any store is opened (or
+    made); raises when no slice at all is given."""
     out_: list[Slice] = [parse_box(b) for b in box]
     for f in through:
         a, b, c = _three_inputs(Path(f))
         out_.append(Slice.through(a, b, c, margin=margin, name=Path(f).stem))
-    out_ += [store.load_slice(n) for n in named]
-    if not out_:
+    if not out_ and not named:
         raise GeomstoreError(
             "give a slice: --box x0,y0,x1,y1 (2-input models), --through FILE (three inputs) "
             "or --slice NAME (stored)."
         )
     return out_
+
+
+@contextlib.contextmanager
+def store_with_slices(
+    target: str, box: Sequence[str], through: Sequence[Path], named: Sequence[str], margin: float
+) -> Iterator[tuple[Any, list[Slice]]]:
+    """The store (made when new) and the slices given: a bad slice argument, or a stored
+    slice's name given for a path that holds no store, fails before anything is made."""
+    given = given_slices(box, through, named, margin)
+    if named:
+        require_store(target)  # a new store holds no slice to name
+    with open_store(target, create=True) as st:
+        yield st, given + [st.load_slice(n) for n in named]
 
 
 def metrics_columns(table: pa.Table, column: str = "metrics") -> pa.Table:

@@ -24,7 +24,7 @@ from geomstore.cli.common import (
     open_store,
     out,
     progress,
-    slices_from,
+    store_with_slices,
 )
 from geomstore.errors import GeomstoreError
 from geomstore.loading import ModelSpec
@@ -90,6 +90,14 @@ def _options(levels: list[float], threshold: float | None) -> dict[str, object]:
     return opts
 
 
+REPLACE = typer.Option(
+    False,
+    "--replace",
+    help="A checkpoint name stored already with other weights (a new training run under "
+    "the same --model) is replaced, with all its partitions; without it such jobs fail.",
+)
+
+
 @app.command(cls=_OptionalRayValue)
 def compute(
     store: str = NEW_STORE,
@@ -114,6 +122,7 @@ def compute(
         "The store must be reachable from the workers (postgres: catalog + "
         "GEOMSTORE_DATA_PATH=s3://..., or a shared directory).",
     ),
+    replace: bool = REPLACE,
 ) -> None:
     """Partition checkpoints on slices and store them: in this process, or on Ray (--ray).
 
@@ -129,43 +138,45 @@ def compute(
     from geomstore.jobs import compute as compute_all
 
     files = _files(checkpoints)
-    with open_store(store, create=True) as st:
-        sls = slices_from(st, box, through, slice_name, margin)
-        with progress() as bar:
-            where = "partitioning" if ray is None else "partitioning on Ray"
-            task = bar.add_task(where, total=len(files) * len(sls))
+    with (
+        store_with_slices(store, box, through, slice_name, margin) as (st, sls),
+        progress() as bar,
+    ):
+        where = "partitioning" if ray is None else "partitioning on Ray"
+        task = bar.add_task(where, total=len(files) * len(sls))
 
-            single = len(files) * len(sls) == 1
+        single = len(files) * len(sls) == 1
 
-            regions = bar.add_task("regions", total=None, visible=ray is None)
+        regions = bar.add_task("regions", total=None, visible=ray is None)
 
-            def partial_regions(p: Any) -> None:
-                bar.update(
-                    regions,
-                    completed=p.regions,
-                    description=f"regions ({sum(p.pending):,} cells pending)",
-                )
-
-            def show(result: JobResult) -> None:
-                if result.ok or not single:  # one job's failure is the error line itself
-                    bar.console.print(result.line())
-                bar.advance(task)
-
-            summary = compute_all(
-                st,
-                files,
-                sls,
-                model=model,
-                factory=factory,
-                trust_pickle=trust_pickle,
-                verify=verify,
-                device=device,
-                options=_options(level, threshold)
-                | ({"progress": partial_regions} if ray is None else {}),
-                executor="local" if ray is None else "ray",
-                address=ray or None,
-                on_result=show,
+        def partial_regions(p: Any) -> None:
+            bar.update(
+                regions,
+                completed=p.regions,
+                description=f"regions ({sum(p.pending):,} cells pending)",
             )
+
+        def show(result: JobResult) -> None:
+            if result.ok or not single:  # one job's failure is the error line itself
+                bar.console.print(result.line())
+            bar.advance(task)
+
+        summary = compute_all(
+            st,
+            files,
+            sls,
+            model=model,
+            factory=factory,
+            trust_pickle=trust_pickle,
+            verify=verify,
+            device=device,
+            options=_options(level, threshold)
+            | ({"progress": partial_regions} if ray is None else {}),
+            executor="local" if ray is None else "ray",
+            address=ray or None,
+            on_result=show,
+            replace=replace,
+        )
     if single and summary.failed:
         raise GeomstoreError(summary.failed[0].error or "the job failed.")
     err.print(str(summary))
@@ -190,6 +201,7 @@ def submit(
     verify: bool = typer.Option(False, help="Workers check each partition against the model."),
     level: list[float] = LEVELS,
     threshold: float | None = typer.Option(None, help="Single-output decision threshold."),
+    replace: bool = REPLACE,
 ) -> None:
     """Queue checkpoints x slices as jobs for `geomstore worker` processes.
 
@@ -200,8 +212,7 @@ def submit(
     from geomstore.jobs import submit as submit_one
 
     files = _files(checkpoints)
-    with open_store(store, create=True) as st:
-        sls = slices_from(st, box, through, slice_name, margin)
+    with store_with_slices(store, box, through, slice_name, margin) as (st, sls):
         ids = set()
         with progress() as bar:
             task = bar.add_task("submitting", total=len(files) * len(sls))
@@ -216,6 +227,7 @@ def submit(
                             model=model,
                             verify=verify,
                             options=_options(level, threshold),
+                            replace=replace,
                         )
                     )
                     bar.advance(task)
@@ -301,8 +313,7 @@ def watch(
 
     if not folder.is_dir():
         raise GeomstoreError(f"{folder} is not a folder.")
-    with open_store(store, create=True) as st:
-        sls = slices_from(st, box, through, slice_name, margin)
+    with store_with_slices(store, box, through, slice_name, margin) as (st, sls):
         sizes: dict[Path, tuple[int, float]] = {}
         done: set[Path] = set()
         stable_files(folder, pattern, sizes)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
-from geomstore.errors import AbortedWriteError, StoreError
+from geomstore.errors import AbortedWriteError, CheckpointConflictError, StoreError
 from geomstore.store.sqlutil import _hash, _retry, _rollback, _wkt_polygon
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def write_partition(
             ).fetchone()
             assert row is not None
             exists, have = row[0], tuple(bool(x) for x in row[1:])
+            _same_name(con, model, checkpoint, model_id, checkpoint_id, weights, replace)
             if exists and not replace:
                 if before_commit is None:
                     con.execute("ROLLBACK")
@@ -157,6 +158,53 @@ def write_partition(
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check that it exists "
             "and that the credentials may write there."
         ) from exc
+
+
+def _same_name(
+    con: duckdb.DuckDBPyConnection,
+    model: str,
+    checkpoint: str,
+    model_id: str,
+    checkpoint_id: str,
+    weights: str,
+    replace: bool,
+) -> None:
+    """One (model, checkpoint) name, one checkpoint: refuse a second one under a stored
+    name (other weights or architecture), or with ``replace`` remove the stored one with
+    its partitions first (in the caller's transaction)."""
+    old = con.execute(
+        "SELECT c.checkpoint_id, c.sha256, c.model_id, "
+        "(SELECT count(*) FROM partitions p WHERE p.checkpoint_id = c.checkpoint_id) "
+        "FROM checkpoints c JOIN models m ON m.model_id = c.model_id "
+        "WHERE m.name = ? AND c.name = ? AND c.checkpoint_id <> ?",
+        [model, checkpoint, checkpoint_id],
+    ).fetchall()
+    if not old:
+        return
+    n = sum(int(r[3]) for r in old)
+    if not replace:
+        what = "other weights" if old[0][2] == model_id else "another architecture"
+        raise CheckpointConflictError(
+            f"checkpoint {checkpoint!r} of model {model!r} is stored already with {what} "
+            f"(weights sha256 {str(old[0][1])[:12]}, these {weights[:12]}); pass "
+            f"replace=True (CLI: --replace) to replace it and its {n} partition(s), or store "
+            "this one under another checkpoint or model name."
+        )
+    ids = [r[0] for r in old]
+    pids = [
+        r[0]
+        for r in con.execute(
+            "SELECT partition_id FROM partitions WHERE list_contains(?, checkpoint_id)", [ids]
+        ).fetchall()
+    ]
+    for table in ("regions", "edges", "boundary", "partitions"):
+        con.execute(f"DELETE FROM {table} WHERE list_contains(?, partition_id)", [pids])
+    con.execute("DELETE FROM checkpoints WHERE list_contains(?, checkpoint_id)", [ids])
+    con.execute(  # a model row left without checkpoints goes too
+        "DELETE FROM models WHERE model_id <> ? AND list_contains(?, model_id) AND model_id "
+        "NOT IN (SELECT model_id FROM checkpoints)",
+        [model_id, list({r[2] for r in old})],
+    )
 
 
 def _insert_catalog(
