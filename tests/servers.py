@@ -22,7 +22,7 @@ import numpy as np
 import geomstore
 from tests.nets import BOX, mlp
 
-__all__ = ["SEEDS", "Server", "free_port", "make_store", "serve"]
+__all__ = ["SEEDS", "Server", "free_port", "make_store", "serve", "start_ray"]
 
 SEEDS = (10, 6, 9)  # each has a decision boundary inside the box
 
@@ -118,3 +118,16 @@ def serve(store: str, *args: str, log: Path | None = None) -> Iterator[Server]:
         yield server.start()
     finally:
         server.stop()
+
+
+def start_ray() -> None:
+    """A local Ray cluster of the tests' own (2 CPUs), even beside one the user started."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )

@@ -18,6 +18,7 @@ import geomstore
 from geomstore.errors import ExecutorError
 from geomstore.jobs import JobResult
 from tests.nets import BOX, mlp
+from tests.servers import start_ray
 
 ray = pytest.importorskip("ray")
 
@@ -26,13 +27,7 @@ SLICES = [BOX, geomstore.Slice.box((0.0, -0.5), (2.0, 1.5), name="shifted")]
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    ray.init(  # a cluster of its own, even beside one the user started
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
+    start_ray()
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ import torch
 import geomstore
 from tests.nets import BOX, mlp
 from tests.s3server import s3_server
+from tests.servers import start_ray
 from tests.test_distributed import _export, _kill_first_task
 
 ray = pytest.importorskip("ray")
@@ -64,13 +65,7 @@ def test_postgres_s3_and_ray_with_a_killed_worker(
             monkeypatch.setenv(k, v)
         bucket = s3.bucket()
         target, data = f"postgres:{dsn}", f"s3://{bucket}/e2e/"
-        ray.init(  # a cluster of its own, even beside one the user started
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-        )
+        start_ray()
         killed: list[int] = []
         killer = threading.Thread(target=_kill_first_task, args=("_task", 120.0, killed))
         try:
