@@ -321,3 +321,24 @@ def test_a_verified_submission_is_a_job_of_its_own(tmp_path: Path, run: Path) ->
         checked = geomstore.jobs.submit(st, spec, box, model="m", verify=True)
         assert checked != plain
         assert job_table(st).num_rows == 2
+
+
+def test_a_queued_job_with_replace_replaces_the_stored_checkpoint(tmp_path: Path) -> None:
+    box = geomstore.Slice.box((-1, -1), (1, 1))
+    ckpt = tmp_path / "step-10.pt2"
+    with geomstore.open(tmp_path / "s") as st:
+        for seed, replace in ((1, False), (2, False), (2, True)):
+            net = mlp((8,), 3, seed=seed)
+            torch.export.save(torch.export.export(net, (torch.zeros(1, 2),)), str(ckpt))
+            job = geomstore.jobs.submit(
+                st, geomstore.ModelSpec(str(ckpt)), box, model="m", replace=replace
+            )
+            geomstore.Worker(st, device="cpu", max_attempts=1).run(once=True)
+            row = job_table(st, job_id=job).to_pylist()[0]
+            if seed == 2 and not replace:
+                assert row["status"] == "failed" and "replace" in row["error"]
+            else:
+                assert row["status"] == "done"
+                assert st.partitions(model="m").column("partition_id").to_pylist() == [
+                    row["partition_id"]
+                ]
