@@ -599,3 +599,27 @@ def test_one_checkpoint_name_holds_one_checkpoint(tmp_path: Path) -> None:
         # replacing w9 by the (6, 6) net leaves no model row of the (9,) architecture
         s.add(new, model="m", checkpoint="w9", replace=True)
         assert s.sql("SELECT count(*) AS n FROM models").table.column("n")[0].as_py() == 1
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgres:host=127.0.0.1 port=1 dbname=geo user=me password=Planted-Secret-42",
+        "postgres:host=127.0.0.1 port=1 dbname=geo user=me password='Planted-Secret-42'",
+        "postgresql://me:Planted-Secret-42@127.0.0.1:1/geo",
+    ],
+)
+def test_a_catalog_password_never_comes_back_in_errors(tmp_path: Path, dsn: str) -> None:
+    with pytest.raises(StoreError) as info:
+        geomstore.open(dsn, data_path=str(tmp_path / "data"))
+    assert "Planted-Secret-42" not in str(info.value)
+    assert "127.0.0.1" in str(info.value)  # the message still says where it failed
+    res = subprocess.run(
+        [sys.executable, "-m", "geomstore", "partitions", dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GEOMSTORE_DATA_PATH": str(tmp_path / "data")},
+    )
+    assert res.returncode == 1 and res.stderr.startswith("Error: ")
+    assert "Planted-Secret-42" not in res.stderr + res.stdout

@@ -180,7 +180,8 @@ class Store:
             con.execute(f"USE {ALIAS}")
         except duckdb.Error as exc:
             con.close()
-            raise StoreError(f"cannot open the store at {self.shown}: {exc}") from None
+            detail = _mask_password(str(exc), self.target)
+            raise StoreError(f"cannot open the store at {self.shown}: {detail}") from None
         except Exception:
             con.close()
             raise
@@ -559,10 +560,37 @@ class Store:
                 fresh.close()
 
 
-def _mask_password(target: str) -> str:
-    """Hide a password in a libpq DSN or URL (``password=...``, ``user:pw@host``)."""
-    masked = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", target, flags=re.I)
+def _mask_password(target: str, secret_of: str | None = None) -> str:
+    """Hide a password in a libpq DSN or URL (``password=...``, ``user:pw@host``).
+
+    With ``secret_of`` (the DSN a message was made from), that DSN's password is also
+    hidden wherever it stands in ``target`` (DuckDB quotes the DSN in its errors).
+
+    >>> _mask_password("host=db password=s3cr3t user=me")
+    'host=db password=*** user=me'
+    >>> _mask_password('at "x" (s3cr3t)', "postgresql://me:s3cr3t@db/geo")
+    'at "x" (***)'
+    """
+    masked = target
+    if secret_of:
+        for pw in _passwords(secret_of):
+            masked = masked.replace(pw, "***")
+    masked = re.sub(
+        r"(password\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s\"']+)", r"\1***", masked, flags=re.I
+    )
     return re.sub(r"(://[^/:@\s]+:)[^@\s]+@", r"\1***@", masked)
+
+
+def _passwords(dsn: str) -> list[str]:
+    """The password values a libpq DSN or URL holds (quotes stripped), longest first."""
+    found = [
+        m.group(1) or m.group(2) or m.group(3)
+        for m in re.finditer(
+            r"password\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|([^\s\"']+))", dsn, flags=re.I
+        )
+    ]
+    found += re.findall(r"://[^/:@\s]+:([^@\s]+)@", dsn)
+    return sorted({f for f in found if f}, key=len, reverse=True)
 
 
 def open_store(
