@@ -26,6 +26,7 @@ from geomstore import errors
 from geomstore.engine.partition import Partition
 from geomstore.errors import GeomstoreError, StoreError
 from geomstore.slice import Slice
+from geomstore.store.sandbox import io_errors
 from geomstore.store.store import QueryResult
 
 __all__ = ["Client", "RemoteError", "connect", "remote_aware"]
@@ -530,6 +531,9 @@ def remote_aware(fn: F) -> F:
     """Let a query function take a :class:`Client` as its store: the call then goes to the
     service's endpoint (the client's method of the same name) and returns the same table.
 
+    On a local store, data the store cannot fetch (its S3 endpoint down) raises a
+    :class:`~geomstore.errors.StoreError` naming the data path, not DuckDB's IOException.
+
     Examples
     --------
     >>> from geomstore.queries import partition_stats
@@ -541,7 +545,8 @@ def remote_aware(fn: F) -> F:
     def call(store: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(store, Client):
             return getattr(store, fn.__name__)(*args, **kwargs)
-        return fn(store, *args, **kwargs)
+        with io_errors(store):
+            return fn(store, *args, **kwargs)
 
     return call  # type: ignore[return-value]
 

@@ -20,6 +20,10 @@ the cluster has GPUs, one CPU otherwise.
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -150,14 +154,104 @@ def _write_order(jobs: list[PlannedJob]) -> list[list[int]]:
     return order
 
 
+#: Seconds to wait for a Ray head's port to accept a TCP connection before ``ray.init``,
+#: which itself waits minutes (or for ever) for a head that is not there.
+CONNECT_TIMEOUT = 5.0
+_HEAD = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^:/\s]+):(\d{1,5})/?$")
+_HINT = "check the address (ray://host:10001 or host:6379) and that the cluster is up"
+
+
+def _head(address: str) -> tuple[str, int] | None:
+    """The (host, port) of a ``host:port`` or ``ray://host:port`` address, else None.
+
+    >>> _head("ray://head:10001"), _head("10.0.0.5:6379"), _head("auto")
+    (('head', 10001), ('10.0.0.5', 6379), None)
+    """
+    m = _HEAD.match(address.strip())
+    return None if m is None else (m.group(1).strip("[]"), int(m.group(2)))
+
+
+def _unreachable(host: str, port: int) -> str | None:
+    """Why nothing accepts a TCP connection at ``host:port`` within :data:`CONNECT_TIMEOUT`
+    seconds, or None when something does."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _current_cluster() -> str | None:
+    """The address in Ray's ``ray_current_cluster`` file (left by ``ray start``), or None."""
+    tmp = os.environ.get("RAY_TMPDIR")
+    if not tmp and sys.platform.startswith("linux"):
+        tmp = os.environ.get("TMPDIR")
+    folder = Path(tmp or ("/tmp" if os.name == "posix" else tempfile.gettempdir()))
+    try:
+        return (folder / "ray" / "ray_current_cluster").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _join_address(address: str | None) -> str | None:
+    """The address to hand ``ray.init``, once its head answers (a bounded wait).
+
+    Resolved as Ray does: ``address``, else ``$RAY_ADDRESS``, else the cluster ``ray start``
+    left on this machine, else a new local one. A current-cluster file whose head is gone
+    gives a new local cluster (``"local"``), as no file would; a named head that does not
+    answer within :data:`CONNECT_TIMEOUT` seconds raises :class:`ExecutorError`.
+    """
+    given = address
+    if address in (None, "auto"):
+        given = os.environ.get("RAY_ADDRESS") or address
+    if given in (None, "auto"):
+        current = _current_cluster()
+        head = None if current is None else _head(current)
+        if head is None or _unreachable(*head) is None:
+            return address  # none recorded (a new local cluster) or one that answers
+        if given is None:
+            return "local"
+        raise ExecutorError(
+            f"cannot join the Ray cluster at {current} (from Ray's ray_current_cluster file): "
+            f"nothing answers there within {CONNECT_TIMEOUT:g} s; start one (ray start "
+            "--head), or give its address (--ray=host:6379, $RAY_ADDRESS)."
+        )
+    if given == "local":
+        return address
+    if given.startswith("ray://"):
+        try:
+            import grpc  # noqa: F401  # what Ray Client needs beyond Ray itself
+        except ImportError:
+            raise ExecutorError(
+                f"joining {given} needs Ray Client, which is not installed: "
+                'pip install "ray[client]" (or geomstore[ray]); or give the head\'s GCS '
+                "address host:6379 instead."
+            ) from None
+    head = _head(given)
+    why = None if head is None else _unreachable(*head)
+    if head is not None and why is not None:
+        named = given if given == address else f"{given} ($RAY_ADDRESS)"
+        raise ExecutorError(
+            f"cannot join the Ray cluster at {named}: nothing answers at {head[0]}:{head[1]} "
+            f"within {CONNECT_TIMEOUT:g} s ({why}); {_HINT}."
+        )
+    return address
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
 def _connect(address: str | None) -> bool:
     """Join (or start) a Ray cluster; True when this call started it."""
     ray = _ray()
     if ray.is_initialized():
         return False
+    target = _join_address(address)
     try:
         ray.init(
-            address=address,
+            address=target,
             include_dashboard=False,
             logging_level="ERROR",
             log_to_driver=False,
@@ -165,7 +259,7 @@ def _connect(address: str | None) -> bool:
     except Exception as exc:
         raise ExecutorError(
             f"cannot join the Ray cluster at {address or '$RAY_ADDRESS / a new local one'} "
-            f"({type(exc).__name__}: {exc}); check the address (ray://host:10001 or host:6379)."
+            f"({type(exc).__name__}: {_first_line(exc)}); {_HINT}."
         ) from None
     return True
 

@@ -258,8 +258,11 @@ def compute(
         ``"local"`` computes in this process, one job after another; ``"ray"`` runs one
         Ray task per job (see :func:`geomstore.distributed.compute_ray`).
     address : str, optional
-        The Ray cluster to join (``ray.init(address=...)``; default ``$RAY_ADDRESS`` or a
-        new local cluster). Only with ``executor="ray"``.
+        The Ray cluster to join (``ray.init(address=...)``: ``"host:6379"``, or
+        ``"ray://host:10001"`` through Ray Client); default ``$RAY_ADDRESS``, else the
+        cluster ``ray start`` left on this machine, else a new local one. A head that does
+        not answer within a few seconds raises :class:`ExecutorError`. Only with
+        ``executor="ray"``.
     on_result : callable, optional
         Called with each :class:`JobResult` as it finishes (a progress bar).
     replace : bool
@@ -355,8 +358,11 @@ def run_planned(
             replace=replace,
         )
     except Exception as exc:
+        error = str(exc)
+        if load_from is not None:  # name the user's file, not the worker's private copy
+            error = error.replace(load_from, job.path)
         return JobResult(
-            job.checkpoint, sl_name, job.path, error=str(exc), error_type=type(exc).__name__
+            job.checkpoint, sl_name, job.path, error=error, error_type=type(exc).__name__
         )
     return JobResult(
         job.checkpoint,
@@ -437,7 +443,8 @@ def submit(
                 )
         return job_id
 
-    return _retry(write)
+    with store.exclusive():  # two submitters of one job on a shared catalog: one row
+        return _retry(write)
 
 
 JOB_STATUSES = ("queued", "running", "done", "failed")

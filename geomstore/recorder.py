@@ -35,8 +35,9 @@ class Recorder:
       the store's queue, so that ``geomstore worker`` processes (on a GPU machine, say)
       compute them while training goes on.
     - ``"ray"``: the ``.pt2`` program's bytes go to a Ray cluster (``address``, else
-      ``$RAY_ADDRESS`` or a new local one) as one task per slice, and the call returns at
-      once; tasks write into the store exactly once (see :mod:`geomstore.distributed`), so
+      ``$RAY_ADDRESS``, the cluster ``ray start`` left here, or a new local one) as one
+      task per slice, and the call returns at once; tasks write into the store exactly
+      once (see :mod:`geomstore.distributed`), so
       the store must be reachable from the workers (a ``postgres:`` catalog with an S3
       data path, or a directory on a shared file system). :meth:`wait` (or leaving a
       ``with`` block) gathers each job's result; one job's error does not stop the others.

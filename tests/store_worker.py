@@ -48,9 +48,23 @@ def read(path: str, seconds: float) -> None:
     print(seen)
 
 
+def race(path: str, data_path: str, seed: int, checkpoint: str, start_at: float) -> None:
+    """Open the store (a new one, maybe: both racers migrate it), then add one partition
+    at ``start_at`` (a wall-clock time shared with the other racers)."""
+    part = geomstore.partition(mlp((12, 12), 3, seed=seed), BOX, device="cpu")
+    while time.time() < start_at - 1.0:
+        time.sleep(0.01)
+    with geomstore.open(path, data_path=data_path or None) as store:
+        while time.time() < start_at:
+            time.sleep(0.001)
+        print(store.add(part, model="same", checkpoint=checkpoint, step=seed))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "write":
         write(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     elif cmd == "read":
         read(sys.argv[2], float(sys.argv[3]))
+    elif cmd == "race":
+        race(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], float(sys.argv[6]))

@@ -6,8 +6,10 @@ import copy
 import glob
 import os
 import signal
+import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import geomstore
 from geomstore.errors import ExecutorError
 from geomstore.jobs import JobResult
 from tests.nets import BOX, mlp
-from tests.servers import start_ray
+from tests.servers import free_port, start_ray
 
 ray = pytest.importorskip("ray")
 
@@ -227,3 +229,62 @@ def test_recorder_ray_refusals(tmp_path: Path) -> None:
         pytest.raises(ExecutorError, match="belongs to one process"),
     ):
         geomstore.Recorder(store, "m", BOX, executor="ray")
+
+
+def test_a_bad_checkpoint_on_ray_names_the_users_file(cluster: None, tmp_path: Path) -> None:
+    garbage = tmp_path / "step-7.pt2"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with geomstore.open(tmp_path / "store") as store:
+        res = geomstore.compute(store, [garbage], BOX, model="m", device="cpu", executor="ray")
+    [bad] = res.failed
+    assert bad.error_type == "ModelLoadError"
+    # the same words as the local executor's, not the worker's temporary copy
+    assert (bad.error or "").startswith(f"{garbage} is not a readable torch.export program")
+    assert "geomstore-ray-" not in (bad.error or "")
+
+
+def test_an_unreachable_cluster_is_refused_within_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cli_fixes import fail
+
+    closed = free_port()  # nothing listens there
+    ckpt = _export(tmp_path / "step-1.pt2", mlp((8,), 2))
+    start = time.monotonic()
+    line = fail(
+        "compute", tmp_path / "s", ckpt, "-m", "m", "--box=-1,-1,1,1", f"--ray=127.0.0.1:{closed}"
+    )
+    assert line.startswith(
+        f"Error: cannot join the Ray cluster at 127.0.0.1:{closed}: nothing answers at "
+        f"127.0.0.1:{closed} within 5 s (ConnectionRefusedError"
+    ), line
+    assert time.monotonic() - start < 120  # ray.init alone waited for ever
+    from geomstore.distributed import _join_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ExecutorError, match="cannot join the Ray cluster at ray://"):
+        _join_address(f"ray://127.0.0.1:{closed}")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed}")
+    with pytest.raises(ExecutorError, match=r"\(\$RAY_ADDRESS\): nothing answers"):
+        _join_address(None)
+    monkeypatch.delenv("RAY_ADDRESS")
+    # Ray's current-cluster file names a cluster that is gone: a new local one, or for
+    # "auto" (an existing cluster or nothing) an error that says how to fix it
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed}\n")
+    assert _join_address(None) == "local"
+    with pytest.raises(ExecutorError, match=r"ray_current_cluster file.*ray start --head"):
+        _join_address("auto")
+
+
+def test_ray_client_addresses_need_ray_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    from geomstore.distributed import _connect
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # as if ray[client] were not installed
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever cluster is up here
+    with pytest.raises(ExecutorError, match=r'Ray Client.*: pip install "ray\[client\]"'):
+        _connect(f"ray://127.0.0.1:{free_port()}")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["ray"]
+    assert any(req.startswith("ray[client]>=") for req in extra), extra

@@ -257,12 +257,8 @@ def test_the_secret_never_comes_back(aws: S3Server, tmp_path: Path) -> None:
             leaks.append(f.read_bytes().decode("latin-1"))
     leaks.append(aws.read_all(bucket).decode("latin-1"))
     # a failing open (the bucket does not exist) names the problem, not the keys
-    t = geomstore.open(tmp_path / "t", data_path="s3://no-such-bucket-here/p/")
-    try:
-        with pytest.raises(StoreError, match="no-such-bucket-here") as info:
-            t.add(geomstore.partition(mlp((8,), 2), BOX, device="cpu"), model="n", checkpoint="a")
-    finally:
-        t.close()
+    with pytest.raises(StoreError, match="no-such-bucket-here") as info:
+        geomstore.open(tmp_path / "t", data_path="s3://no-such-bucket-here/p/")
     leaks.append(str(info.value))
     leaks += [p.read_bytes().decode("latin-1") for p in (tmp_path / "t").rglob("*") if p.is_file()]
     assert aws.secret not in "".join(leaks)
@@ -359,3 +355,41 @@ def test_cli_takes_the_data_path_from_the_environment(
     assert res.exit_code == 0, res.output
     assert aws.keys(bucket) and not _local_files(tmp_path / "s")
     assert aws.secret not in res.output
+
+
+def test_an_unreachable_s3_endpoint_is_one_store_error(
+    aws: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads whose data files cannot be fetched raise StoreError naming the data path (the
+    API) and print one 'Error: ...' line (the command line), never DuckDB's IOException."""
+    import re
+
+    from geomstore.errors import SQLError
+    from geomstore.queries import partition_stats
+    from tests.servers import free_port
+    from tests.test_cli_fixes import fail
+
+    path, url = tmp_path / "s", f"s3://{aws.bucket()}/p/"
+    with geomstore.open(path, data_path=url) as s:
+        s.add(geomstore.partition(mlp((8,), 2), BOX, device="cpu"), model="m", checkpoint="a")
+    monkeypatch.setenv("GEOMSTORE_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # closed
+    said = rf"^cannot read the store's data at {re.escape(url)} \(IOException: .*; check the S3 "
+    lines = []
+    with geomstore.open(path, read_only=True) as s:
+        for query in (
+            s.partitions,
+            lambda: s.sql("SELECT region_id FROM regions"),
+            lambda: partition_stats(s, model="m"),
+        ):
+            with pytest.raises(StoreError, match=said) as info:
+                query()
+            assert not isinstance(info.value, SQLError)  # the data path, not the query
+            lines.append(str(info.value))
+    assert all("\n" not in line for line in lines)
+    assert fail("partitions", path).startswith(f"Error: cannot read the store's data at {url} (")
+    assert fail("stats", path, "-m", "m").startswith(
+        f"Error: cannot read the store's data at {url}"
+    )
+    exported = fail("export", path, tmp_path / "out")
+    assert exported.startswith(f"Error: cannot read the store's data at {url} (IOException: ")
+    assert aws.secret not in "".join([*lines, exported])

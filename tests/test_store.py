@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -623,3 +624,41 @@ def test_a_catalog_password_never_comes_back_in_errors(tmp_path: Path, dsn: str)
     )
     assert res.returncode == 1 and res.stderr.startswith("Error: ")
     assert "Planted-Secret-42" not in res.stderr + res.stdout
+
+
+def _race(path: str, data_path: str, racers: list[tuple[int, str]]) -> None:
+    start = time.time() + 12.0  # every racer has imported torch and partitioned by then
+    procs = [_spawn("race", path, data_path, str(seed), ckpt, str(start)) for seed, ckpt in racers]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+
+
+def _counts(path: str, data_path: str | None = None) -> dict[str, int]:
+    with geomstore.open(path, read_only=True, data_path=data_path) as s:
+        row = s.sql(
+            "SELECT (SELECT count(*) FROM models) AS models, "
+            "(SELECT count(*) FROM checkpoints) AS checkpoints, "
+            "(SELECT count(*) FROM partitions) AS partitions, "
+            "(SELECT count(*) FROM regions) AS regions"
+        ).table.to_pylist()[0]
+    return {k: int(v) for k, v in row.items()}
+
+
+@pytest.mark.parametrize("catalog", ["sqlite", "postgres"])
+def test_racing_writers_write_each_row_once(tmp_path: Path, catalog: str) -> None:
+    """Processes that open a new store at once and add the same partition, or two
+    checkpoints of one new model, at the same moment: each row lands once."""
+    from tests.pgserver import postgres_server
+
+    with contextlib.ExitStack() as stack:
+        if catalog == "postgres":
+            dsn = stack.enter_context(postgres_server(tmp_path / "pg"))
+            path, data = f"postgres:{dsn}", str(tmp_path / "data")
+        else:
+            path, data = str(tmp_path / "lake"), ""
+        _race(path, data, [(1, "c1"), (1, "c1"), (2, "c2")])
+        counts = _counts(path, data or None)
+        one = geomstore.partition(mlp((12, 12), 3, seed=1), BOX, device="cpu").n_regions
+        two = geomstore.partition(mlp((12, 12), 3, seed=2), BOX, device="cpu").n_regions
+        assert counts == {"models": 1, "checkpoints": 2, "partitions": 2, "regions": one + two}

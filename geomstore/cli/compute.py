@@ -118,7 +118,9 @@ def compute(
         "--ray",
         metavar="[ADDRESS]",
         help="Run one Ray task per checkpoint x slice: on the cluster at ADDRESS "
-        "(--ray=ray://head:10001), or $RAY_ADDRESS / a new local cluster with a bare --ray. "
+        "(--ray=head:6379, or --ray=ray://head:10001 through Ray Client, installed with "
+        "geomstore[ray]); a bare --ray joins $RAY_ADDRESS, else the cluster `ray start` left "
+        "on this machine, else a new local one. "
         "The store must be reachable from the workers (postgres: catalog + "
         "GEOMSTORE_DATA_PATH=s3://..., or a shared directory).",
     ),

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from geomstore.errors import NotFoundError
+from geomstore.store.sandbox import io_errors
 
 if TYPE_CHECKING:
     from geomstore.store.store import Store
@@ -24,11 +25,18 @@ __all__ = ["checkpoints", "dataset_points", "datasets", "models", "partitions", 
 
 
 def _rows(store: Store, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-    return store.reader().execute(sql, params).to_arrow_table()
+    # data the store cannot fetch (S3 down) is a StoreError naming the data path
+    with io_errors(store):
+        return store.reader().execute(sql, params).to_arrow_table()
+
+
+def _fetch(store: Store, sql: str, params: Sequence[Any] | None = None) -> list[Any]:
+    with io_errors(store):
+        return store.reader().execute(sql, params).fetchall()
 
 
 def _known(store: Store, sql: str) -> list[str]:
-    return [r[0] for r in store.reader().execute(sql).fetchall()]
+    return [r[0] for r in _fetch(store, sql)]
 
 
 def _model_names(store: Store) -> list[str]:
@@ -51,9 +59,7 @@ def _require_model(store: Store, model: str) -> None:
 def _require_slice(store: Store, slice: str) -> None:
     rows = store._memo(
         "slice names",
-        lambda: (
-            store.reader().execute("SELECT name, slice_id FROM slices ORDER BY name").fetchall()
-        ),
+        lambda: _fetch(store, "SELECT name, slice_id FROM slices ORDER BY name"),
     )
     if not any(slice in (name, sid) for name, sid in rows):
         names = sorted({r[0] for r in rows})
@@ -232,12 +238,9 @@ def _checkpoint_names(store: Store, model: str | None) -> list[str]:
     """The checkpoint names of ``model`` (of every model when None)."""
     pairs = store._memo(
         "checkpoint names",
-        lambda: (
-            store.reader()
-            .execute(
-                "SELECT DISTINCT m.name, c.name FROM checkpoints c JOIN models m USING (model_id)"
-            )
-            .fetchall()
+        lambda: _fetch(
+            store,
+            "SELECT DISTINCT m.name, c.name FROM checkpoints c JOIN models m USING (model_id)",
         ),
     )
     return [c for m, c in pairs if model is None or m == model]
@@ -287,15 +290,12 @@ def dataset_points(
     >>> u.tolist(), labels.tolist()
     ([[0.5, 0.25]], [1])
     """
-    rows = (
-        store.reader()
-        .execute(
-            "SELECT p.u0, p.u1, p.label FROM points p JOIN datasets d USING (dataset_id) "
-            "LEFT JOIN slices s ON s.slice_id = d.slice_id "
-            "WHERE d.name = ? AND (d.slice_id = ? OR s.name = ?) ORDER BY p.split, p.point_id",
-            [dataset, slice, slice],
-        )
-        .fetchall()
+    rows = _fetch(
+        store,
+        "SELECT p.u0, p.u1, p.label FROM points p JOIN datasets d USING (dataset_id) "
+        "LEFT JOIN slices s ON s.slice_id = d.slice_id "
+        "WHERE d.name = ? AND (d.slice_id = ? OR s.name = ?) ORDER BY p.split, p.point_id",
+        [dataset, slice, slice],
     )
     if not rows:
         names = _known(store, "SELECT DISTINCT name FROM datasets ORDER BY name")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from geomstore.errors import QueryTimeoutError, SQLError, SQLRefusedError
+from geomstore.errors import QueryTimeoutError, SQLError, SQLRefusedError, StoreError
 from geomstore.store.sandbox_deadline import Deadline
 from geomstore.store.sqlutil import ALIAS, _sql_helpers
 
@@ -51,6 +51,8 @@ __all__ = [
     "ReadPath",
     "check_sql",
     "harden",
+    "io_errors",
+    "unreadable",
     "wrap",
 ]
 
@@ -356,6 +358,49 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+# data that cannot be fetched ------------------------------------------------------------------
+#: DuckDB's errors for a data file it could not fetch (an S3 endpoint that does not answer,
+#: refused credentials, a missing object).
+IO_ERRORS = (duckdb.IOException, duckdb.HTTPException)
+
+
+def unreadable(store: Store, exc: BaseException) -> StoreError:
+    """The one-line error for a read that the store's data path could not serve.
+
+    Names the data path (a local store without one: its directory), DuckDB's first line
+    (which names the file or URL) and what to check.
+
+    Examples
+    --------
+    >>> import duckdb, tempfile, geomstore
+    >>> from geomstore.store.sandbox import unreadable
+    >>> with geomstore.open(tempfile.mkdtemp()) as store:
+    ...     error = unreadable(store, duckdb.IOException("IO Error: Could not connect"))
+    >>> str(error).startswith("cannot read the store's data at ")
+    True
+    >>> str(error).split(" (")[1].split(")")[0]
+    'IOException: IO Error: Could not connect'
+    """
+    where = store.data_path
+    if where is None and not store.target.startswith(("postgres:", "postgresql://")):
+        where = store.target  # a DSN may hold a password: never named
+    at = f" at {where}" if where else ""
+    return StoreError(
+        f"cannot read the store's data{at} ({type(exc).__name__}: {_first_line(exc)}); check "
+        "the S3 endpoint ($GEOMSTORE_S3_ENDPOINT), the credentials and $GEOMSTORE_DATA_PATH."
+    )
+
+
+@contextlib.contextmanager
+def io_errors(store: Store) -> Iterator[None]:
+    """Turn DuckDB's errors for data it could not fetch into :func:`unreadable`'s
+    :class:`~geomstore.errors.StoreError` (the cause is kept)."""
+    try:
+        yield
+    except IO_ERRORS as exc:
+        raise unreadable(store, exc) from exc
+
+
 # the hardened read connection ------------------------------------------------------------------
 #: Defaults of the read connection; a Store's ``sql_memory_limit`` / ``sql_threads`` override.
 MEMORY_LIMIT = "4GB"
@@ -574,6 +619,8 @@ class ReadPath:
                     "the query tried to reach files or settings outside the store and was refused.",
                     reason="permission",
                 ) from None
+            except IO_ERRORS as exc:  # the data path, not the query: say where and what to check
+                raise unreadable(self.store, exc) from exc
             except duckdb.Error as exc:
                 raise SQLError(_first_line(exc)) from None
             finally:

@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,7 @@ _DATA_TABLES = (
     "points",
 )
 CATALOG = "catalog.sqlite"
+_PG_LOCK = 0x67656F6D  # "geom": the advisory lock key of a PostgreSQL catalog's writers
 
 
 @dataclass
@@ -102,43 +103,112 @@ class Store:
             from geomstore.store.objectstore import normalize_data_path
 
             self.data_path = normalize_data_path(data_path)
-        self.con = self._open(read_only=read_only)
-        self._ro: duckdb.DuckDBPyConnection | None = None
         #: one write at a time through the store's one write connection (threads share it)
         self._write_lock = threading.RLock()
+        self._lock_con: duckdb.DuckDBPyConnection | None = None  # see exclusive()
+        self._held = 0  # exclusive()'s depth in the thread that holds _write_lock
+        self._ro: duckdb.DuckDBPyConnection | None = None
         self._catalog_key: str | None = None
+        try:
+            self.con = self._open(read_only=read_only)
+        except BaseException:
+            if self._lock_con is not None:
+                self._lock_con.close()
+            raise
         if self.kind == "ducklake":  # see sqlutil.OPEN_CATALOGS
             self._catalog_key = str((Path(target) / CATALOG).resolve())
             OPEN_CATALOGS[self._catalog_key] += 1
         try:
-            have = current_version(self.con)
-            latest = migrations()[-1].version
-            if have == 0:
-                self._refuse_foreign()
-            if have > latest:
-                raise SchemaVersionError(
-                    f"the store at {self.shown} has schema version {have}, newer than this "
-                    f"geomstore knows ({latest}); upgrade geomstore."
-                )
-            if have < latest and upgrade:
-                if read_only:
-                    raise SchemaVersionError(
-                        f"the store at {self.shown} has schema version {have} and needs "
-                        f"{latest}; open it for writing once (geomstore.open({self.shown!r})) "
-                        "to upgrade it."
-                    )
-                _retry(lambda: apply_migrations(self.con))
+            # under the write lock: a store another process is making is made when we look
+            with self.exclusive():
+                self._check_schema(read_only=read_only, upgrade=upgrade)
         except Exception:
             self.close()
             raise
+
+    def _check_schema(self, *, read_only: bool, upgrade: bool) -> None:
+        have = current_version(self.con)
+        latest = migrations()[-1].version
+        if have == 0:
+            self._refuse_foreign()
+        if have > latest:
+            raise SchemaVersionError(
+                f"the store at {self.shown} has schema version {have}, newer than this "
+                f"geomstore knows ({latest}); upgrade geomstore."
+            )
+        if have < latest and upgrade:
+            if read_only:
+                raise SchemaVersionError(
+                    f"the store at {self.shown} has schema version {have} and needs "
+                    f"{latest}; open it for writing once (geomstore.open({self.shown!r})) "
+                    "to upgrade it."
+                )
+            _retry(lambda: apply_migrations(self.con))
+
+    # writers of several processes -------------------------------------------------------------
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the store's write lock: writers of every process and host take turns.
+
+        DuckLake lets two transactions that both append commit together, so two writers
+        that each found a partition (or its model, checkpoint or slice) missing would both
+        write it. Under this lock the check and the write are one step: a PostgreSQL
+        catalog takes a transaction-scoped advisory lock on its own server (released when
+        the holder ends or dies), a directory store a ``flock`` on ``write.lock`` beside
+        its catalog (never the catalog file itself, whose locks are SQLite's), and a
+        ``.duckdb`` file has one process anyway. Threads of this process take turns too.
+        """
+        with self._write_lock:
+            self._held += 1
+            try:
+                if self._held > 1:  # this thread holds it already
+                    yield
+                elif self.kind == "ducklake-postgres":
+                    with self._pg_lock():
+                        yield
+                elif self.kind == "ducklake" and not self.read_only:
+                    with _flock(Path(self.target)):
+                        yield
+                else:
+                    yield
+            finally:
+                self._held -= 1
+
+    @contextlib.contextmanager
+    def _pg_lock(self) -> Iterator[None]:
+        if self._lock_con is None:
+            from geomstore.store.connection import load_optional
+
+            con = connect()
+            try:
+                load_optional(con, "postgres_scanner")
+                dsn = self._attach.removeprefix("ducklake:postgres:")
+                con.execute(f"ATTACH {sql_literal(dsn)} AS gs_lock (TYPE postgres)")
+            except duckdb.Error as exc:
+                con.close()
+                detail = _mask_password(str(exc), self.target)
+                raise StoreError(f"cannot take the write lock of {self.shown}: {detail}") from None
+            self._lock_con = con
+        con = self._lock_con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            # the PostgreSQL transaction of this DuckDB transaction holds the lock
+            con.execute(
+                f"CALL postgres_execute('gs_lock', 'SELECT pg_advisory_xact_lock({_PG_LOCK})')"
+            )
+            yield
+        finally:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
 
     # opening ---------------------------------------------------------------------------------
     def _refuse_foreign(self) -> None:
         """A catalog without geomstore's ledger must be empty: someone else's tables are
         never migrated into a store."""
         row = self.con.execute(
-            "SELECT count(*), min(table_name) FROM duckdb_tables() WHERE database_name = ?",
-            [ALIAS],
+            "SELECT count(*), min(table_name) FROM duckdb_tables() "
+            "WHERE database_name = ? AND table_name <> ?",
+            [ALIAS, LEDGER],
         ).fetchone()
         if row is not None and row[0]:
             raise StoreError(
@@ -162,7 +232,8 @@ class Store:
                 f"{target} is a file but not a .duckdb file; give a store directory "
                 "(created if missing) or a path ending in .duckdb."
             )
-        if path.is_dir() and not (path / CATALOG).exists() and any(path.iterdir()):
+        others = (p for p in path.iterdir() if p.name != "write.lock") if path.is_dir() else ()
+        if path.is_dir() and not (path / CATALOG).exists() and any(others):
             raise StoreError(
                 f"{target} is a non-empty directory without a geomstore catalog ({CATALOG}); "
                 "give an empty or new directory."
@@ -190,6 +261,36 @@ class Store:
         return con
 
     def _attach_lake(self, con: duckdb.DuckDBPyConnection, *, read_only: bool) -> None:
+        """:meth:`_attach_at`; a directory store opened for writing is made (or found)
+        under its ``write.lock``, so that processes opening a new store at once make it
+        once, and one made here that fails to open is removed again (a retry with a
+        corrected data path then starts afresh)."""
+        if read_only:
+            self._attach_at(con, read_only=True)
+            return
+        if self.kind == "ducklake-postgres":  # a new catalog's tables are made once
+            with self._pg_lock():
+                self._attach_at(con, read_only=False)
+            return
+        root = Path(self.target)
+        made_root = not root.exists()
+        new = not (root / CATALOG).exists()
+        if not new:  # a read-only file system, someone else's database: no lock file there
+            if not os.access(root, os.W_OK):
+                self._attach_at(con, read_only=False)  # says what is wrong
+                return
+            _wal_catalog(root / CATALOG, wal=False)
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            with _flock(root):
+                new = not (root / CATALOG).exists()
+                self._attach_at(con, read_only=False)
+        except BaseException:
+            if new:
+                _remove_new_store(root, made_root)
+            raise
+
+    def _attach_at(self, con: duckdb.DuckDBPyConnection, *, read_only: bool) -> None:
         """Attach a DuckLake catalog with its data path (given, recorded, or the default).
 
         A new catalog records its data path; an existing one is opened at the recorded
@@ -232,6 +333,8 @@ class Store:
         if path is not None:
             if objectstore.is_url(path):
                 objectstore.configure(con, path)
+                if given is not None and not read_only:
+                    self._probe(con, path)
             elif not read_only:
                 Path(path).mkdir(parents=True, exist_ok=True)
         opts = [f"DATA_PATH {sql_literal(path)}"] if path is not None else []
@@ -245,9 +348,10 @@ class Store:
             m = re.search(r'existing data path in the catalog "([^"]*)"', str(exc))
             if m is None:
                 raise
+            also = "" if self.kind == "ducklake-postgres" else ", or without data_path="
             raise DataPathError(
                 f"the store at {self.shown} keeps its data files at {m.group(1)}, not {given}: "
-                f"open it with data_path={m.group(1)!r}, or without data_path=."
+                f"open it with data_path={m.group(1)!r}{also}."
             ) from None
         row = con.execute(
             f"SELECT value FROM __ducklake_metadata_{ALIAS}.ducklake_metadata "
@@ -257,6 +361,20 @@ class Store:
         if recorded is not None and recorded != path and objectstore.is_url(recorded):
             objectstore.configure(con, recorded)
         self.data_path = recorded
+
+    def _probe(self, con: duckdb.DuckDBPyConnection, url: str) -> None:
+        """List an object-store data path before a catalog records it: a mistyped bucket,
+        endpoint or key fails here, before anything is written."""
+        try:
+            # a listing of one unlikely prefix: one cheap request, however many files exist
+            probe = url.rstrip("/") + "/.geomstore-probe*"
+            con.execute("SELECT count(*) FROM glob(?)", [probe]).fetchone()
+        except duckdb.Error as exc:
+            detail = _mask_password(str(exc).splitlines()[0], self.target)
+            raise StoreError(
+                f"cannot list the data path {url} ({type(exc).__name__}: {detail}); check the "
+                "bucket's name, the endpoint and the credentials (GEOMSTORE_S3_* or AWS_*)."
+            ) from None
 
     @property
     def shown(self) -> str:
@@ -272,6 +390,9 @@ class Store:
             self._ro.close()
             self._ro = None
         self.con.close()
+        if self._lock_con is not None:
+            self._lock_con.close()
+            self._lock_con = None
         if self._catalog_key is not None:
             OPEN_CATALOGS[self._catalog_key] -= 1
             if OPEN_CATALOGS[self._catalog_key] <= 0:
@@ -311,7 +432,7 @@ class Store:
         transaction is rolled back and :class:`~geomstore.errors.AbortedWriteError` raised.
         Threads may share one store: its writes take turns.
         """
-        with self._write_lock:
+        with self.exclusive():
             return write_partition(
                 self,
                 partition,
@@ -521,7 +642,7 @@ class Store:
 
         ``x`` holds inputs of the slice's input shape (n, *input_shape). Returns the id.
         """
-        with self._write_lock:
+        with self.exclusive():
             return write_points(self, name, slice, x, labels=labels, split=split)
 
     def export(self, target: str | Path) -> list[Path]:
@@ -555,9 +676,51 @@ class Store:
                 )
                 files.append(path)
             return files
+        except (duckdb.IOException, duckdb.HTTPException) as exc:
+            from geomstore.store.sandbox import unreadable
+
+            if isinstance(exc, duckdb.HTTPException) or str(Path(target)) not in str(exc):
+                raise unreadable(self, exc) from exc  # reading the store failed
+            first = str(exc).splitlines()[0]
+            raise StoreError(
+                f"cannot write the export to {target} ({type(exc).__name__}: {first}); check "
+                "that folder."
+            ) from exc
         finally:
             if fresh is not None:
                 fresh.close()
+
+
+def _remove_new_store(root: Path, made_root: bool) -> None:
+    """Remove what opening a new directory store made before it failed."""
+    for name in (CATALOG, *(CATALOG + end for end in ("-wal", "-shm", "-journal"))):
+        with contextlib.suppress(FileNotFoundError):
+            (root / name).unlink()
+    with contextlib.suppress(OSError):
+        (root / "data").rmdir()  # only when empty
+    with contextlib.suppress(FileNotFoundError):
+        (root / "write.lock").unlink()
+    if made_root:
+        with contextlib.suppress(OSError):
+            root.rmdir()
+
+
+@contextlib.contextmanager
+def _flock(root: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``root/write.lock`` (made when missing), released when the
+    file closes: at the end of the block, or when the process dies."""
+    import fcntl
+
+    try:
+        fh = open(root / "write.lock", "a+b")  # noqa: SIM115 - closed below
+    except OSError:  # a folder we may not write to: the catalog's own locks remain
+        yield
+        return
+    with fh:
+        # a file system without locks (some network mounts): as above
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _mask_password(target: str, secret_of: str | None = None) -> str:
