@@ -8,6 +8,7 @@ __all__ = [
     "AbortedWriteError",
     "CheckpointConflictError",
     "DataPathError",
+    "DataUnavailableError",
     "ExecutorError",
     "GeomstoreError",
     "InvalidSliceError",
@@ -64,6 +65,11 @@ class AbortedWriteError(StoreError):
 class CheckpointConflictError(StoreError, ValueError):
     """A checkpoint name of a model is stored already with other weights (or architecture):
     one name, one checkpoint, so that queries by name never mix two of them."""
+
+
+class DataUnavailableError(StoreError):
+    """The store's data files could not be fetched: an object store that does not answer,
+    refused credentials, a missing bucket (the query service answers 503)."""
 
 
 class DataPathError(StoreError, ValueError):

@@ -390,6 +390,17 @@ def test_an_unreachable_s3_endpoint_is_one_store_error(
     assert fail("stats", path, "-m", "m").startswith(
         f"Error: cannot read the store's data at {url}"
     )
+    # the query service says the backend, not the request, failed: 503, one line, no secret
+    from fastapi.testclient import TestClient
+
+    from geomstore.service import ServiceConfig, create_app
+
+    with TestClient(create_app(ServiceConfig(store=str(path)))) as http:
+        resp = http.get("/api/partitions")
+    assert resp.status_code == 503, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "DataUnavailableError" and err["message"].startswith("cannot read")
+    lines.append(resp.text)
     exported = fail("export", path, tmp_path / "out")
     assert exported.startswith(f"Error: cannot read the store's data at {url} (IOException: ")
     assert aws.secret not in "".join([*lines, exported])

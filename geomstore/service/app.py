@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from geomstore.errors import (
+    DataUnavailableError,
     GeomstoreError,
     NotFoundError,
     QueryTimeoutError,
@@ -91,6 +92,8 @@ def _status(exc: GeomstoreError) -> int:
         return 408
     if isinstance(exc, SQLRefusedError):
         return 403
+    if isinstance(exc, DataUnavailableError):
+        return 503  # the store's backend, not the request
     return 400
 
 

@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from geomstore.errors import QueryTimeoutError, SQLError, SQLRefusedError, StoreError
+from geomstore.errors import (
+    DataUnavailableError,
+    QueryTimeoutError,
+    SQLError,
+    SQLRefusedError,
+    StoreError,
+)
 from geomstore.store.sandbox_deadline import Deadline
 from geomstore.store.sqlutil import ALIAS, _sql_helpers
 
@@ -385,7 +391,7 @@ def unreadable(store: Store, exc: BaseException) -> StoreError:
     if where is None and not store.target.startswith(("postgres:", "postgresql://")):
         where = store.target  # a DSN may hold a password: never named
     at = f" at {where}" if where else ""
-    return StoreError(
+    return DataUnavailableError(
         f"cannot read the store's data{at} ({type(exc).__name__}: {_first_line(exc)}); check "
         "the S3 endpoint ($GEOMSTORE_S3_ENDPOINT), the credentials and $GEOMSTORE_DATA_PATH."
     )
