@@ -26,8 +26,8 @@ from geomstore import errors
 from geomstore.engine.partition import Partition
 from geomstore.errors import GeomstoreError, StoreError
 from geomstore.slice import Slice
-from geomstore.store.sandbox import io_errors
 from geomstore.store.store import QueryResult
+from geomstore.store.unavailable import io_errors
 
 __all__ = ["Client", "RemoteError", "connect", "remote_aware"]
 

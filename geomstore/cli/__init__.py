@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import sys
 
-import duckdb
-
 from geomstore.cli import compute, demo, queries, serve, store_cmds
 from geomstore.cli.common import app, err
 from geomstore.errors import GeomstoreError
+from geomstore.store.unavailable import IO_ERRORS, first_line
 
 __all__ = ["app", "compute", "demo", "io_message", "main", "queries", "serve", "store_cmds"]
 
@@ -21,13 +20,12 @@ def io_message(exc: BaseException) -> str:
     """One line for DuckDB's error on data it could not read or write: its first line (which
     names the file or URL) and what to check.
 
+    >>> import duckdb
     >>> print(io_message(duckdb.IOException("IO Error: Could not connect\\nmore")).split(";")[0])
     cannot read or write the data (IOException: IO Error: Could not connect)
     """
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    first = lines[0] if lines else ""
     return (
-        f"cannot read or write the data ({type(exc).__name__}: {first}); check the S3 "
+        f"cannot read or write the data ({type(exc).__name__}: {first_line(exc)}); check the S3 "
         "endpoint ($GEOMSTORE_S3_ENDPOINT), the credentials, $GEOMSTORE_DATA_PATH and the "
         "output folder."
     )
@@ -40,7 +38,7 @@ def main() -> None:
     except GeomstoreError as exc:
         err.print(f"Error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
-    except (duckdb.IOException, duckdb.HTTPException) as exc:
+    except IO_ERRORS as exc:
         # data a command could not fetch or write where no query function said so (export)
         err.print(f"Error: {io_message(exc)}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)

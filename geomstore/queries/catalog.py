@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from geomstore.errors import NotFoundError
-from geomstore.store.sandbox import io_errors
+from geomstore.store.unavailable import io_errors
 
 if TYPE_CHECKING:
     from geomstore.store.store import Store

@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from geomstore.errors import (
-    DataUnavailableError,
     QueryTimeoutError,
     SQLError,
     SQLRefusedError,
-    StoreError,
 )
 from geomstore.store.sandbox_deadline import Deadline
 from geomstore.store.sqlutil import ALIAS, _sql_helpers
+from geomstore.store.unavailable import IO_ERRORS, unreadable
+from geomstore.store.unavailable import first_line as _first_line
 
 if TYPE_CHECKING:
     from geomstore.store.store import QueryResult, Store
@@ -57,8 +57,6 @@ __all__ = [
     "ReadPath",
     "check_sql",
     "harden",
-    "io_errors",
-    "unreadable",
     "wrap",
 ]
 
@@ -357,54 +355,6 @@ def _check_function(name: str, policy: Policy) -> None:
             reason="function",
         )
     raise SQLError(f"no function named {name!r}; see DuckDB's and spatial's function lists.")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-# data that cannot be fetched ------------------------------------------------------------------
-#: DuckDB's errors for a data file it could not fetch (an S3 endpoint that does not answer,
-#: refused credentials, a missing object).
-IO_ERRORS = (duckdb.IOException, duckdb.HTTPException)
-
-
-def unreadable(store: Store, exc: BaseException) -> StoreError:
-    """The one-line error for a read that the store's data path could not serve.
-
-    Names the data path (a local store without one: its directory), DuckDB's first line
-    (which names the file or URL) and what to check.
-
-    Examples
-    --------
-    >>> import duckdb, tempfile, geomstore
-    >>> from geomstore.store.sandbox import unreadable
-    >>> with geomstore.open(tempfile.mkdtemp()) as store:
-    ...     error = unreadable(store, duckdb.IOException("IO Error: Could not connect"))
-    >>> str(error).startswith("cannot read the store's data at ")
-    True
-    >>> str(error).split(" (")[1].split(")")[0]
-    'IOException: IO Error: Could not connect'
-    """
-    where = store.data_path
-    if where is None and not store.target.startswith(("postgres:", "postgresql://")):
-        where = store.target  # a DSN may hold a password: never named
-    at = f" at {where}" if where else ""
-    return DataUnavailableError(
-        f"cannot read the store's data{at} ({type(exc).__name__}: {_first_line(exc)}); check "
-        "the S3 endpoint ($GEOMSTORE_S3_ENDPOINT), the credentials and $GEOMSTORE_DATA_PATH."
-    )
-
-
-@contextlib.contextmanager
-def io_errors(store: Store) -> Iterator[None]:
-    """Turn DuckDB's errors for data it could not fetch into :func:`unreadable`'s
-    :class:`~geomstore.errors.StoreError` (the cause is kept)."""
-    try:
-        yield
-    except IO_ERRORS as exc:
-        raise unreadable(store, exc) from exc
 
 
 # the hardened read connection ------------------------------------------------------------------

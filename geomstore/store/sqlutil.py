@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -175,3 +176,36 @@ def sql_in(values: Sequence[str]) -> str:
     if not values:
         return "(NULL)"
     return "(" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) + ")"
+
+
+def _mask_password(target: str, secret_of: str | None = None) -> str:
+    """Hide a password in a libpq DSN or URL (``password=...``, ``user:pw@host``).
+
+    With ``secret_of`` (the DSN a message was made from), that DSN's password is also
+    hidden wherever it stands in ``target`` (DuckDB quotes the DSN in its errors).
+
+    >>> _mask_password("host=db password=s3cr3t user=me")
+    'host=db password=*** user=me'
+    >>> _mask_password('at "x" (s3cr3t)', "postgresql://me:s3cr3t@db/geo")
+    'at "x" (***)'
+    """
+    masked = target
+    if secret_of:
+        for pw in _passwords(secret_of):
+            masked = masked.replace(pw, "***")
+    masked = re.sub(
+        r"(password\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s\"']+)", r"\1***", masked, flags=re.I
+    )
+    return re.sub(r"(://[^/:@\s]+:)[^@\s]+@", r"\1***@", masked)
+
+
+def _passwords(dsn: str) -> list[str]:
+    """The password values a libpq DSN or URL holds (quotes stripped), longest first."""
+    found = [
+        m.group(1) or m.group(2) or m.group(3)
+        for m in re.finditer(
+            r"password\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|([^\s\"']+))", dsn, flags=re.I
+        )
+    ]
+    found += re.findall(r"://[^/:@\s]+:([^@\s]+)@", dsn)
+    return sorted({f for f in found if f}, key=len, reverse=True)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +24,12 @@ from geomstore._aliases import renamed_kwargs
 from geomstore.engine.partition import Partition
 from geomstore.errors import DataPathError, SchemaVersionError, StoreError
 from geomstore.store.connection import connect
+from geomstore.store.locks import WriteLock, flock, remove_new_store
 from geomstore.store.schema import LEDGER, apply_migrations, current_version, migrations
 from geomstore.store.sqlutil import (
     ALIAS,
     OPEN_CATALOGS,
+    _mask_password,
     _retry,
     _sql_helpers,
     _wal_catalog,
@@ -41,19 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["QueryResult", "Store", "open_store"]
 
-_DATA_TABLES = (
-    "models",
-    "checkpoints",
-    "slices",
-    "partitions",
-    "regions",
-    "edges",
-    "boundary",
-    "datasets",
-    "points",
-)
 CATALOG = "catalog.sqlite"
-_PG_LOCK = 0x67656F6D  # "geom": the advisory lock key of a PostgreSQL catalog's writers
 
 
 @dataclass
@@ -103,17 +92,13 @@ class Store:
             from geomstore.store.objectstore import normalize_data_path
 
             self.data_path = normalize_data_path(data_path)
-        #: one write at a time through the store's one write connection (threads share it)
-        self._write_lock = threading.RLock()
-        self._lock_con: duckdb.DuckDBPyConnection | None = None  # see exclusive()
-        self._held = 0  # exclusive()'s depth in the thread that holds _write_lock
+        self._lock = WriteLock(self.kind, self.target, self._attach, read_only=read_only)
         self._ro: duckdb.DuckDBPyConnection | None = None
         self._catalog_key: str | None = None
         try:
             self.con = self._open(read_only=read_only)
         except BaseException:
-            if self._lock_con is not None:
-                self._lock_con.close()
+            self._lock.close()
             raise
         if self.kind == "ducklake":  # see sqlutil.OPEN_CATALOGS
             self._catalog_key = str((Path(target) / CATALOG).resolve())
@@ -146,60 +131,10 @@ class Store:
             _retry(lambda: apply_migrations(self.con))
 
     # writers of several processes -------------------------------------------------------------
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the store's write lock: writers of every process and host take turns.
-
-        DuckLake lets two transactions that both append commit together, so two writers
-        that each found a partition (or its model, checkpoint or slice) missing would both
-        write it. Under this lock the check and the write are one step: a PostgreSQL
-        catalog takes a transaction-scoped advisory lock on its own server (released when
-        the holder ends or dies), a directory store a ``flock`` on ``write.lock`` beside
-        its catalog (never the catalog file itself, whose locks are SQLite's), and a
-        ``.duckdb`` file has one process anyway. Threads of this process take turns too.
-        """
-        with self._write_lock:
-            self._held += 1
-            try:
-                if self._held > 1:  # this thread holds it already
-                    yield
-                elif self.kind == "ducklake-postgres":
-                    with self._pg_lock():
-                        yield
-                elif self.kind == "ducklake" and not self.read_only:
-                    with _flock(Path(self.target)):
-                        yield
-                else:
-                    yield
-            finally:
-                self._held -= 1
-
-    @contextlib.contextmanager
-    def _pg_lock(self) -> Iterator[None]:
-        if self._lock_con is None:
-            from geomstore.store.connection import load_optional
-
-            con = connect()
-            try:
-                load_optional(con, "postgres_scanner")
-                dsn = self._attach.removeprefix("ducklake:postgres:")
-                con.execute(f"ATTACH {sql_literal(dsn)} AS gs_lock (TYPE postgres)")
-            except duckdb.Error as exc:
-                con.close()
-                detail = _mask_password(str(exc), self.target)
-                raise StoreError(f"cannot take the write lock of {self.shown}: {detail}") from None
-            self._lock_con = con
-        con = self._lock_con
-        con.execute("BEGIN TRANSACTION")
-        try:
-            # the PostgreSQL transaction of this DuckDB transaction holds the lock
-            con.execute(
-                f"CALL postgres_execute('gs_lock', 'SELECT pg_advisory_xact_lock({_PG_LOCK})')"
-            )
-            yield
-        finally:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("ROLLBACK")
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store's write lock (:class:`~geomstore.store.locks.WriteLock`): writers
+        of every process and host, and threads of this one, take turns."""
+        return self._lock.hold()
 
     # opening ---------------------------------------------------------------------------------
     def _refuse_foreign(self) -> None:
@@ -269,7 +204,7 @@ class Store:
             self._attach_at(con, read_only=True)
             return
         if self.kind == "ducklake-postgres":  # a new catalog's tables are made once
-            with self._pg_lock():
+            with self._lock.postgres():
                 self._attach_at(con, read_only=False)
             return
         root = Path(self.target)
@@ -282,12 +217,12 @@ class Store:
             _wal_catalog(root / CATALOG, wal=False)
         root.mkdir(parents=True, exist_ok=True)
         try:
-            with _flock(root):
+            with flock(root):
                 new = not (root / CATALOG).exists()
                 self._attach_at(con, read_only=False)
         except BaseException:
             if new:
-                _remove_new_store(root, made_root)
+                remove_new_store(root, made_root, CATALOG)
             raise
 
     def _attach_at(self, con: duckdb.DuckDBPyConnection, *, read_only: bool) -> None:
@@ -390,9 +325,7 @@ class Store:
             self._ro.close()
             self._ro = None
         self.con.close()
-        if self._lock_con is not None:
-            self._lock_con.close()
-            self._lock_con = None
+        self._lock.close()
         if self._catalog_key is not None:
             OPEN_CATALOGS[self._catalog_key] -= 1
             if OPEN_CATALOGS[self._catalog_key] <= 0:
@@ -600,33 +533,9 @@ class Store:
         ...         c.execute(sqlalchemy.text("SELECT count(*) FROM regions")).scalar()
         0
         """
-        import sqlalchemy
-        from sqlalchemy import event
+        from geomstore.store.export import sqlalchemy_engine
 
-        from geomstore.store import objectstore
-        from geomstore.store.connection import EXTENSIONS, _load
-
-        if self.kind != "ducklake":
-            raise StoreError(
-                "a SQLAlchemy engine is offered for directory stores only: a .duckdb store "
-                "belongs to one process at a time. Use a directory store (geomstore.open(DIR))."
-            )
-        eng = sqlalchemy.create_engine("duckdb:///:memory:")
-        data = self.data_path or f"{Path(self.target) / 'data'}/"
-
-        @event.listens_for(eng, "connect")
-        def _attach(dbapi_conn: Any, _record: Any) -> None:
-            raw = getattr(dbapi_conn, "_ConnectionWrapper__c", dbapi_conn)
-            for name in EXTENSIONS:
-                _load(raw, name)
-            if self.data_path is not None and objectstore.is_url(self.data_path):
-                objectstore.configure(raw, self.data_path)
-            opts = f"DATA_PATH {sql_literal(data)}, READ_ONLY"
-            raw.execute(f"ATTACH {sql_literal(self._attach)} AS {ALIAS} ({opts})")
-            raw.execute(f"USE {ALIAS}")
-            _sql_helpers(raw)
-
-        return eng
+        return sqlalchemy_engine(self)
 
     @renamed_kwargs(slice_="slice")
     def add_points(
@@ -647,113 +556,9 @@ class Store:
 
     def export(self, target: str | Path) -> list[Path]:
         """Write every table as GeoParquet into a directory, or all into one ``.duckdb`` file."""
-        tables = (*_DATA_TABLES, "jobs", "job_heartbeats", LEDGER)
-        con, fresh = self.con, None
-        if self.kind == "duckdb" and self._read is not None:
-            # the read path has locked this instance's file access: copy through Arrow
-            fresh = con = connect()
-            for table in tables:
-                con.register(table, self.con.execute(f"SELECT * FROM {table}").to_arrow_table())
-        try:
-            if str(target).endswith(".duckdb"):
-                path = Path(target)
-                if path.exists():
-                    raise StoreError(f"{path} exists; export into a new file.")
-                con.execute(f"ATTACH {sql_literal(str(path))} AS gs_export")
-                try:
-                    for table in tables:
-                        con.execute(f"CREATE TABLE gs_export.{table} AS SELECT * FROM {table}")
-                finally:
-                    con.execute("DETACH gs_export")
-                return [path]
-            out = Path(target)
-            out.mkdir(parents=True, exist_ok=True)
-            files = []
-            for table in _DATA_TABLES:
-                path = out / f"{table}.parquet"
-                con.execute(
-                    f"COPY (SELECT * FROM {table}) TO {sql_literal(str(path))} (FORMAT parquet)"
-                )
-                files.append(path)
-            return files
-        except (duckdb.IOException, duckdb.HTTPException) as exc:
-            from geomstore.store.sandbox import unreadable
+        from geomstore.store.export import export
 
-            if isinstance(exc, duckdb.HTTPException) or str(Path(target)) not in str(exc):
-                raise unreadable(self, exc) from exc  # reading the store failed
-            first = str(exc).splitlines()[0]
-            raise StoreError(
-                f"cannot write the export to {target} ({type(exc).__name__}: {first}); check "
-                "that folder."
-            ) from exc
-        finally:
-            if fresh is not None:
-                fresh.close()
-
-
-def _remove_new_store(root: Path, made_root: bool) -> None:
-    """Remove what opening a new directory store made before it failed."""
-    for name in (CATALOG, *(CATALOG + end for end in ("-wal", "-shm", "-journal"))):
-        with contextlib.suppress(FileNotFoundError):
-            (root / name).unlink()
-    with contextlib.suppress(OSError):
-        (root / "data").rmdir()  # only when empty
-    with contextlib.suppress(FileNotFoundError):
-        (root / "write.lock").unlink()
-    if made_root:
-        with contextlib.suppress(OSError):
-            root.rmdir()
-
-
-@contextlib.contextmanager
-def _flock(root: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``root/write.lock`` (made when missing), released when the
-    file closes: at the end of the block, or when the process dies."""
-    import fcntl
-
-    try:
-        fh = open(root / "write.lock", "a+b")  # noqa: SIM115 - closed below
-    except OSError:  # a folder we may not write to: the catalog's own locks remain
-        yield
-        return
-    with fh:
-        # a file system without locks (some network mounts): as above
-        with contextlib.suppress(OSError):
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
-def _mask_password(target: str, secret_of: str | None = None) -> str:
-    """Hide a password in a libpq DSN or URL (``password=...``, ``user:pw@host``).
-
-    With ``secret_of`` (the DSN a message was made from), that DSN's password is also
-    hidden wherever it stands in ``target`` (DuckDB quotes the DSN in its errors).
-
-    >>> _mask_password("host=db password=s3cr3t user=me")
-    'host=db password=*** user=me'
-    >>> _mask_password('at "x" (s3cr3t)', "postgresql://me:s3cr3t@db/geo")
-    'at "x" (***)'
-    """
-    masked = target
-    if secret_of:
-        for pw in _passwords(secret_of):
-            masked = masked.replace(pw, "***")
-    masked = re.sub(
-        r"(password\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s\"']+)", r"\1***", masked, flags=re.I
-    )
-    return re.sub(r"(://[^/:@\s]+:)[^@\s]+@", r"\1***@", masked)
-
-
-def _passwords(dsn: str) -> list[str]:
-    """The password values a libpq DSN or URL holds (quotes stripped), longest first."""
-    found = [
-        m.group(1) or m.group(2) or m.group(3)
-        for m in re.finditer(
-            r"password\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|([^\s\"']+))", dsn, flags=re.I
-        )
-    ]
-    found += re.findall(r"://[^/:@\s]+:([^@\s]+)@", dsn)
-    return sorted({f for f in found if f}, key=len, reverse=True)
+        return export(self, target)
 
 
 def open_store(
