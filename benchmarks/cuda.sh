@@ -23,6 +23,11 @@ step() { echo "== $1 ($(date +%T))"; }
 bench="python3 benchmarks/partition.py --repeat 1 --no-ops --no-busy"  # timeout runs no functions
 
 step gpu
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "cuda.sh: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU" \
+        "machine. The CPU benchmarks are benchmarks/partition.py and benchmarks/zoo.py." >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'threads', torch.get_num_threads())" \
     | tee -a "$out/gpu.txt"

@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from geomstore import Partition, Slice, partition
 from geomstore.engine.lower import CACHE as LOWERING_CACHE
+from geomstore.engine.partition import resolve_device
+from geomstore.errors import GeomstoreError
 
 MLPS = [(100, 100), (64, 64, 64, 64), (256, 256), (256, 256, 256)]
 LARGE = (1210, 1210)
@@ -199,10 +201,34 @@ def run(
     return res
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def widths_arg(text: str) -> tuple[int, ...]:
+    """An argparse type: hidden widths such as ``1024,1024``."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected hidden widths >= 1 separated by commas, such as 1024,1024; got {text!r}"
+        )
+    return widths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
+    ap.add_argument("--repeat", type=positive_int, default=3, help="timed runs, best taken (3)")
     ap.add_argument("--quick", action="store_true", help="smallest networks only, one run")
     ap.add_argument("--large", action="store_true", help="one 10^6-region MLP, one run")
     ap.add_argument(
@@ -216,6 +242,7 @@ def main() -> None:
     ap.add_argument(
         "--widths",
         nargs="+",
+        type=widths_arg,
         metavar="W,W,...",
         help="hidden widths of the MLPs to run instead of the default ones (e.g. 1024,1024)",
     )
@@ -225,6 +252,15 @@ def main() -> None:
         help="write the profiler's table of operators (by device time) of one run per network",
     )
     args = ap.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except GeomstoreError as e:
+        ap.error(str(e))
+    if args.compare_cpu and device.type == "cpu":
+        ap.error(
+            "--compare-cpu compares a GPU with this machine's CPU, but the device here is the "
+            "CPU (no CUDA); run with --device cuda on a GPU machine, or drop --compare-cpu."
+        )
     torch.set_num_threads(max(1, torch.get_num_threads()))
     box = Slice.box((-1, -1), (1, 1))
     # warm up as a running worker is: CUDA context, kernels, allocator (runs without the
@@ -245,7 +281,7 @@ def main() -> None:
     nets = MLPS[:1] if args.quick else MLPS
     repeat = 1 if args.quick else args.repeat
     if args.widths:
-        nets = [tuple(int(w) for w in spec.split(",")) for spec in args.widths]
+        nets = args.widths
     for widths in nets:
         res = run(mlp_name(widths), mlp(widths), box, args.device, repeat, **opts)
         print(json.dumps(res), flush=True)

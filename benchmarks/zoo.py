@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import queue
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -198,20 +199,25 @@ def run(
     prog: dict[str, Any] = {}
     result: dict[str, Any] | None = None
     rss = None
-    while result is None and time.perf_counter() - t0 < max_seconds:
-        try:
-            msg = q.get(timeout=1.0)
-        except queue.Empty:
-            if not proc.is_alive():
-                break
+    try:
+        while result is None and time.perf_counter() - t0 < max_seconds:
+            try:
+                msg = q.get(timeout=1.0)
+            except queue.Empty:
+                if not proc.is_alive():
+                    break
+                rss = _hwm_gib(proc.pid) or rss
+                continue
             rss = _hwm_gib(proc.pid) or rss
-            continue
-        rss = _hwm_gib(proc.pid) or rss
-        if "progress" in msg:
-            prog = msg
-            print(json.dumps({"network": name, **msg}), file=sys.stderr, flush=True)
-        else:
-            result = msg
+            if "progress" in msg:
+                prog = msg
+                print(json.dumps({"network": name, **msg}), file=sys.stderr, flush=True)
+            else:
+                result = msg
+    except BaseException:  # Ctrl-C, SIGTERM (see main): the child goes with us
+        proc.kill()
+        proc.join(5)
+        raise
     line: dict[str, Any] = {"network": name, "device": device, "scale": scale}
     if result is None:
         proc.kill()
@@ -263,7 +269,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, help="noise scale of the plane (overrides)")
     ap.add_argument(
         "--memory",
-        help="memory budget of each partition (default: the engine's, half the free GPU "
+        help="memory budget of each partition (default: the engine's, half the GPU's "
         "memory on CUDA, else min(4 GiB, RAM / 4))",
     )
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop a network after")
@@ -287,6 +293,19 @@ def main() -> None:
         help="also run each network on the CPU (own process), print cpu_over_device",
     )
     args = ap.parse_args()
+    if args.repeat < 0:
+        ap.error(f"--repeat must be 0 or more; got {args.repeat}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        ap.error(f"--device must be cpu or cuda[:N]; got {args.device!r}")
+    if args.compare_cpu and args.device == "cpu":
+        ap.error("--compare-cpu compares --device cuda with this machine's CPU; drop it on the CPU")
+    unknown = [n for n in args.only or () if n not in SCALES]
+    if unknown:
+        ap.error(f"unknown network(s) {', '.join(unknown)}; the zoo has {', '.join(FULL)}")
+    # a terminated benchmark takes its network's process with it (SystemExit unwinds run())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     names = args.only or (QUICK if args.quick else FULL)
     gf = matmul_gflops(device=args.device)
     head = {"machine": args.device, "cores": os.cpu_count(), "matmul_gflops": round(gf, 1)}

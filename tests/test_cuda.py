@@ -146,3 +146,22 @@ def test_a_cached_graph_keeps_its_gpu_weights_and_matrices_and_stays_exact() -> 
     assert changed.verify(model, grid=48).ok
     CACHE.clear()
     _same(changed, partition(model, BOX, device="cpu"))
+
+
+def test_the_default_budget_does_not_move_with_what_others_hold() -> None:
+    from geomstore.engine.partition import default_memory
+
+    dev = torch.device("cuda")
+    before = default_memory(dev)
+    _free, total = torch.cuda.mem_get_info(dev)
+    held = torch.empty(min(1 << 30, total // 16), dtype=torch.uint8, device=dev)  # another's
+    try:
+        assert default_memory(dev) == before == total // 2
+    finally:
+        del held
+    net = mlp((16, 16), 2, seed=3)
+    a = partition(net, BOX, device="cuda")
+    b = partition(net, BOX, device="cuda")
+    assert a.settings["memory"] == b.settings["memory"] == total // 2
+    for table in ("regions", "edges", "boundary"):
+        assert getattr(a, table).equals(getattr(b, table))

@@ -410,6 +410,12 @@ class Descent:
             spec = prog.nonlinearities[layer]
             sizes[f"the input of {spec.name} {spec.in_shape}"] = int(np.prod(spec.in_shape))
         widest = max(sizes, key=lambda k: sizes[k]) if sizes else "the polygons"
+        if self.chunk_elements:  # the caller's chunk, not the budget, is what is short
+            return MemoryBudgetError(
+                f"one cell at depth {layer} holds about {per:,} float64 elements (its widest "
+                f"tensor: {widest}), more than chunk_elements={self.chunk_elements:,}; raise "
+                "chunk_elements=, or leave it out to size the chunks from memory=."
+            )
         need = per * 8 * self.levels_factor
         return MemoryBudgetError(
             f"one cell at depth {layer} needs about {need / 2**20:.0f} MiB (its widest tensor: "

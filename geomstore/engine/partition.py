@@ -81,10 +81,17 @@ def parse_memory(memory: int | str) -> int:
 
 
 def default_memory(device: torch.device) -> int:
-    """The default budget: half the free GPU memory on CUDA, else min(4 GiB, RAM / 4)."""
+    """The default budget: half the GPU's memory on CUDA, else min(4 GiB, RAM / 4).
+
+    The budget sizes the chunks, and the chunks decide the order of the regions and the
+    last bits of their affine maps; so it depends on the device alone, not on what other
+    processes hold at the moment: the same call on the same device gives the same bits.
+    Only when others hold more than a quarter of the GPU does it shrink, to three
+    quarters of the free memory.
+    """
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return max(1 << 28, free // 2)
+        free, total = torch.cuda.mem_get_info(device)
+        return max(1 << 28, min(total // 2, free * 3 // 4))
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
@@ -474,14 +481,17 @@ def partition(
         (regression networks, implicit representations).
     memory : int or str, optional
         Memory budget of the computation, in bytes or as ``"4GiB"``; by default half the
-        free GPU memory on CUDA, else min(4 GiB, RAM / 4). Work is chunked by what one
-        cell really carries (the affine forms of the widest live tensors, skip connections
-        included); a model whose single cell does not fit raises
+        GPU's memory on CUDA (see :func:`default_memory`), else min(4 GiB, RAM / 4). Work
+        is chunked by what one cell really carries (the affine forms of the widest live
+        tensors, skip connections included); a model whose single cell does not fit raises
         :class:`geomstore.errors.MemoryBudgetError`. Activation patterns longer than
         :data:`geomstore.engine.patterns.PATTERN_LIMIT_BITS` bits are kept as a 128-bit
         hash per region (``pattern_hash``); :meth:`Partition.patterns` recomputes them.
     chunk_elements : int, optional
         Float64 elements per working chunk, overriding the one derived from ``memory``.
+        The budget (or this) sizes the chunks, which decide the order of the regions and
+        the last bits of their affine maps: for bit-for-bit equal results, keep the device
+        and these two the same (``settings`` records both).
     progress : callable, optional
         Called with a :class:`Progress` (regions finished, cells pending at each depth,
         seconds elapsed) each time a chunk of regions is finished.
@@ -520,6 +530,12 @@ def partition(
         what = "levels" if levels is not None else "threshold"
         raise GeomstoreError(f"{what} must be finite numbers; got {lv!r}.")
     budget = parse_memory(memory) if memory is not None else default_memory(dev)
+    whole = isinstance(chunk_elements, int) and not isinstance(chunk_elements, bool)
+    if chunk_elements is not None and not (whole and chunk_elements >= 1):
+        raise GeomstoreError(
+            f"chunk_elements must be a positive whole number of float64 elements; got "
+            f"{chunk_elements!r} (leave it out to size the chunks from memory=)."
+        )
     specs = program.nonlinearities
     n_bits = sum(s.n_units * s.bits for s in specs)
     big = n_bits > PATTERN_LIMIT_BITS
@@ -578,6 +594,7 @@ def partition(
         "output": output,
         "device": str(dev),
         "memory": budget,
+        "chunk_elements": chunk_elements,
         "logits": logits,
         "boundary_kind": "levels" if levels is not None else ("threshold" if k == 1 else "top2"),
     }

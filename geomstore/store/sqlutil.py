@@ -6,6 +6,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import os
 import random
 import re
 import time
@@ -209,3 +210,15 @@ def _passwords(dsn: str) -> list[str]:
     ]
     found += re.findall(r"://[^/:@\s]+:([^@\s]+)@", dsn)
     return sorted({f for f in found if f}, key=len, reverse=True)
+
+
+def path_text(what: str, value: Any) -> Any:
+    """A path argument as text: a str, or an ``os.PathLike`` (``pathlib.Path``) made one."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise StoreError(
+        f"{what} must be a path (str or pathlib.Path) or a 'postgres:...' catalog; "
+        f"got {type(value).__name__} {value!r}."
+    )

@@ -33,6 +33,7 @@ from geomstore.store.sqlutil import (
     _retry,
     _sql_helpers,
     _wal_catalog,
+    path_text,
     sql_literal,
 )
 from geomstore.store.write import write_partition, write_points
@@ -71,16 +72,17 @@ class Store:
 
     def __init__(
         self,
-        target: str,
+        target: str | os.PathLike[str],
         *,
         read_only: bool = False,
-        data_path: str | None = None,
+        data_path: str | os.PathLike[str] | None = None,
         upgrade: bool = True,
     ) -> None:
-        self.target = target
-        self.data_path = data_path
+        self.target: str = path_text("store", target)
+        self.data_path: str | None = path_text("data_path", data_path)
+        target, data_path = self.target, self.data_path
         self.read_only = read_only
-        self.kind, self._attach = self._describe(target)
+        self.kind, self._attach = self._describe(self.target)
         #: catalog listings by name, each with the catalog version it was read at
         self._catalog_memo: dict[str, tuple[int, Any]] = {}
         if data_path is not None:

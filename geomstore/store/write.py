@@ -82,7 +82,11 @@ def write_partition(
     sl = partition.slice
     slice_id = sl.content_hash[:20]
     # where and with how much memory it ran does not change the partition
-    settings = {k: v for k, v in partition.settings.items() if k not in ("device", "memory")}
+    settings = {
+        k: v
+        for k, v in partition.settings.items()
+        if k not in ("device", "memory", "chunk_elements")
+    }
     partition_id = _hash("partition", checkpoint_id, slice_id, settings)
 
     def write() -> str:
