@@ -56,7 +56,8 @@ def main() -> None:
         loss = nn.functional.mse_loss(net(coords), target)
         loss.backward()
         opt.step()
-    print(f"fit: mean squared error {float(loss):.4f}")
+    mse = loss.item()
+    print(f"fit: mean squared error {mse:.4f}")
     net.eval()
     levels = [0.3, 0.8]
     plane = geomstore.Slice.box((-1, -1), (1, 1), name="image-plane")
@@ -65,7 +66,7 @@ def main() -> None:
     report = part.verify(net, brute_force=False)  # the shapely brute force takes minutes here
     print(report)
     with geomstore.open(args.out / "store") as store:
-        store.add(part, model="inr-smiley", checkpoint="final", metrics={"mse": float(loss)})
+        store.add(part, model="inr-smiley", checkpoint="final", metrics={"mse": mse})
         lengths = store.sql(
             "SELECT level, count(*) AS segments, sum(length) AS length FROM boundary "
             "GROUP BY level ORDER BY level"

@@ -206,7 +206,8 @@ class Client:
         raise StoreError(
             f"cannot reach the geomstore service at {self.url} after {self.retries + 1} tries "
             f"in {time.monotonic() - t0:.1f} s ({type(last).__name__}: {last}); is "
-            "`geomstore serve` running? (connect(..., retries=N) waits longer)"
+            "`geomstore serve` running, and is the URL right? (connect(url, retries=N) waits "
+            "longer)"
         ) from last
 
     def _table(self, method: str, path: str, **kw: Any) -> tuple[pa.Table, dict[str, Any]]:

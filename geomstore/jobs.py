@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import pyarrow as pa
 from geomstore._aliases import renamed_kwargs
 from geomstore.engine.partition import Partition, partition, resolve_device
 from geomstore.errors import ExecutorError, GeomstoreError
-from geomstore.loading import ModelSpec, file_sha256
+from geomstore.loading import ModelSpec, check_spec, file_sha256
 from geomstore.slice import Slice
 from geomstore.store.sqlutil import _hash, _retry, transaction
 from geomstore.store.store import Store
@@ -379,7 +380,7 @@ def run_planned(
 @renamed_kwargs(sl="slice")
 def submit(
     store: Store,
-    spec: ModelSpec,
+    spec: ModelSpec | str | os.PathLike[str],
     slice: Slice,
     *,
     model: str,
@@ -400,9 +401,17 @@ def submit(
     """
     if store.read_only:
         raise GeomstoreError("this store is open read-only; open it for writing to submit.")
+    if isinstance(spec, str | os.PathLike):  # a file alone: loaded as load_model() would
+        spec = ModelSpec(os.fspath(spec))
+    if not isinstance(spec, ModelSpec):
+        raise GeomstoreError(
+            f"submit takes a checkpoint file or a geomstore.ModelSpec(path, factory, "
+            f"trust_pickle); got {type(spec).__name__}."
+        )
     path = Path(spec.path).resolve()
     if not path.is_file():
         raise GeomstoreError(f"checkpoint file {path} does not exist.")
+    check_spec(ModelSpec(str(path), spec.factory, spec.trust_pickle))  # not a doomed job
     name, file_step, file_metrics = checkpoint_meta(path)
     opts = {k: v for k, v in (options or {}).items() if k in PARTITION_OPTIONS}
     spec = ModelSpec(str(path), spec.factory, spec.trust_pickle)

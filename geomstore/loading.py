@@ -37,7 +37,7 @@ import torch
 
 from geomstore.errors import GeomstoreError
 
-__all__ = ["FactoryError", "ModelLoadError", "ModelSpec", "file_sha256", "load_model"]
+__all__ = ["FactoryError", "ModelLoadError", "ModelSpec", "check_spec", "file_sha256", "load_model"]
 
 
 class ModelLoadError(GeomstoreError):
@@ -105,15 +105,26 @@ def _kind(path: Path) -> str:
     return "unknown"
 
 
-def _factory(spec: str) -> Callable[[], Any]:
+def _cwd_importable() -> None:
+    """Modules in the current folder import, as under ``python -m`` (uvicorn's --app-dir):
+    the ``geomstore`` script alone would not find a factory or a class next to the user."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _factory_parts(spec: str) -> tuple[str, str]:
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
         raise ModelLoadError(
             f"factory {spec!r} is not of the form package.module:function "
             "(e.g. mypkg.models:make_mlp, a function that takes no arguments)."
         )
-    if os.getcwd() not in sys.path:  # like uvicorn's --app-dir: factories next to the user
-        sys.path.insert(0, os.getcwd())
+    return mod_name, fn_name
+
+
+def _factory(spec: str) -> Callable[[], Any]:
+    mod_name, fn_name = _factory_parts(spec)
+    _cwd_importable()
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -322,20 +333,56 @@ def load_model(
             ) from None
     if kind in ("torch-save", "safetensors"):
         if kind == "torch-save" and trust_pickle:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
+            _cwd_importable()
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=False)
+            except (ImportError, AttributeError) as exc:  # the class's module or the class
+                raise ModelLoadError(
+                    f"cannot unpickle {p}: {exc}. A pickled module needs the code that defines "
+                    "its class: run from the folder that holds that module, or install it."
+                ) from None
             if not isinstance(obj, torch.nn.Module):
                 raise ModelLoadError(
                     f"{p} unpickled to {type(obj).__name__}, not a torch.nn.Module; for a state "
-                    "dict give --factory package.module:function."
+                    "dict give factory= / --factory package.module:function."
                 )
             return obj.eval()
-        raise ModelLoadError(
-            f"{p} holds weights or a pickled object, not a self-contained model: give the "
-            "factory that builds the module (--factory package.module:function), or save the "
-            "model with torch.export.save(...) as .pt2. A pickled whole module is loaded only "
-            "with --trust-pickle (it runs code from the file)."
-        )
-    raise ModelLoadError(
-        f"{p} is not a model file geomstore knows: expected a torch.export program (.pt2), a "
-        "TorchScript file, a state dict (.pt/.pth) or safetensors file with --factory."
+        raise _needs_factory(p)
+    raise _unknown_kind(p)
+
+
+def _needs_factory(p: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"{p} holds weights or a pickled object, not a self-contained model: give the "
+        "factory that builds the module (factory= / --factory package.module:function), or "
+        "save the model with torch.export.save(...) as .pt2. A pickled whole module is "
+        "loaded only with trust_pickle=True / --trust-pickle (it runs code from the file)."
     )
+
+
+def _unknown_kind(p: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"{p} is not a model file geomstore knows: expected a torch.export program (.pt2), a "
+        "TorchScript file, a state dict (.pt/.pth) or safetensors file with a factory "
+        "(factory= / --factory)."
+    )
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Refuse, without loading it, a file that :func:`load_model` cannot load as given.
+
+    For jobs queued now and loaded later by a worker: weights with no factory (and a
+    pickle not trusted), an unknown kind of file, a malformed factory. Loading can still
+    fail later (the factory's module, the weights' shapes), as it can for any file.
+    """
+    p = Path(spec.path)
+    if not p.is_file():
+        raise ModelLoadError(f"model file {p} does not exist (or is not a file).")
+    kind = _kind(p)
+    if spec.factory is not None:
+        _factory_parts(spec.factory)
+        return
+    if kind == "unknown":
+        raise _unknown_kind(p)
+    if kind == "safetensors" or (kind == "torch-save" and not spec.trust_pickle):
+        raise _needs_factory(p)

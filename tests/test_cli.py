@@ -50,3 +50,14 @@ def test_public_api_is_pinned() -> None:
         "VerifyReport Worker __version__ compute connect load_model open partition submit verify"
     )
     assert sorted(geomstore.__all__) == sorted(expected.split())
+
+
+def test_every_column_of_the_partition_tables_is_documented() -> None:
+    import torch
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tables.md").read_text()
+    net = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.ReLU(), torch.nn.Linear(6, 1))
+    part = geomstore.partition(net, geomstore.Slice.box((-1, -1), (1, 1)), device="cpu")
+    for name in ("regions", "edges", "boundary"):
+        for col in getattr(part, name).column_names:
+            assert re.search(rf"\| [^|\n]*\b{re.escape(col)}\b[^|\n]* \|", doc), (name, col)

@@ -224,22 +224,17 @@ def test_query_results_convert_to_pandas(run: Path) -> None:
 
 
 # 8. loading options make their own job ----------------------------------------------------------
-def test_a_job_that_needed_trust_pickle_can_be_submitted_with_it(run: Path, tmp_path: Path) -> None:
+def test_a_job_that_needs_trust_pickle_is_refused_without_it(run: Path, tmp_path: Path) -> None:
     store = tmp_path / "P"
     args = ("submit", store, run / "pickled.pt", "-m", "pk", BOX)
-    ok(*args)
-    ok("worker", store, "--once", "--device", "cpu")
-    (first,) = snapshot(store)[1]
-    assert first["status"] == "failed" and "--trust-pickle" in first["error"]
-    ok(*args)  # the same options: the same job
-    assert len(snapshot(store)[1]) == 1
+    ok("init", store)
+    assert "--trust-pickle" in fail(*args)  # refused now, not failed later in a worker
+    assert snapshot(store)[1] == []
     ok(*args, "--trust-pickle")
+    ok(*args, "--trust-pickle")  # the same options: the same job
     ok("worker", store, "--once", "--device", "cpu")
     parts, jobs = snapshot(store)
-    assert [(j["status"], j["job_id"] == first["job_id"]) for j in jobs] == [
-        ("failed", True),
-        ("done", False),
-    ]
+    assert [j["status"] for j in jobs] == ["done"]
     assert len(parts) == 1 and parts[0]["model"] == "pk"
 
 

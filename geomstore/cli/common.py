@@ -38,7 +38,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, soft_wrap=True)
 out = Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping into pipes
 
 STORE = typer.Argument(
@@ -80,6 +80,16 @@ def require_store(target: str) -> None:
     path = Path(target)
     if path.is_file() if path.suffix == ".duckdb" else (path / CATALOG).is_file():
         return
+    if path.is_file():
+        raise StoreError(
+            f"{target} is a file but not a store (a store is a directory or a .duckdb file); "
+            "give the store's path, or make a new one elsewhere with `geomstore init PATH`."
+        )
+    if path.is_dir() and any(path.iterdir()):
+        raise StoreError(
+            f"{target} is a folder with files but no store in it (no {CATALOG}); give the "
+            "store's path, or make a new one elsewhere with `geomstore init NEW_FOLDER`."
+        )
     raise StoreError(f"no store at {target}; create one with `geomstore init {target}`.")
 
 
@@ -258,6 +268,9 @@ def _plain(table: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
+_BY_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
 def emit(
     table: pa.Table,
     fmt: str = "table",
@@ -266,8 +279,14 @@ def emit(
     title: str | None = None,
     truncated: bool = False,
 ) -> None:
-    """Print or write a result as an aligned table, CSV, JSON (lines) or Parquet."""
+    """Print or write a result as an aligned table, CSV, JSON (lines) or Parquet.
+
+    An ``--output`` file named ``.csv``, ``.json``/``.jsonl`` or ``.parquet`` takes that
+    format unless ``--format`` names another one than the default table.
+    """
     fmt = fmt.lower()
+    if fmt == "table" and output is not None:
+        fmt = _BY_SUFFIX.get(Path(output).suffix.lower(), fmt)
     if fmt == "parquet":
         if output is None:
             raise GeomstoreError("--format parquet writes a file: add --output FILE.parquet")

@@ -27,7 +27,7 @@ from geomstore.cli.common import (
     store_with_slices,
 )
 from geomstore.errors import GeomstoreError
-from geomstore.loading import ModelSpec
+from geomstore.loading import ModelLoadError, ModelSpec
 
 CHECKPOINTS = typer.Argument(
     ...,
@@ -319,18 +319,27 @@ def watch(
         sizes: dict[Path, tuple[int, float]] = {}
         done: set[Path] = set()
         stable_files(folder, pattern, sizes)
-        err.print(f"watching {folder}/{pattern} for {model}; Ctrl-C to stop")
+        if once:
+            err.print(f"submitting what is in {folder}/{pattern} for {model}")
+        else:
+            err.print(f"watching {folder}/{pattern} for {model}; Ctrl-C to stop")
         while True:
             time.sleep(min(interval, 1.0) if once else interval)
             for f in stable_files(folder, pattern, sizes):
                 if f in done:
                     continue
-                spec = ModelSpec(str(f.resolve()), factory, trust_pickle)
-                for sl in sls:
-                    submit_one(st, spec, sl, model=model)
                 done.add(f)
+                spec = ModelSpec(str(f.resolve()), factory, trust_pickle)
+                try:
+                    for sl in sls:
+                        submit_one(st, spec, sl, model=model)
+                except ModelLoadError as exc:  # this file, not the watch, is what is wrong
+                    err.print(f"skipped {f.name}: {exc}")
+                    continue
                 err.print(f"submitted {f.name}")
             if once:
+                if not done:
+                    err.print(f"no file in {folder} matches {pattern!r} (see --pattern)")
                 break
 
 

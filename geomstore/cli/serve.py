@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from pathlib import Path
 
 import typer
@@ -78,15 +80,54 @@ def serve(
     check_bind(host, config, insecure=insecure)
     limit = _limit_memory(max_memory)
     cap = f", memory capped at {limit / 2**30:.1f} GiB" if limit else ""
-    err.print(f"geomstore serving {store} on http://{host}:{port}/ (docs at /docs{cap})")
-    uvicorn.run(
-        create_app(config),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=log_level in ("debug", "trace", "info"),
-        timeout_graceful_shutdown=5,
+    # listening before the app warms up: early requests wait in the backlog, not refused,
+    # and the banner names the port really taken (--port 0) or says why there is none
+    sock = _listen(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{sock.getsockname()[1]}/"
+    app_ = create_app(config)
+    app_.router.add_event_handler(
+        "startup", lambda: err.print(f"geomstore serving {store} on {url} (docs at /docs{cap})")
     )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app_,
+            log_level=log_level,
+            access_log=log_level in ("debug", "trace", "info"),
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port``, or one clear error (port in use, bad host)."""
+    from geomstore.errors import GeomstoreError
+
+    if not 0 <= port <= 65535:
+        raise GeomstoreError(f"--port must lie in 0..65535 (0: any free port); got {port}.")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise GeomstoreError(f"cannot listen on --host {host!r}: {exc}.") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise GeomstoreError(
+                f"port {port} on {host} is in use; pick another with --port "
+                "(--port 0 takes any free one)."
+            ) from None
+        raise GeomstoreError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --host or --port."
+        ) from None
+    return sock
 
 
 def _limit_memory(spec: str) -> int:

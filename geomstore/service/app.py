@@ -162,7 +162,7 @@ class Gate:
                     401,
                     "AccessError",
                     "this server needs a token: send 'Authorization: Bearer <token>' "
-                    "(geomstore.connect(url, token=...)).",
+                    "(Python: geomstore.connect(url, token=...); CLI: set GEOMSTORE_TOKEN).",
                 )
             access = found[0]
         if path.startswith("/api/jobs") and scope["method"] != "GET" and access != "rw":

@@ -86,6 +86,7 @@ def export(store: Store, target: str | Path) -> list[Path]:
                 con.execute("DETACH gs_export")
             return [path]
         out = Path(target)
+        _check_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         files = []
         for table in DATA_TABLES:
@@ -106,3 +107,18 @@ def export(store: Store, target: str | Path) -> list[Path]:
     finally:
         if fresh is not None:
             fresh.close()
+
+
+def _check_folder(out: Path) -> None:
+    """An export goes into a new or empty folder, or over an earlier export: never among
+    other files (a checkpoint folder, say), which it would mix with or overwrite."""
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out} is a file; export into a folder or a new .duckdb file.")
+    ours = {f"{table}.parquet" for table in DATA_TABLES}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise StoreError(
+            f"{out} holds other files ({shown}); export into a new or empty folder (an "
+            "earlier export there is replaced)."
+        )

@@ -222,3 +222,16 @@ def path_text(what: str, value: Any) -> Any:
         f"{what} must be a path (str or pathlib.Path) or a 'postgres:...' catalog; "
         f"got {type(value).__name__} {value!r}."
     )
+
+
+def held_elsewhere(detail: str) -> str:
+    """DuckDB's lock conflict on a ``.duckdb`` file in geomstore's words (its own names a
+    command-line flag of the duckdb shell); other errors unchanged."""
+    held = re.search(r"Could not set lock.*?held in (.*?)(?:\.? See also|$)", detail)
+    if held is None:
+        return detail
+    return (
+        f"another process holds it ({held.group(1)}); a .duckdb store is open in one process "
+        "at a time: close it there, or use a directory store, which many processes read and "
+        "write at once"
+    )

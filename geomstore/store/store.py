@@ -33,6 +33,7 @@ from geomstore.store.sqlutil import (
     _retry,
     _sql_helpers,
     _wal_catalog,
+    held_elsewhere,
     path_text,
     sql_literal,
 )
@@ -189,6 +190,8 @@ class Store:
         except duckdb.Error as exc:
             con.close()
             detail = _mask_password(str(exc), self.target)
+            if self.kind == "duckdb":
+                detail = held_elsewhere(detail)
             raise StoreError(f"cannot open the store at {self.shown}: {detail}") from None
         except Exception:
             con.close()
