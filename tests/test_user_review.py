@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -200,3 +201,45 @@ def test_errors_on_a_pipe_are_not_wrapped(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     line = next(x for x in res.stderr.splitlines() if "regions" in x and "partition" in x)
     assert len(line.split("-> partition ")[1].strip()) == 20, line  # the id on the same line
+
+
+def test_add_points_stores_a_data_set_the_queries_then_take(store: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-1, 1, (40, 2)), rng.integers(0, 2, 40)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.save(tmp_path / "x.npy", x[:10])
+    np.save(tmp_path / "y.npy", y[:10])
+    out = ok("add-points", store, "pts", tmp_path / "d.npz", BOX)
+    assert "stored 40 points as 'pts'" in out
+    ok(
+        "add-points",
+        store,
+        "few",
+        tmp_path / "x.npy",
+        "--labels",
+        tmp_path / "y.npy",
+        "--slice",
+        "box(-1,-1,1,1)",
+        "--split",
+        "test",
+    )
+    with geomstore.open(store, read_only=True) as st:
+        got = st.sql(
+            "SELECT d.name, p.split, count(*) AS n, sum(p.label) AS s FROM points p "
+            "JOIN datasets d USING (dataset_id) GROUP BY ALL ORDER BY d.name"
+        ).table.to_pylist()
+    assert got == [
+        {"name": "few", "split": "test", "n": 10, "s": int(y[:10].sum())},
+        {"name": "pts", "split": "train", "n": 40, "s": int(y.sum())},
+    ]
+    lc = ok("lc", store, "-m", "m", "--points", "pts", "-r", "0.1", "-f", "json")
+    assert '"n_points": 40' in lc
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    assert "Object arrays cannot be loaded" in fail(
+        "add-points", store, "o", tmp_path / "obj.npy", BOX
+    )
+    assert "give the slice(s)" in fail("add-points", store, "o", tmp_path / "x.npy")
+    assert "one entry per point" in fail(
+        "add-points", store, "o", tmp_path / "x.npy", "--labels", tmp_path / "d.npz", BOX
+    )
+    assert "no store at" in fail("add-points", tmp_path / "none", "o", tmp_path / "x.npy", BOX)

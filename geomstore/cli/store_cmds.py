@@ -1,12 +1,30 @@
-"""Commands on the store itself: init, migrate, sql, partitions, export."""
+"""Commands on the store itself: init, migrate, sql, partitions, export, add-points."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
 
-from geomstore.cli.common import NEW_STORE, STORE, app, emit, err, open_store, out, require_store
+from geomstore.cli.common import (
+    BOX,
+    MARGIN,
+    NAMED,
+    NEW_STORE,
+    STORE,
+    THROUGH,
+    app,
+    emit,
+    err,
+    open_store,
+    out,
+    require_store,
+    store_with_slices,
+)
+from geomstore.errors import GeomstoreError
 
 
 @app.command()
@@ -109,3 +127,63 @@ def export(
     with open_store(store) as st, err.status("exporting ..."):
         files = st.export(target)
     out.print(f"exported {len(files)} file(s) to {target}")
+
+
+@app.command("add-points")
+def add_points(
+    store: str = STORE,
+    name: str = typer.Argument(..., help="The data set's name (for lc/compare/plot --points)."),
+    inputs: Path = typer.Argument(
+        ..., help="Inputs (n, *input_shape): a .npy file, or a .npz with x (and y, labels)."
+    ),
+    labels: Path | None = typer.Option(None, help="A .npy file of integer labels, one per input."),
+    split: str = typer.Option("train", help="Which split (train, test, ...): part of its id."),
+    box: list[str] = BOX,
+    through: list[Path] = THROUGH,
+    slice_name: list[str] = NAMED,
+    margin: float = MARGIN,
+) -> None:
+    """Store a data set projected onto slices: what lc, compare and plot take as --points.
+
+    Each input is kept with its slice coordinates, its distance to the plane and its label.
+
+    Example: geomstore add-points runs/moons moons-train x_train.npz --box=-2,-1.5,3,2
+    """
+    require_store(store)
+    x, y = _points_file(inputs)
+    if labels is not None:
+        lx, ly = _points_file(labels)
+        y = lx if labels.suffix == ".npy" else ly  # an .npz gives its y (or labels)
+        if y is None:
+            raise GeomstoreError(f"--labels {labels} holds no y (or labels) array.")
+    if not (box or through or slice_name):
+        raise GeomstoreError("give the slice(s): --slice NAME, --box x0,y0,x1,y1 or --through")
+    with store_with_slices(store, box, through, slice_name, margin) as (st, sls):
+        for sl in sls:
+            st.add_points(name, sl, x, labels=y, split=split)
+            err.print(f"stored {len(x)} points as {name!r} ({split}) on slice {sl.name}")
+
+
+def _points_file(path: Path) -> tuple[np.ndarray, Any]:
+    """(inputs, labels or None) from a .npy or .npz file, never unpickling anything."""
+    if not path.is_file():
+        raise GeomstoreError(f"{path} does not exist.")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                xs = [k for k in ("x", "X", "inputs") if k in z]
+                if not xs:
+                    raise GeomstoreError(
+                        f"{path} holds {', '.join(z.keys()) or 'no arrays'}; name the inputs x "
+                        "(np.savez(f, x=..., y=...))."
+                    )
+                ys = [k for k in ("y", "labels") if k in z]
+                return z[xs[0]], (z[ys[0]] if ys else None)
+    except (ValueError, OSError, EOFError, pickle.PickleError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else "the file ends early"
+        raise GeomstoreError(
+            f"cannot read {path}: {why}; save it with np.save or np.savez."
+        ) from None
+    raise GeomstoreError(f"{path}: expected a .npy or .npz file (np.save / np.savez).")

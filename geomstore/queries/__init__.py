@@ -1,7 +1,7 @@
 """Queries over stored partitions: local complexity, statistics, boundary sampling."""
 
 from geomstore.client import remote_aware
-from geomstore.queries.agreement import agreement
+from geomstore.queries.agreement import CompareArgumentError, agreement
 from geomstore.queries.approx import approximate_lc
 from geomstore.queries.boundary import NoBoundaryError, sample_boundary
 from geomstore.queries.catalog import (
@@ -31,6 +31,7 @@ churn = remote_aware(churn)
 point_regions = remote_aware(point_regions)
 
 __all__ = [
+    "CompareArgumentError",
     "NoBoundaryError",
     "agreement",
     "agreement_over",

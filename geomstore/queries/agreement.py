@@ -11,7 +11,24 @@ from geomstore.engine.partition import Partition
 from geomstore.errors import GeomstoreError
 from geomstore.queries.fragmentation import class_cells
 
-__all__ = ["agreement"]
+__all__ = ["CompareArgumentError", "agreement", "require_two"]
+
+
+class CompareArgumentError(GeomstoreError, ValueError):
+    """A comparison was asked of fewer than two checkpoints, or of partitions that differ."""
+
+
+def require_two(names: list[str], *, model: str, chosen: bool) -> None:
+    """Refuse to compare fewer than two checkpoints (``names``, those chosen or stored)."""
+    if len(names) >= 2:
+        return
+    got = f"{len(names)} ({', '.join(names)})" if names else "none"
+    if chosen:
+        why = f"got {got}: name two or more with checkpoints= (-c/--checkpoint on the "
+        why += "command line), or leave it out to compare them all."
+    else:
+        why = f"model {model!r} has {got} on this slice: store another checkpoint first."
+    raise CompareArgumentError(f"compare needs at least two checkpoints; {why}")
 
 
 def _densify(boundary: pa.Table, spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -45,17 +62,18 @@ def agreement(a: Partition, b: Partition, *, spacing: float | None = None) -> pa
     Returns one row per class (class, area_a, area_b, agree_area) and a final row with
     class null holding the totals, ``agree_share`` (agreeing area / domain area), and the
     boundary movement: ``hausdorff`` and ``mean_distance`` (symmetric mean of the distance
-    from each boundary to the other, by length).
+    from each boundary to the other, by length; null where either partition has no
+    decision boundary). Every column is typed (``SCHEMA``).
 
     The agreeing areas are exact (overlay of convex class cells). Boundary distances are
     measured exactly from points spaced at most ``spacing`` apart along each boundary
     (default diameter * 1e-4), so ``hausdorff`` is low by at most ``spacing / 2``.
     """
     if a.slice.content_hash != b.slice.content_hash:
-        raise GeomstoreError("the partitions are on different slices; compare one slice.")
+        raise CompareArgumentError("the partitions are on different slices; compare one slice.")
     ka, kb = a.model_summary["n_outputs"], b.model_summary["n_outputs"]
     if ka != kb:
-        raise GeomstoreError(f"the models have {ka} and {kb} outputs; they must match.")
+        raise CompareArgumentError(f"the models have {ka} and {kb} outputs; they must match.")
     cells_a, areas_a = class_cells(a)
     cells_b, areas_b = class_cells(b)
     rows = []
@@ -102,4 +120,19 @@ def agreement(a: Partition, b: Partition, *, spacing: float | None = None) -> pa
             "mean_distance": mean,
         }
     )
-    return pa.Table.from_pylist(rows)
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+#: ``agreement``'s columns: typed, so that tables of checkpoints with and without a
+#: decision boundary (null distances) concatenate.
+SCHEMA = pa.schema(
+    [
+        ("class", pa.int64()),
+        ("area_a", pa.float64()),
+        ("area_b", pa.float64()),
+        ("agree_area", pa.float64()),
+        ("agree_share", pa.float64()),
+        ("hausdorff", pa.float64()),
+        ("mean_distance", pa.float64()),
+    ]
+)

@@ -9,7 +9,7 @@ from geomstore._aliases import renamed_kwargs
 from geomstore.errors import GeomstoreError
 from geomstore.slice import Slice
 
-__all__ = ["NoBoundaryError", "sample_boundary"]
+__all__ = ["NoBoundaryError", "class_pairs", "no_match", "sample_boundary"]
 
 
 class NoBoundaryError(GeomstoreError, ValueError):
@@ -72,7 +72,7 @@ def sample_boundary(
     5
     """
     if n < 0:
-        raise GeomstoreError(f"n must be >= 0; got {n}.")
+        raise GeomstoreError(f"n must be >= 0 (-n on the command line); got {n}.")
     names = ["u0_a", "u1_a", "u0_b", "u1_b", "region_id", "class_a", "class_b"]
     if "normal_u0" in boundary.column_names:
         names += ["normal_u0", "normal_u1"]
@@ -100,9 +100,7 @@ def sample_boundary(
     piece_len = np.linalg.norm(b[seg] - a[seg], axis=1) * np.clip(t_hi - t_lo, 0, None)
     total = piece_len.sum()
     if n and total <= 0:
-        raise NoBoundaryError(
-            "no decision boundary matches the request; widen within= or drop pair=."
-        )
+        raise no_match(pair, within if near is not None else None, class_pairs(boundary))
     rng = np.random.default_rng(seed)
     if n:
         pick = rng.choice(len(seg), size=n, p=piece_len / total)
@@ -122,9 +120,7 @@ def sample_boundary(
         {
             "u0": u[:, 0],
             "u1": u[:, 1],
-            "x": pa.FixedShapeTensorArray.from_numpy_ndarray(
-                np.ascontiguousarray(x.reshape(len(x), *slice.input_shape))
-            ),
+            "x": _tensors(x, tuple(int(d) for d in slice.input_shape)),
             "region_id": cols["region_id"][idx].astype(np.int64),
             "class_a": ca[idx],
             "class_b": cb[idx],
@@ -132,6 +128,46 @@ def sample_boundary(
             "normal_u1": normal[:, 1],
         }
     )
+
+
+def class_pairs(boundary: pa.Table) -> set[tuple[int, int]]:
+    """The (class_a, class_b) pairs that meet on a boundary table."""
+    ca, cb = boundary.column("class_a").to_pylist(), boundary.column("class_b").to_pylist()
+    return set(zip(ca, cb, strict=True))
+
+
+def no_match(
+    pair: tuple[int, int] | None, within: float | None, pairs: set[tuple[int, int]]
+) -> NoBoundaryError:
+    """The error for samples asked of a boundary that lacks the ``pair`` / ``near`` part."""
+    what = [f"between classes {min(pair)} and {max(pair)}"] if pair is not None else []
+    what += [f"within {within:g} of the near= points"] if within is not None else []
+    if not (pairs and what):
+        return NoBoundaryError(
+            "no decision boundary matches the request: there is none on this slice "
+            "(one class wins everywhere)."
+        )
+    fix = ["choose another pair= (--classes on the command line) or drop it"] * (pair is not None)
+    fix += ["widen within="] * (within is not None)
+    listed = ", ".join(f"{a},{b}" for a, b in sorted(pairs))
+    return NoBoundaryError(
+        f"no decision boundary matches the request (none {' '.join(what)}); "
+        f"{', or '.join(fix)}; class pairs on the boundary: {listed}."
+    )
+
+
+def _tensors(x: np.ndarray, shape: tuple[int, ...]) -> pa.ExtensionArray:
+    """Rows of ``x`` as a fixed-shape tensor column of ``shape``, also when there are none
+    (pyarrow's ``from_numpy_ndarray`` refuses an empty array)."""
+    if len(x):
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(
+            np.ascontiguousarray(x.reshape(len(x), *shape))
+        )
+    value = pa.from_numpy_dtype(x.dtype)
+    storage = pa.array([], pa.list_(value, int(np.prod(shape, dtype=np.int64))))
+    # the identity permutation, as from_numpy_ndarray gives a C-contiguous array
+    kind = pa.fixed_shape_tensor(value, shape, permutation=list(range(len(shape))))
+    return pa.ExtensionArray.from_storage(kind, storage)
 
 
 def _near_intervals(

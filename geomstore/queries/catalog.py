@@ -21,7 +21,15 @@ from geomstore.store.unavailable import io_errors
 if TYPE_CHECKING:
     from geomstore.store.store import Store
 
-__all__ = ["checkpoints", "dataset_points", "datasets", "models", "partitions", "slices"]
+__all__ = [
+    "checkpoints",
+    "dataset_points",
+    "datasets",
+    "missing_dataset",
+    "models",
+    "partitions",
+    "slices",
+]
 
 
 def _rows(store: Store, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
@@ -69,6 +77,18 @@ def _require_slice(store: Store, slice: str) -> None:
             kind="slice",
             name=slice,
         )
+
+
+def choices(names: Sequence[str], most: int = 12) -> str:
+    """Names for an error message: all of them, or the first ``most`` and how many more.
+
+    >>> choices(["a", "b"]), choices([]), choices(list("abcd"), most=2)
+    ('a, b', 'none yet', 'a, b, ... (4 in all)')
+    """
+    if not names:
+        return "none yet"
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, ... ({len(names)} in all)"
 
 
 def models(store: Store) -> pa.Table:
@@ -214,8 +234,9 @@ def partitions(
         if missing:
             of = f" of model {model!r}" if model is not None else ""
             raise NotFoundError(
-                f"no checkpoint {missing[0]!r}{of} in this store; list them with "
-                "store.checkpoints(model=...) or geomstore partitions STORE --model NAME.",
+                f"no checkpoint {missing[0]!r}{of} in this store; checkpoints: "
+                f"{choices(sorted(known))} (list them with geomstore.queries.checkpoints("
+                "store, model=...) or geomstore partitions STORE --model NAME).",
                 kind="checkpoint",
                 name=missing[0],
             )
@@ -298,13 +319,30 @@ def dataset_points(
         [dataset, slice, slice],
     )
     if not rows:
-        names = _known(store, "SELECT DISTINCT name FROM datasets ORDER BY name")
-        raise NotFoundError(
-            f"no points of data set {dataset!r} on slice {slice!r}; data sets: "
-            f"{names or 'none yet'} (store them with store.add_points).",
-            kind="dataset",
-            name=dataset,
-        )
+        raise missing_dataset(store, dataset, slice)
     u = np.array([[r[0], r[1]] for r in rows], dtype=np.float64)
     labels = [r[2] for r in rows]
     return u, None if any(v is None for v in labels) else np.array(labels, dtype=np.int64)
+
+
+def missing_dataset(store: Store, dataset: str, slice: str) -> NotFoundError:
+    """The error for a data set with no points on ``slice`` (a name or id): it lists the
+    data sets stored on that slice, and the slices that hold ``dataset`` if others do."""
+    on = datasets(store, slice=slice).to_pylist()  # an unknown slice raises here
+    here = sorted({r["dataset"] for r in on})
+    named = [r for r in slices(store).to_pylist() if slice in (r["slice"], r["slice_id"])]
+    shown = named[0]["slice"] if named and named[0]["slice"] else slice
+    others = sorted(
+        {
+            r["slice"] or r["slice_id"]
+            for r in datasets(store).to_pylist()
+            if r["dataset"] == dataset
+        }
+    )
+    also = f" (it is on slice(s) {others} only)" if others else ""
+    return NotFoundError(
+        f"no stored points of data set {dataset!r} on slice {shown!r}{also}; data sets on "
+        f"this slice: {here or 'none yet'} (add points with store.add_points(name, slice, x)).",
+        kind="dataset",
+        name=dataset,
+    )

@@ -290,10 +290,9 @@ def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[
             .to_arrow_table()
         )
         if t.num_rows == 0:
-            raise GeomstoreError(
-                f"no stored points named {points!r} on this slice; "
-                "add them with store.add_points(name, slice, x)."
-            )
+            from geomstore.queries.catalog import missing_dataset
+
+            raise missing_dataset(store, points, slice_id)
         u = np.stack([t.column("u0").to_numpy(), t.column("u1").to_numpy()], 1)
         return u.astype(np.float64), t.column("split").to_pylist()
     try:
@@ -335,7 +334,7 @@ def _architecture(store: Store, parts: pa.Table) -> tuple[list[int], int, int]:
     if len(shapes) != 1:
         raise GeomstoreError(
             "the chosen checkpoints come from models with different layers; "
-            "pass checkpoints= of one architecture."
+            "pass checkpoints= (-c/--checkpoint on the command line) of one architecture."
         )
     units, k = shapes.pop()
     most = max(int(n or 0) for n in parts.column("n_regions").to_pylist())

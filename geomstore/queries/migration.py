@@ -114,7 +114,19 @@ def migration_index(
                 "share": (float(near[i]) / total) if i in has_boundary and total else None,
             }
         )
-    return pa.Table.from_pylist(rows)
+    return pa.Table.from_pylist(rows, schema=_SCHEMA)
+
+
+#: typed, so that ``share`` (null without a boundary) and ``step`` keep their types
+_SCHEMA = pa.schema(
+    [
+        ("checkpoint", pa.string()),
+        ("step", pa.int64()),
+        ("near_length", pa.float64()),
+        ("edge_length", pa.float64()),
+        ("share", pa.float64()),
+    ]
+)
 
 
 def _near_length(pairs: pa.Table, k: int, d: float) -> np.ndarray:

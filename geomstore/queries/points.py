@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from geomstore.queries.agreement import require_two
 from geomstore.queries.complexity import _points
 from geomstore.queries.stats import resolve_partitions
 from geomstore.store.sqlutil import sql_in
@@ -148,8 +149,12 @@ def churn(
     checkpoints, and share whose label (the predicted class at the point, as in
     :func:`point_regions`) changes.
 
-    Columns: checkpoint, step, previous, pattern_churn, label_churn, n_points.
+    Columns: checkpoint, step, previous, pattern_churn, label_churn, n_points. Fewer than
+    two checkpoints raise :class:`~geomstore.queries.CompareArgumentError`.
     """
+    parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
+    names = parts.column("checkpoint").to_pylist()
+    require_two(names, model=model, chosen=checkpoints is not None)
     t = point_regions(store, model=model, points=points, slice=slice, checkpoints=checkpoints)
     rows = t.select(["checkpoint", "step", "point_id", "pattern", "label"]).to_pylist()
     by_ck: dict[str, dict[int, tuple[bytes, int]]] = {}
@@ -176,17 +181,17 @@ def churn(
                 "n_points": n,
             }
         )
-    return (
-        pa.Table.from_pylist(out)
-        if out
-        else pa.table(
-            {
-                "checkpoint": pa.array([], pa.string()),
-                "step": pa.array([], pa.int64()),
-                "previous": pa.array([], pa.string()),
-                "pattern_churn": pa.array([], pa.float64()),
-                "label_churn": pa.array([], pa.float64()),
-                "n_points": pa.array([], pa.int64()),
-            }
-        )
-    )
+    return pa.Table.from_pylist(out, schema=CHURN_SCHEMA)
+
+
+#: ``churn``'s columns, typed also when no row says (steps all null, no rows).
+CHURN_SCHEMA = pa.schema(
+    [
+        ("checkpoint", pa.string()),
+        ("step", pa.int64()),
+        ("previous", pa.string()),
+        ("pattern_churn", pa.float64()),
+        ("label_churn", pa.float64()),
+        ("n_points", pa.int64()),
+    ]
+)

@@ -28,7 +28,7 @@ def resolve_partitions(
     model, slice or checkpoint, and :class:`~geomstore.errors.StoreError` when the model has
     partitions on several slices and ``slice`` is not given.
     """
-    from geomstore.queries.catalog import _model_names, partitions
+    from geomstore.queries.catalog import _model_names, choices, partitions
 
     known = _model_names(store)
     if model not in known:
@@ -47,7 +47,11 @@ def resolve_partitions(
             name=model,
         )
     if slice is None and len(set(table.column("slice_id").to_pylist())) > 1:
-        raise StoreError(f"model {model!r} has partitions on several slices; pass slice=NAME.")
+        names = sorted(set(table.column("slice").to_pylist()))
+        raise StoreError(
+            f"model {model!r} has partitions on several slices; pass slice= (--slice on the "
+            f"command line); its slices: {choices(names)}."
+        )
     return table
 
 
@@ -139,4 +143,9 @@ def partition_stats(
         rows.append(
             {"checkpoint": p["checkpoint"], "step": p["step"], **s, "metrics": p["metrics"]}
         )
-    return pa.Table.from_pylist(rows)
+    # typed from the query's own columns: a column null in every row keeps its type
+    fields = [("checkpoint", pa.string()), ("step", pa.int64())]
+    fields += [(f.name, f.type) for f in stats.schema if f.name != "partition_id"]
+    fields += [("eccentricity_mean", pa.float64()), ("eccentricity_q50", pa.float64())]
+    fields += [("metrics", parts.schema.field("metrics").type)]
+    return pa.Table.from_pylist(rows, schema=pa.schema(fields))

@@ -133,7 +133,8 @@ def lc_trajectory(
     )
     by_name = dict(metrics)
     table = table.append_column(
-        "metrics", pa.array([by_name.get(c) for c in table.column("checkpoint").to_pylist()])
+        "metrics",
+        pa.array([by_name.get(c) for c in table.column("checkpoint").to_pylist()], pa.string()),
     )
     turns: dict[str, dict[str, int | None]] = {}
     rows = table.to_pylist()

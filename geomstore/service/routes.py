@@ -99,11 +99,17 @@ def _run(
 
 def _require_known(store: Store, selection: Selection) -> None:
     """Raise :class:`NotFoundError` for an unknown model, slice, checkpoint or data set."""
-    catalog.partitions(
+    parts = catalog.partitions(
         store, model=selection.model, slice=selection.slice, checkpoints=selection.checkpoints
     )
     dataset = getattr(selection, "dataset", None)
     if dataset is not None:
+        slice_ids = sorted(set(parts.column("slice_id").to_pylist()))
+        if len(slice_ids) == 1:  # the query's slice: the error the query itself gives
+            on = catalog.datasets(store, slice=slice_ids[0]).column("dataset").to_pylist()
+            if dataset not in on:
+                raise catalog.missing_dataset(store, dataset, slice_ids[0])
+            return
         names = catalog.datasets(store).column("dataset").to_pylist()
         if dataset not in names:
             raise NotFoundError(
