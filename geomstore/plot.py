@@ -360,10 +360,13 @@ def plot_trajectory(
     stats: pa.Table | None,
     path: str | Path,
     *,
-    metrics: Sequence[str] = ("train_acc", "test_acc", "accuracy"),
+    metrics: Sequence[str] | None = None,
 ) -> Path:
     """Local complexity (mean and quartiles per split), region count and boundary length,
-    and accuracy, against the training step."""
+    and accuracy, against the training step.
+
+    ``metrics`` names the recorded metrics of the last panel; by default every one whose
+    name holds "acc" (``accuracy``, ``train_acc``, ``val_acc``, ...), else all of them."""
     import json
 
     path = check_image_path(path)
@@ -404,6 +407,9 @@ def plot_trajectory(
     found = False
     metric_rows = [json.loads(m) if m else {} for m in curve.column("metrics").to_pylist()]
     first = np.unique(steps, return_index=True)[1]
+    if metrics is None:
+        recorded = list(dict.fromkeys(k for r in metric_rows for k in r))
+        metrics = [k for k in recorded if "acc" in k.lower()] or recorded
     for name in metrics:
         vals = np.array([metric_rows[i].get(name, np.nan) for i in first], dtype=float)
         if np.isfinite(vals).any():
@@ -411,9 +417,12 @@ def plot_trajectory(
             found = True
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.set_title("metrics" if found else "no accuracy recorded", fontsize=9)
+    accuracy = all("acc" in name.lower() for name in metrics)
+    ax.set_ylabel("accuracy" if accuracy else "metric")
+    ax.set_title("metrics" if found else "no metrics recorded", fontsize=9)
     if found:
         ax.legend(fontsize=7)
+    else:
+        ax.set_yticks([])
     fig.tight_layout()
     return _save(fig, Path(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from geomstore._aliases import renamed_kwargs
+from geomstore.engine.cache import state_sha256
 from geomstore.engine.partition import partition
-from geomstore.errors import GeomstoreError
+from geomstore.errors import CheckpointConflictError, GeomstoreError
 from geomstore.jobs import submit
-from geomstore.loading import ModelSpec
+from geomstore.loading import ModelSpec, load_model
 from geomstore.slice import Slice
 from geomstore.store.store import Store
 
@@ -146,6 +148,15 @@ class Recorder:
         Returns the partition ids written (the job ids queued; with ``executor="ray"`` the
         Ray task ids, whose results :meth:`wait` gathers); empty when skipped.
         """
+        given = step
+        try:
+            step = operator.index(step)  # ints, numpy and 0-d torch integers; not 1.5
+        except TypeError:
+            step = -1
+        if step < 0 or isinstance(given, bool):
+            raise GeomstoreError(
+                f"step must be a whole number >= 0 (the training step); got {given!r}."
+            )
         if not force and step % self.every:
             return []
         clean = {k: float(v) for k, v in (metrics or {}).items()}
@@ -204,30 +215,75 @@ class Recorder:
         return ids
 
     def _export(
-        self, net: torch.nn.Module, step: int, metrics: dict[str, float], folder: Path
+        self,
+        net: torch.nn.Module,
+        step: int,
+        metrics: dict[str, float],
+        folder: Path,
+        *,
+        check: bool = False,
     ) -> Path:
-        """Save ``net`` as a ``torch.export`` program ``folder/step-N.pt2`` (and its JSON)."""
+        """Save ``net`` as a ``torch.export`` program ``folder/step-N.pt2`` (and its JSON).
+
+        With ``check`` (the queue, whose jobs name the file): a checkpoint of this name
+        with other weights, stored or queued as a file of an earlier run, is refused
+        before anything is written (unless ``replace``); an earlier file with the same
+        weights is kept as it is, so that its queued jobs still find what they queued.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{step}.pt2"
+        program = self._program(net, step)
+        if check:
+            sha = state_sha256(program.module().state_dict())
+            old = _file_weights(path) if path.is_file() else None
+            if not self.replace:
+                self._refuse_other_weights(path, step, sha, old)
+            if old == sha:
+                return path
+        torch.export.save(program, str(path))
+        path.with_suffix(".json").write_text(json.dumps({"step": step, "metrics": metrics}))
+        return path
+
+    def _refuse_other_weights(self, path: Path, step: int, sha: str, old: str | None) -> None:
+        name = f"step-{step}"
+        stored = (
+            self.store.sql(
+                "SELECT DISTINCT c.sha256 FROM checkpoints c JOIN models m USING (model_id) "
+                "WHERE m.name = $m AND c.name = $c",
+                {"m": self.model, "c": name},
+            )
+            .table.column(0)
+            .to_pylist()
+        )
+        other = [s for s in stored if s != sha]
+        if not other and old not in (sha, None):  # a file that does not load is no checkpoint
+            other = [old]
+        if other:
+            raise CheckpointConflictError(
+                f"checkpoint {name!r} of model {self.model!r} is "
+                f"{'stored' if stored else f'queued as {path}'} already with other weights "
+                f"(weights sha256 {str(other[0])[:12]}, these {sha[:12]}); nothing was "
+                "written. Pass replace=True to replace it, or record this run under another "
+                "model name."
+            )
+
+    def _program(self, net: torch.nn.Module, step: int) -> Any:
         param = next(iter(net.parameters()), None)
         dtype = param.dtype if param is not None else torch.float32
         sl = self.slices[0]
         # one example input, batch of 1, however lift shapes a single point
         x = torch.as_tensor(sl.lift([[0.0, 0.0]]), dtype=dtype).reshape(1, *sl.input_shape)
         try:
-            program = torch.export.export(net, (x,))
+            return torch.export.export(net, (x,))
         except Exception as exc:
             raise GeomstoreError(
                 f"cannot export the model at step {step} with torch.export ({exc}); "
                 "record with executor='local' instead."
             ) from None
-        torch.export.save(program, str(path))
-        path.with_suffix(".json").write_text(json.dumps({"step": step, "metrics": metrics}))
-        return path
 
     def _queue(self, net: torch.nn.Module, step: int, metrics: dict[str, float]) -> list[str]:
         assert self.folder is not None
-        path = self._export(net, step, metrics, self.folder)
+        path = self._export(net, step, metrics, self.folder, check=True)
         return [
             submit(
                 self.store,
@@ -243,3 +299,12 @@ class Recorder:
             )
             for sl in self.slices
         ]
+
+
+def _file_weights(path: Path) -> str | None:
+    """The weights hash of an exported checkpoint file (None: it does not load)."""
+    try:
+        program = load_model(path)
+    except GeomstoreError:
+        return None
+    return state_sha256(program.module().state_dict())

@@ -35,6 +35,7 @@ import duckdb
 
 from geomstore.errors import (
     AbortedWriteError,
+    CheckpointConflictError,
     GeomstoreError,
     InvalidSliceError,
     ModelShapeError,
@@ -49,7 +50,13 @@ from geomstore.store.store import Store
 __all__ = ["Job", "Worker", "stable_files"]
 
 # failures that another attempt cannot fix: the job is marked failed at once
-_USER_ERRORS = (ModelLoadError, UnsupportedModelError, ModelShapeError, InvalidSliceError)
+_USER_ERRORS = (
+    ModelLoadError,
+    UnsupportedModelError,
+    ModelShapeError,
+    InvalidSliceError,
+    CheckpointConflictError,  # another run under the name: --replace, not a retry, helps
+)
 
 
 @dataclass(frozen=True)

@@ -243,3 +243,11 @@ def test_add_points_stores_a_data_set_the_queries_then_take(store: Path, tmp_pat
         "add-points", store, "o", tmp_path / "x.npy", "--labels", tmp_path / "d.npz", BOX
     )
     assert "no store at" in fail("add-points", tmp_path / "none", "o", tmp_path / "x.npy", BOX)
+
+
+def test_submit_says_how_many_jobs_are_new(tmp_path: Path) -> None:
+    net = _export(tmp_path / "net.pt2")
+    first = ok("submit", tmp_path / "q", net, "-m", "m", BOX)
+    assert "1 new job(s) in the queue" in first and "before" not in first
+    again = ok("submit", tmp_path / "q", net, "-m", "m", BOX)
+    assert "0 new job(s) in the queue" in again and "(1 submitted before)" in again

@@ -211,11 +211,13 @@ def submit(
 
     Example: geomstore submit runs/moons 'ckpt/*.pt2' --model moons-mlp --box=-2,-1.5,3,2
     """
+    from geomstore.jobs import job_table
     from geomstore.jobs import submit as submit_one
 
     files = _files(checkpoints)
     with store_with_slices(store, box, through, slice_name, margin) as (st, sls):
         ids = set()
+        known = set(job_table(st).column("job_id").to_pylist())
         with progress() as bar:
             task = bar.add_task("submitting", total=len(files) * len(sls))
             for f in files:
@@ -233,7 +235,9 @@ def submit(
                         )
                     )
                     bar.advance(task)
-    out.print(f"{len(ids)} job(s) in the queue of {store}; run: geomstore worker {store}")
+    new = len(ids - known)
+    again = f" ({len(ids) - new} submitted before)" if new < len(ids) else ""
+    out.print(f"{new} new job(s) in the queue of {store}{again}; run: geomstore worker {store}")
 
 
 @app.command()

@@ -77,17 +77,20 @@ class Program:
                 f"the model takes {len(placeholders)} inputs; geomstore needs exactly one tensor."
             )
         self.static = self.memo(("static",), self._static_env)
-        self.nonlinearities: list[Nonlinearity] = [
-            self._spec(n, _KINDS[n.target])
+        piecewise = [
+            n
             for n in self.nodes
             if n.op == "call_function" and n.target in _KINDS and n not in self.static
+        ]
+        #: in topological order; ``layer`` is the index here (the edges' ``layer``)
+        self.nonlinearities: list[Nonlinearity] = [
+            self._spec(n, _KINDS[n.target], layer) for layer, n in enumerate(piecewise)
         ]
         self.last_use = self._liveness()
         self._probe_shapes()
 
     # building --------------------------------------------------------------------------------
-    def _spec(self, node: torch.fx.Node, kind: Kind) -> Nonlinearity:
-        layer = len(getattr(self, "nonlinearities", []))
+    def _spec(self, node: torch.fx.Node, kind: Kind, layer: int) -> Nonlinearity:
         spec = Nonlinearity(layer=layer, node=node, name=node.name, kind=kind)
         args: list[Any] = [
             self.static.get(a, a) if isinstance(a, torch.fx.Node) else a for a in node.args

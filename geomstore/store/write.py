@@ -74,9 +74,10 @@ def write_partition(
     _check_writable(store)
     metrics = _check_arguments(partition, model, checkpoint, metrics)
     summary = partition.model_summary
-    model_id = _hash(
-        "model", model, summary["layers"], summary["input_shape"], summary["n_outputs"]
-    )
+    # a layer's index is its place in the list: hashed as 0, as the engine wrote it for
+    # every layer until 2026-11-27, so that a model keeps its id in the stores written then
+    layers = [{**layer, "layer": 0} for layer in summary["layers"]]
+    model_id = _hash("model", model, layers, summary["input_shape"], summary["n_outputs"])
     weights = summary.get("weights_sha256", "")
     checkpoint_id = _hash("checkpoint", model_id, checkpoint, weights)
     sl = partition.slice
