@@ -66,7 +66,11 @@ def _reference_lc(part: geomstore.Partition, u: np.ndarray, r: float, shape: str
             {
                 "n_neurons": len(neurons),
                 "n_regions": n_regions,
-                "density": float(lens.sum() / hood.area),
+                # the domain's border (layer null) is no neuron's boundary: not counted
+                "density": float(
+                    sum(x for x, layer in zip(lens, e["layer"], strict=True) if layer is not None)
+                    / hood.area
+                ),
             }
         )
     return out

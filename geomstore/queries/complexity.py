@@ -1,5 +1,5 @@
 """Exact local complexity on a slice (Humayun et al.): neurons whose boundary meets a
-neighbourhood of each point, regions meeting it, and boundary length per area.
+neighbourhood of each point, regions meeting it, and neuron boundary length per area.
 
 The stored edges hold the zero sets of the *hidden* units (the cuts of every nonlinearity)
 and the domain's border; they do not hold the zero sets of the output units (the logits),
@@ -16,16 +16,24 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, get_args
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
 from geomstore.errors import GeomstoreError
+from geomstore.queries.logits import PIDX, logit_segments
 from geomstore.queries.stats import resolve_partitions
 from geomstore.store.sqlutil import sql_in
 from geomstore.store.store import Store
 
-__all__ = ["LCArgumentError", "Layers", "Shape", "clipped_length", "local_complexity"]
+__all__ = [
+    "LCArgumentError",
+    "Layers",
+    "Shape",
+    "architectures",
+    "clipped_length",
+    "in_domain",
+    "local_complexity",
+]
 
 Shape = Literal["disk", "diamond"]
 """Neighbourhood of a point: the Euclidean disk or the L1 diamond ``|u0| + |u1| <= r``."""
@@ -37,7 +45,6 @@ _LAYERS: tuple[str, ...] = get_args(Layers)
 _BITMAP_MAX = 1 << 27  # distinct (cell, unit) pairs by a bitmap up to this many bits
 _BATCH = 1 << 16  # segments per batch (about 5 candidate points each at 10k regions)
 _CANDIDATES = 1 << 19  # (segment, point) candidates processed at a time
-_PIDX = "list_position($ids, e.partition_id)::INTEGER - 1 AS pidx"  # index into the ids
 
 
 class LCArgumentError(GeomstoreError, ValueError):
@@ -162,8 +169,17 @@ def local_complexity(
         checkpoint, step, point_id, split, n_neurons (distinct units whose zero sets meet
         the neighbourhood), neurons_per_layer (list: one entry per nonlinearity, then the
         output layer with ``layers="all"``), n_regions (regions meeting it) and
-        boundary_density (length inside the neighbourhood of the counted zero sets and of
-        the domain's border, divided by the neighbourhood's area).
+        boundary_density: the length inside the neighbourhood of the counted units' zero
+        sets (not of the domain's border, which is no unit's boundary), divided by the
+        whole neighbourhood's area, ``pi r^2`` for the disk and ``2 r^2`` for the diamond,
+        also where part of it lies outside the domain (as the papers normalise: by the
+        neighbourhood of radius r around the point). Outside the domain no zero set is
+        known, so there the neighbourhood adds area but no length.
+
+        Only the part of a neighbourhood inside the slice's domain is seen. A neighbourhood
+        that does not meet the domain (its point lies outside, and no edge or piece of the
+        border crosses it) has null n_neurons, neurons_per_layer, n_regions and
+        boundary_density: the partition says nothing there.
 
     Examples
     --------
@@ -187,7 +203,8 @@ def local_complexity(
     radius = float(radius)
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     con = store.reader()
-    u, split = _points(store, points, parts.column("slice_id")[0].as_py())
+    slice_id = parts.column("slice_id")[0].as_py()
+    u, split = _points(store, points, slice_id)
     ids = parts.column("partition_id").to_pylist()
     ids_in = sql_in(ids)
     units, n_outputs, max_region = _architecture(store, parts)
@@ -198,7 +215,7 @@ def local_complexity(
     # the partition ids go in as a parameter: registering an Arrow table would import
     # pyarrow.dataset (a third of a second) on a process's first query
     edges = con.execute(
-        f"SELECT {_PIDX}, coalesce(e.unit, -1)::INTEGER AS unit, "
+        f"SELECT {PIDX}, coalesce(e.unit, -1)::INTEGER AS unit, "
         "coalesce(e.region_left, -1)::INTEGER AS rl, coalesce(e.region_right, -1)::INTEGER"
         " AS rr, e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e "
         f"WHERE e.partition_id IN {ids_in}",
@@ -208,13 +225,13 @@ def local_complexity(
         store.reader()  # raises once a deadline the caller set has passed (the service's)
         tally.add(grid, *(np.asarray(c.to_numpy()) for c in batch.columns))
     if layers == "all":
-        segs = _logit_segments(con, ids, sum(units[:-1]), n_outputs)
+        segs = logit_segments(con, ids, sum(units[:-1]), n_outputs)
         none = np.full(segs.num_rows, -1, dtype=np.int32)
         for batch in segs.to_batches(_BATCH):
             store.reader()
             c = [np.asarray(x.to_numpy()) for x in batch.columns]
             tally.add(grid, c[0], c[1], none[: len(c[0])], none[: len(c[0])], *c[2:])
-    return tally.table(parts, split)
+    return tally.table(parts, split, in_domain(store.load_slice(slice_id), u))
 
 
 class _PointGrid:
@@ -306,6 +323,14 @@ def _points(store: Store, points: Any, slice_id: str) -> tuple[np.ndarray, list[
     return u, [None] * len(u)
 
 
+def in_domain(slice: Any, u: np.ndarray) -> np.ndarray:
+    """Whether each point (n, 2) lies in the slice's domain, its border included."""
+    import shapely
+
+    domain = shapely.Polygon(np.asarray(slice.domain, dtype=np.float64))
+    return np.asarray(shapely.intersects_xy(domain, u[:, 0], u[:, 1]), dtype=bool)
+
+
 def _project(store: Store, x: np.ndarray, slice_id: str) -> np.ndarray:
     """Inputs ``x`` (..., *input_shape) or (..., D) projected onto the slice: (n, 2)."""
     sl = store.load_slice(slice_id)
@@ -322,134 +347,38 @@ def _project(store: Store, x: np.ndarray, slice_id: str) -> np.ndarray:
     )
 
 
-def _architecture(store: Store, parts: pa.Table) -> tuple[list[int], int, int]:
-    """Units per nonlinearity, number of outputs and largest region id of the partitions."""
+def architectures(store: Store, parts: pa.Table) -> list[tuple[tuple[int, ...], int]]:
+    """Each partition's (units per nonlinearity, number of outputs), in the rows' order.
+
+    Checkpoints of one model name may hold different architectures (a model row each).
+    """
     from geomstore.queries.catalog import models
 
     arch = {
-        m["model_id"]: (tuple(json.loads(m["units_per_layer"] or "[]")), int(m["n_outputs"] or 0))
+        m["model_id"]: (
+            tuple(int(x) for x in json.loads(m["units_per_layer"] or "[]")),
+            int(m["n_outputs"] or 0),
+        )
         for m in models(store).select(["model_id", "units_per_layer", "n_outputs"]).to_pylist()
     }
-    shapes = {arch[m] for m in set(parts.column("model_id").to_pylist())}
+    return [arch[m] for m in parts.column("model_id").to_pylist()]
+
+
+#: Why checkpoints of different architectures cannot be tallied (or patterns compared).
+MIXED_LAYERS = (
+    "the chosen checkpoints come from models with different layers; "
+    "pass checkpoints= (-c/--checkpoint on the command line) of one architecture."
+)
+
+
+def _architecture(store: Store, parts: pa.Table) -> tuple[list[int], int, int]:
+    """Units per nonlinearity, number of outputs and largest region id of the partitions."""
+    shapes = set(architectures(store, parts))
     if len(shapes) != 1:
-        raise GeomstoreError(
-            "the chosen checkpoints come from models with different layers; "
-            "pass checkpoints= (-c/--checkpoint on the command line) of one architecture."
-        )
+        raise LCArgumentError(MIXED_LAYERS)
     units, k = shapes.pop()
     most = max(int(n or 0) for n in parts.column("n_regions").to_pylist())
-    return [int(x) for x in units], k, most - 1
-
-
-def _logit_segments(
-    con: duckdb.DuckDBPyConnection, ids: list[str], offset: int, k: int
-) -> pa.Table:
-    """The zero set of every output unit inside every region, as segments.
-
-    Inside a convex region the zero set of logit j is the line A[j] u + c[j] = 0 clipped to
-    the polygon: the segment between the extreme points where the line meets the region's
-    boundary, which the stored edges tile (each edge names the regions on its two sides).
-    The network is continuous, so a crossing found on an edge with the map of the region
-    on its left is also the crossing for the region on its right. A logit that is
-    identically zero on a region has no line there and is skipped.
-    """
-    n_parts = len(ids)
-    ids_in = sql_in(ids)
-    reg = con.execute(
-        f"SELECT {_PIDX.replace('e.', 'r.')}, r.region_id, r.A, r.c FROM regions r "
-        f"WHERE r.partition_id IN {ids_in}",
-        {"ids": ids},
-    ).to_arrow_table()
-    edg = con.execute(
-        f"SELECT {_PIDX}, e.region_left AS rl, coalesce(e.region_right, -1) AS rr, "
-        "e.u0_a, e.u1_a, e.u0_b, e.u1_b FROM edges e "
-        f"WHERE e.partition_id IN {ids_in} AND e.region_left IS NOT NULL",
-        {"ids": ids},
-    ).to_arrow_table()
-    cols = {"pidx": np.int32, "unit": np.int32, "u0_a": float, "u1_a": float}
-    cols |= {"u0_b": float, "u1_b": float}
-    out: dict[str, list[np.ndarray]] = {c: [np.zeros(0, t)] for c, t in cols.items()}
-    if reg.num_rows and edg.num_rows and k:
-
-        def col(t: pa.Table, name: str) -> np.ndarray:
-            return np.asarray(t.column(name).to_numpy())
-
-        rid = col(reg, "region_id").astype(np.int64)
-        rspan = int(rid.max()) + 1
-        rpid = col(reg, "pidx").astype(np.int64)
-        row_of = np.full(n_parts * rspan, -1, dtype=np.int64)  # (partition, region) -> row
-        row_of[rpid * rspan + rid] = np.arange(len(rid))
-        amap = reg.column("A").combine_chunks().flatten().to_numpy().reshape(-1, k, 2)
-        cvec = reg.column("c").combine_chunks().flatten().to_numpy().reshape(-1, k)
-        epid = col(edg, "pidx").astype(np.int64)
-        rl, rr = col(edg, "rl").astype(np.int64), col(edg, "rr").astype(np.int64)
-        if rl.max(initial=-1) >= rspan or rr.max(initial=-1) >= rspan:
-            raise GeomstoreError(
-                "an edge names a region its partition does not hold: the store is "
-                "inconsistent; recompute that partition."
-            )
-        left = row_of[epid * rspan + rl]
-        right = np.where(rr >= 0, row_of[epid * rspan + np.maximum(rr, 0)], -1)
-        if (left < 0).any() or ((rr >= 0) & (right < 0)).any():
-            raise GeomstoreError(
-                "an edge names a region its partition does not hold: the store is "
-                "inconsistent; recompute that partition."
-            )
-        ends = [col(edg, c) for c in ("u0_a", "u1_a", "u0_b", "u1_b")]
-        for j in range(k):
-            segs = _line_in_regions(amap[:, j], cvec[:, j], left, right, *ends)
-            if segs is None:
-                continue
-            grp, a0, a1, b0, b1 = segs
-            out["pidx"].append(rpid[grp].astype(np.int32))
-            out["unit"].append(np.full(len(grp), offset + j, dtype=np.int32))
-            for name, v in zip(("u0_a", "u1_a", "u0_b", "u1_b"), (a0, a1, b0, b1), strict=True):
-                out[name].append(v)
-    return pa.table({c: pa.array(np.concatenate(v)) for c, v in out.items()})
-
-
-def _line_in_regions(
-    slope: np.ndarray,
-    const: np.ndarray,
-    left: np.ndarray,
-    right: np.ndarray,
-    ax: np.ndarray,
-    ay: np.ndarray,
-    bx: np.ndarray,
-    by: np.ndarray,
-) -> tuple[np.ndarray, ...] | None:
-    """Each region's piece of the line slope[r] . u + const[r] = 0 (r, a0, a1, b0, b1)."""
-    s0, s1, c = slope[left, 0], slope[left, 1], const[left]
-    fa = s0 * ax + s1 * ay + c
-    fb = s0 * bx + s1 * by + c
-    cross = (np.minimum(fa, fb) <= 0) & (np.maximum(fa, fb) >= 0) & (fa != fb)
-    on = (fa == 0) & (fb == 0) & ((s0 != 0) | (s1 != 0))  # the edge lies on the line
-    t = fa[cross] / (fa[cross] - fb[cross])
-    px = np.concatenate([ax[cross] + t * (bx[cross] - ax[cross]), ax[on], bx[on]])
-    py = np.concatenate([ay[cross] + t * (by[cross] - ay[cross]), ay[on], by[on]])
-    idx = np.concatenate([np.flatnonzero(cross), np.flatnonzero(on), np.flatnonzero(on)])
-    # each point lies on the boundary of the regions on both sides of its edge
-    two = right[idx] >= 0
-    row = np.concatenate([left[idx], right[idx][two]])
-    px, py = np.concatenate([px, px[two]]), np.concatenate([py, py[two]])
-    if len(row) == 0:
-        return None
-    g0, g1 = slope[row, 0], slope[row, 1]
-    pos = px * -g1 + py * g0  # position along the line's direction (-g1, g0)
-    order = np.lexsort((pos, row))
-    row, pos = row[order], pos[order]
-    first = np.ones(len(row), dtype=bool)
-    first[1:] = row[1:] != row[:-1]
-    start = np.flatnonzero(first)
-    end = np.append(start[1:], len(row)) - 1
-    keep = pos[end] > pos[start]
-    start, end, grp = start[keep], end[keep], row[start[keep]]
-    a0, a1, cc = slope[grp, 0], slope[grp, 1], const[grp]
-    n2 = a0 * a0 + a1 * a1
-    base0, base1 = -cc * a0 / n2, -cc * a1 / n2  # the line's point nearest the origin
-    d0, d1 = -a1 / n2, a0 / n2
-    lo, hi = pos[start], pos[end]
-    return grp, base0 + lo * d0, base1 + lo * d1, base0 + hi * d0, base1 + hi * d1
+    return list(units), k, most - 1
 
 
 def _distinct(keys: np.ndarray, span: int) -> np.ndarray:
@@ -478,6 +407,7 @@ class _Tally:
         self.span = max(int(self.offsets[-1]), 1)
         self.rspan = max(rspan, 1)
         self.length = np.zeros(self.cells)
+        self.touched = np.zeros(self.cells, dtype=bool)  # some edge meets the neighbourhood
         bits = self.cells * self.span
         self.mark = np.zeros(bits, dtype=bool) if bits <= _BITMAP_MAX else None
         self.unit_keys: list[np.ndarray] = []
@@ -526,8 +456,11 @@ class _Tally:
         )
         unit, left, right = unit[seg], left[seg], right[seg]
         # every segment is stored once (edges hold each shared segment once)
-        self.length += np.bincount(cell, weights=length, minlength=self.cells)
         met = length > 0
+        self.touched[cell[met]] = True
+        # the domain's border (unit -1) bounds regions but is no unit's zero set: no length
+        zero_set = unit >= 0
+        self.length += np.bincount(cell[zero_set], weights=length[zero_set], minlength=self.cells)
         neur = met & (unit >= 0) & (unit < self.span)
         keys = cell[neur] * self.span + unit[neur]
         if self.mark is not None:
@@ -547,8 +480,10 @@ class _Tally:
         )
         self.side_keys.append(_distinct(sides, 1 << 62))
 
-    def table(self, parts: pa.Table, split: list[str | None]) -> pa.Table:
-        """The result rows: one per checkpoint and point."""
+    def table(self, parts: pa.Table, split: list[str | None], inside: np.ndarray) -> pa.Table:
+        """The result rows: one per checkpoint and point (``inside``: the points in the
+        domain). A neighbourhood meets the domain when its point lies in it or an edge (a
+        zero set or the border) crosses it; one that misses it has null counts."""
         cells, n, k, n_layers = self.cells, self.n, self.k, len(self.units)
         if self.mark is not None:
             key = np.flatnonzero(self.mark)
@@ -558,6 +493,7 @@ class _Tally:
         per_layer = np.bincount((key // self.span) * n_layers + layer, minlength=cells * n_layers)
         sides = _distinct(np.concatenate([np.zeros(0, np.int64), *self.side_keys]), 1 << 62)
         regions = np.maximum(np.bincount(sides // self.rspan, minlength=cells), 1)
+        missed = ~(self.touched | np.tile(np.asarray(inside, dtype=bool), k))
         area = np.pi * self.radius**2 if self.shape == "disk" else 2 * self.radius**2
         names = np.array(parts.column("checkpoint").to_pylist(), dtype=object)
         steps = np.array(parts.column("step").to_pylist(), dtype=object)
@@ -567,12 +503,15 @@ class _Tally:
                 "step": pa.array(np.repeat(steps, n), type=pa.int64()),
                 "point_id": pa.array(np.tile(np.arange(n, dtype=np.int64), k)),
                 "split": pa.array(split * k, type=pa.string()),
-                "n_neurons": pa.array(per_layer.reshape(cells, n_layers).sum(1).astype(np.int64)),
+                "n_neurons": pa.array(
+                    per_layer.reshape(cells, n_layers).sum(1).astype(np.int64), mask=missed
+                ),
                 "neurons_per_layer": pa.ListArray.from_arrays(
                     pa.array(np.arange(cells + 1, dtype=np.int32) * n_layers),
                     pa.array(per_layer.astype(np.int64)),
+                    mask=pa.array(missed),
                 ),
-                "n_regions": pa.array(regions.astype(np.int64)),
-                "boundary_density": pa.array(self.length / area),
+                "n_regions": pa.array(regions.astype(np.int64), mask=missed),
+                "boundary_density": pa.array(self.length / area, mask=missed),
             }
         )

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from geomstore.queries.agreement import require_two
-from geomstore.queries.complexity import _points
+from geomstore.queries.agreement import CompareArgumentError, require_two
+from geomstore.queries.complexity import _points, architectures
 from geomstore.queries.stats import resolve_partitions
 from geomstore.store.sqlutil import sql_in
 from geomstore.store.store import Store
@@ -43,13 +44,17 @@ def point_regions(
     stored pattern hash, read in the same scan.
 
     Points on an edge are given the region with the lowest id among those holding them.
+
+    Every point has one row per checkpoint, in the order given (``point_id`` is its index).
+    A point outside the slice's domain lies in no region: its region_id, label, pattern
+    and distances (and with ``affine=True`` its A, c and pattern hash) are null.
     """
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     u, split = _points(store, points, parts.column("slice_id")[0].as_py())
     ids = parts.column("partition_id").to_pylist()
     ids_in = sql_in(ids)
     extra = ", partition_id := r.partition_id, ph := r.pattern_hash"
-    out = ", h.h.partition_id AS partition_id, h.h.ph AS pattern_hash"
+    out = ", g.partition_id, h.h.ph AS pattern_hash"
     # the points go in as list parameters and the partitions as a literal list: the filter
     # then reaches the scans (one of regions, one of boundary), which skip other partitions.
     # Each list travels as the text of its floats (repr: shortest round trip, parsed back
@@ -73,14 +78,19 @@ def point_regions(
                    min(ST_Distance(b.geometry, ST_Point(p.pu0, p.pu1))) AS d
             FROM boundary b, p
             WHERE b.partition_id IN {ids_in}
-            GROUP BY ALL)
-        SELECT list_position($ids, h.partition_id) - 1 AS pidx, h.point_id,
+            GROUP BY ALL),
+        grid AS (  -- every (checkpoint, point): a point outside the domain has no region
+            SELECT k.pidx, $ids[k.pidx + 1] AS partition_id, p.point_id
+            FROM (SELECT unnest(range(len($ids))) AS pidx) k, p)
+        SELECT g.pidx, g.point_id,
                h.h.region_id AS region_id, h.h.A AS A, h.h.c AS c, h.h.pattern AS pattern,
-               h.h.border AS distance_to_border, bd.d AS distance_to_boundary
+               h.h.border AS distance_to_border,
+               CASE WHEN h.point_id IS NOT NULL THEN bd.d END AS distance_to_boundary
                {out if affine else ""}
-        FROM hold h
-        LEFT JOIN bd ON bd.partition_id = h.partition_id AND bd.point_id = h.point_id
-        ORDER BY pidx, h.point_id
+        FROM grid g
+        LEFT JOIN hold h ON h.partition_id = g.partition_id AND h.point_id = g.point_id
+        LEFT JOIN bd ON bd.partition_id = g.partition_id AND bd.point_id = g.point_id
+        ORDER BY g.pidx, g.point_id
     """
     params = {"ids": ids, "pu0": repr(u[:, 0].tolist()), "pu1": repr(u[:, 1].tolist())}
     table = store.reader().execute(sql, params).to_arrow_table()
@@ -92,7 +102,7 @@ def point_regions(
     table = table.drop_columns(["pidx"])
     at = table.schema.get_field_index("A")
     amap, cvec = table.column("A"), table.column("c")
-    table = table.drop_columns(["A", "c"]).add_column(at, "label", pa.array(label, pa.int32()))
+    table = table.drop_columns(["A", "c"]).add_column(at, "label", label)
     if affine:
         at = table.schema.get_field_index("partition_id") + 1
         table = table.add_column(at, "A", amap).add_column(at + 1, "c", cvec)
@@ -103,22 +113,30 @@ def point_regions(
     return table.add_column(0, "checkpoint", pa.array(names[pidx].tolist()))
 
 
-def _label_at(table: pa.Table, u: np.ndarray, threshold: np.ndarray) -> np.ndarray:
-    """The predicted class at each point from its region's affine map (rows of ``table``).
+def _label_at(table: pa.Table, u: np.ndarray, threshold: np.ndarray) -> pa.Array:
+    """The predicted class at each point from its region's affine map (rows of ``table``;
+    null where the point lies in no region).
 
     As the regions' ``label``: the argmax of ``A u + c`` (the first, i.e. the lowest class,
-    on a tie) with several outputs, ``A u + c > threshold`` with one.
+    on a tie) with several outputs, ``A u + c > threshold`` with one. The checkpoints of
+    one model name may differ in their number of outputs: rows are taken by it.
     """
-    n = table.num_rows
-    c = np.asarray(table.column("c").combine_chunks().flatten().to_numpy(), np.float64)
-    k = len(c) // n if n else 1
-    c = c.reshape(n, k)
-    a = np.asarray(table.column("A").combine_chunks().flatten().to_numpy(), np.float64)
-    a = a.reshape(n, k, 2)
-    out = a[:, :, 0] * u[:, :1] + a[:, :, 1] * u[:, 1:] + c
-    if k == 1:
-        return (out[:, 0] > threshold).astype(np.int32)
-    return out.argmax(axis=1).astype(np.int32)
+    cs = table.column("c").combine_chunks()
+    amap = table.column("A").combine_chunks()
+    held = np.asarray(cs.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    k_row = np.asarray(pc.list_value_length(cs).fill_null(0).to_numpy(), dtype=np.int64)
+    label = np.zeros(len(held), dtype=np.int32)
+    for k in np.unique(k_row[held]).tolist():
+        rows = np.flatnonzero(held & (k_row == k))
+        take = pa.array(rows)
+        c = np.asarray(cs.take(take).flatten().to_numpy(), np.float64).reshape(-1, k)
+        a = np.asarray(amap.take(take).flatten().to_numpy(), np.float64).reshape(-1, k, 2)
+        out = a[:, :, 0] * u[rows, :1] + a[:, :, 1] * u[rows, 1:] + c
+        if k == 1:
+            label[rows] = out[:, 0] > threshold[rows]
+        else:
+            label[rows] = out.argmax(axis=1)
+    return pa.array(label, pa.int32(), mask=~held)
 
 
 def _thresholds(store: Store, ids: list[str]) -> np.ndarray:
@@ -149,12 +167,27 @@ def churn(
     checkpoints, and share whose label (the predicted class at the point, as in
     :func:`point_regions`) changes.
 
-    Columns: checkpoint, step, previous, pattern_churn, label_churn, n_points. Fewer than
-    two checkpoints raise :class:`~geomstore.queries.CompareArgumentError`.
+    Columns: checkpoint, step, previous, pattern_churn, label_churn, n_points (the points
+    compared: those inside the slice's domain, which lie in a region). Fewer than two
+    checkpoints raise :class:`~geomstore.queries.CompareArgumentError`.
+
+    Checkpoints of one model name may hold different architectures. Where two consecutive
+    ones differ in their hidden layers, their activation patterns are not comparable and
+    ``pattern_churn`` is null, while ``label_churn`` is still given (as
+    :func:`~geomstore.queries.agreement_over` compares their classes); a different number
+    of outputs raises :class:`~geomstore.queries.CompareArgumentError`, as there.
     """
     parts = resolve_partitions(store, model=model, slice=slice, checkpoints=checkpoints)
     names = parts.column("checkpoint").to_pylist()
     require_two(names, model=model, chosen=checkpoints is not None)
+    arch = dict(zip(names, architectures(store, parts), strict=True))
+    for prev, cur in itertools.pairwise(names):
+        if arch[prev][1] != arch[cur][1]:
+            raise CompareArgumentError(
+                f"checkpoints {prev!r} and {cur!r} have {arch[prev][1]} and {arch[cur][1]} "
+                "outputs; they must match: pass checkpoints= (-c/--checkpoint on the command "
+                "line) of one architecture."
+            )
     t = point_regions(store, model=model, points=points, slice=slice, checkpoints=checkpoints)
     rows = t.select(["checkpoint", "step", "point_id", "pattern", "label"]).to_pylist()
     by_ck: dict[str, dict[int, tuple[bytes, int]]] = {}
@@ -163,13 +196,16 @@ def churn(
         if r["checkpoint"] not in by_ck:
             by_ck[r["checkpoint"]] = {}
             order.append((r["checkpoint"], r["step"]))
-        by_ck[r["checkpoint"]][r["point_id"]] = (r["pattern"], r["label"])
+        if r["pattern"] is not None:  # a point outside the domain lies in no region
+            by_ck[r["checkpoint"]][r["point_id"]] = (r["pattern"], r["label"])
     out = []
     for (prev, _), (cur, step) in itertools.pairwise(order):
         a, b = by_ck[prev], by_ck[cur]
         common = sorted(set(a) & set(b))
         n = len(common)
-        pc = sum(a[i][0] != b[i][0] for i in common) / n if n else float("nan")
+        pc: float | None = sum(a[i][0] != b[i][0] for i in common) / n if n else float("nan")
+        if arch[prev][0] != arch[cur][0]:
+            pc = None  # patterns of different layers: no common meaning
         lc = sum(a[i][1] != b[i][1] for i in common) / n if n else float("nan")
         out.append(
             {

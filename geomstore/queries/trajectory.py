@@ -110,6 +110,10 @@ def lc_trajectory(
 
     Returns the table (checkpoint, step, split, n_points, lc_mean, lc_q25, lc_q50, lc_q75,
     density_mean, metrics) and, per split, the steps of the curve's turning points.
+    ``density_mean`` is the mean of ``boundary_density`` (the units' zero sets only, per the
+    whole neighbourhood's area). Points whose neighbourhood misses the slice's domain
+    (null in :func:`~geomstore.queries.local_complexity`) are left out: ``n_points``
+    counts those that are averaged, and a split with none has null statistics.
     """
     lc = local_complexity(
         store,
@@ -158,18 +162,25 @@ def _per_checkpoint(lc: pa.Table) -> pa.Table:
     ids = np.asarray(lc.column("point_id"))
     n = int(ids.max()) + 1 if n_rows else 0
     k = n_rows // n if n else 0
-    lcv = np.asarray(lc.column("n_neurons"), dtype=np.float64).reshape(k, n)
-    dens = np.asarray(lc.column("boundary_density"), dtype=np.float64).reshape(k, n)
+    lcv = _floats(lc.column("n_neurons")).reshape(k, n)
+    dens = _floats(lc.column("boundary_density")).reshape(k, n)
     steps = lc.column("step").to_pylist()[::n] if n else []
     point_split = np.array(splits[:n], dtype=object)
     cols: dict[str, list[object]] = {c: [] for c in _COLUMNS}
+    # points seen at every checkpoint (a neighbourhood misses the domain at all or none:
+    # the checkpoints share one slice), so each checkpoint averages the same points
+    seen = ~np.isnan(lcv).any(axis=0) if k else np.zeros(n, dtype=bool)
     for split in sorted(set(point_split.tolist())):
-        sel = point_split == split
-        q = np.quantile(lcv[:, sel], [0.25, 0.5, 0.75], axis=1)
+        sel = (point_split == split) & seen
         cols["checkpoint"] += names[::n]
         cols["step"] += steps
         cols["split"] += [split] * k
         cols["n_points"] += [int(sel.sum())] * k
+        if not sel.any():
+            for name in ("lc_mean", "lc_q25", "lc_q50", "lc_q75", "density_mean"):
+                cols[name] += [None] * k
+            continue
+        q = np.quantile(lcv[:, sel], [0.25, 0.5, 0.75], axis=1)
         cols["lc_mean"] += lcv[:, sel].mean(axis=1).tolist()
         for j, name in enumerate(("lc_q25", "lc_q50", "lc_q75")):
             cols[name] += q[j].tolist()
@@ -177,6 +188,11 @@ def _per_checkpoint(lc: pa.Table) -> pa.Table:
     return pa.table(
         {c: pa.array(v, type=t) for (c, v), t in zip(cols.items(), _TYPES, strict=True)}
     )
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as float64, nulls as NaN."""
+    return np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), np.float64)
 
 
 _COLUMNS = (

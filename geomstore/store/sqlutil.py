@@ -49,6 +49,12 @@ def _retry(fn: Callable[[], T], *, attempts: int = 30) -> T:
     raise AssertionError("unreachable")
 
 
+# gs_lc is local_complexity at one point (disk, hidden units) in SQL, and must agree with it:
+# a disk that meets the domain (its centre inside, or some edge crossing it) has counts, one
+# that misses it has null counts; edges with layer null are the domain's border, which bounds
+# regions but is no neuron's zero set, so it adds no length to boundary_density (divided by
+# the whole disk's area). A bad radius or an unknown partition id is an error, not a row.
+# The statements are split at semicolons: none may stand inside one (not even in a string).
 SQL_HELPERS = f"""
 CREATE OR REPLACE TEMP VIEW gs_partitions AS
 SELECT p.*, m.name AS model, c.name AS checkpoint, c.step, c.metrics, s.name AS slice_name
@@ -57,7 +63,20 @@ JOIN {ALIAS}.checkpoints c ON c.checkpoint_id = p.checkpoint_id
 JOIN {ALIAS}.models m ON m.model_id = c.model_id
 JOIN {ALIAS}.slices s ON s.slice_id = p.slice_id;
 CREATE OR REPLACE TEMP MACRO gs_lc(pid, x, y, r) AS TABLE
-WITH near AS (
+WITH args AS (
+    SELECT CASE
+        WHEN NOT coalesce(r > 0 AND isfinite(r), false) THEN error(concat(
+            'gs_lc: the radius r must be a finite number > 0, got ', coalesce(r::VARCHAR, 'NULL'),
+            '.'))
+        WHEN NOT EXISTS (SELECT 1 FROM {ALIAS}.partitions WHERE partition_id = pid)
+            THEN error(concat('gs_lc: no partition ',
+            CASE WHEN pid IS NULL THEN 'NULL' ELSE concat('''', pid, '''') END,
+            ' in this store. List them with SELECT partition_id, model, checkpoint FROM ',
+            'gs_partitions.'))
+        ELSE (SELECT ST_Intersects(s.domain, ST_Point(x, y)) FROM {ALIAS}.partitions p
+              JOIN {ALIAS}.slices s ON s.slice_id = p.slice_id WHERE p.partition_id = pid)
+    END AS inside
+), near AS (
     SELECT layer, neuron, region_left, region_right,
            u0_b - u0_a AS dx, u1_b - u1_a AS dy, u0_a - x AS fx, u1_a - y AS fy
     FROM {ALIAS}.edges
@@ -74,14 +93,20 @@ WITH near AS (
                * sqrt(qa)
            ELSE 0.0 END AS seg_len
     FROM quad
+), tally AS (
+    SELECT count(DISTINCT (layer, neuron)) FILTER (WHERE seg_len > 0 AND layer IS NOT NULL)
+               AS n_neurons,
+           (SELECT count(DISTINCT region) FROM (
+               SELECT region_left AS region FROM clip WHERE seg_len > 0
+               UNION ALL SELECT region_right FROM clip WHERE seg_len > 0)) AS n_regions,
+           coalesce(sum(seg_len) FILTER (WHERE layer IS NOT NULL), 0.0) AS length,
+           coalesce(bool_or(seg_len > 0), false) AS touches
+    FROM clip
 )
-SELECT count(DISTINCT (layer, neuron)) FILTER (WHERE seg_len > 0 AND layer IS NOT NULL)
-           AS n_neurons,
-       greatest(1, (SELECT count(DISTINCT region) FROM (
-           SELECT region_left AS region FROM clip WHERE seg_len > 0
-           UNION ALL SELECT region_right FROM clip WHERE seg_len > 0))) AS n_regions,
-       coalesce(sum(seg_len), 0.0) / (pi() * r * r) AS boundary_density
-FROM clip;
+SELECT CASE WHEN a.inside OR t.touches THEN t.n_neurons END AS n_neurons,
+       CASE WHEN a.inside OR t.touches THEN greatest(1, t.n_regions) END AS n_regions,
+       CASE WHEN a.inside OR t.touches THEN t.length / (pi() * r * r) END AS boundary_density
+FROM args a, tally t;
 """
 
 
