@@ -23,6 +23,12 @@ __all__ = ["Slice"]
 _F64 = NDArray[np.float64]
 
 
+def _short(v: float) -> str:
+    """The shortest text that reads back as ``v``, without a trailing ``.0``."""
+    text = repr(float(v))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _finite(name: str, value: ArrayLike) -> _F64:
     arr = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
@@ -155,6 +161,8 @@ class Slice:
         --------
         >>> Slice.box((0, 0), (2, 1)).area
         2.0
+        >>> Slice.box((-1, -1), (1, 0.5)).name  # the default name, as the CLI's --box gives it
+        'box(-1,-1,1,0.5)'
         """
         lo = _finite("lower", lower)
         hi = _finite("upper", upper)
@@ -163,6 +171,8 @@ class Slice:
         if np.any(hi <= lo):
             raise InvalidSliceError(f"box upper {hi.tolist()} must exceed lower {lo.tolist()}.")
         dom = [[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]]
+        if not name:  # as the CLI's --box names it: stored slices are found by name
+            name = "box(" + ",".join(_short(v) for v in (*lo, *hi)) + ")"
         return cls(np.zeros(2), np.eye(2), dom, name=name)
 
     @classmethod
@@ -217,7 +227,11 @@ class Slice:
             grow = (hi - lo) * margin
             lo, hi = lo - grow, hi + grow
             dom = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
-        return cls(fa, np.stack([e0, e1]), dom, input_shape=shape, name=name)
+        sl = cls(fa, np.stack([e0, e1]), dom, input_shape=shape, name=name)
+        if name:
+            return sl
+        # a name to find it by once stored: its geometry's hash (stable, like the slice id)
+        return cls(fa, sl.basis, dom, input_shape=shape, name=f"plane-{sl.content_hash[:8]}")
 
     # geometry -------------------------------------------------------------------------------
     @property

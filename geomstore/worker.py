@@ -92,6 +92,14 @@ def _last_beat(store: Store, token: str | None) -> dt.datetime | None:
         return None
 
 
+def _forget_beat(store: Store, token: str | None) -> None:
+    """Remove a dead worker's heartbeat file (directory stores)."""
+    d = _beat_dir(store)
+    if d is not None and token:
+        with contextlib.suppress(OSError):
+            (d / token).unlink()
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, store: Store, token: str, interval: float) -> None:
         super().__init__(daemon=True, name=f"geomstore-heartbeat-{token[:8]}")
@@ -197,6 +205,7 @@ class Worker:
                         last = max(b for b in (beat, file_beat) if b is not None)
                         if last >= cutoff:
                             continue  # alive
+                        _forget_beat(self.store, token)  # its worker died: no file left
                         if attempts >= self.max_attempts:
                             con.execute(
                                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? "

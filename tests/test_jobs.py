@@ -78,6 +78,7 @@ def test_workers_killed_mid_job_leave_every_job_done_exactly_once(tmp_path: Path
     jobs = _jobs(store)
     assert len(jobs) == n and all(j["status"] == "done" for j in jobs)
     assert any(j["attempts"] == 2 for j in jobs)  # the killed worker's job, claimed again
+    assert list((store / "heartbeats").iterdir()) == []  # the dead worker's beat file too
     with geomstore.open(store, read_only=True) as st:
         parts = st.sql(
             "SELECT p.partition_id, p.n_regions, count(r.region_id) AS stored FROM partitions p "

@@ -112,3 +112,20 @@ def test_a_recorder_step_must_be_a_whole_number(tmp_path: Path, bad: object) -> 
         with pytest.raises(geomstore.GeomstoreError, match="step must be a whole number"):
             rec(mlp((4,), 1), bad)  # type: ignore[arg-type]
         assert rec(mlp((4,), 1), torch.tensor(2))  # a 0-d integer tensor is a step
+
+
+def test_slices_made_without_a_name_are_stored_under_one(tmp_path: Path) -> None:
+    box = geomstore.Slice.box((-1, -1), (1, 0.5))
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)).numpy()
+    plane = geomstore.Slice.through(*x)
+    assert box.name == "box(-1,-1,1,0.5)"
+    assert plane.name == f"plane-{plane.content_hash[:8]}"
+    assert (
+        geomstore.Slice.through(*x, name="mine").name
+        == "mine"
+        == plane.name.replace(plane.name, "mine")
+    )
+    with geomstore.open(tmp_path / "s") as st:
+        st.add(geomstore.partition(mlp((6,), 1), box, device="cpu"), model="m", checkpoint="c")
+        assert st.load_slice("box(-1,-1,1,0.5)") == box
+        assert st.partitions().column("slice").to_pylist() == ["box(-1,-1,1,0.5)"]

@@ -248,6 +248,6 @@ def test_add_points_stores_a_data_set_the_queries_then_take(store: Path, tmp_pat
 def test_submit_says_how_many_jobs_are_new(tmp_path: Path) -> None:
     net = _export(tmp_path / "net.pt2")
     first = ok("submit", tmp_path / "q", net, "-m", "m", BOX)
-    assert "1 new job(s) in the queue" in first and "before" not in first
+    assert "1 job(s) in the queue" in first and "(1 new, 0 submitted before)" in first
     again = ok("submit", tmp_path / "q", net, "-m", "m", BOX)
-    assert "0 new job(s) in the queue" in again and "(1 submitted before)" in again
+    assert "1 job(s) in the queue" in again and "(0 new, 1 submitted before)" in again

@@ -236,8 +236,10 @@ def submit(
                     )
                     bar.advance(task)
     new = len(ids - known)
-    again = f" ({len(ids) - new} submitted before)" if new < len(ids) else ""
-    out.print(f"{new} new job(s) in the queue of {store}{again}; run: geomstore worker {store}")
+    out.print(
+        f"{len(ids)} job(s) in the queue of {store} ({new} new, {len(ids) - new} submitted "
+        f"before); run: geomstore worker {store}"
+    )
 
 
 @app.command()
