@@ -251,6 +251,13 @@ def test_the_secret_never_comes_back(aws: S3Server, tmp_path: Path) -> None:
                 leaks.append(str(s.sql(q).table.to_pylist()))
             except Exception as exc:  # refused is fine; the message must not hold the key
                 leaks.append(str(exc))
+            # the reader (for the user's own SQL, without the sandbox's rules) and the
+            # writer's connection, and new cursors of both, hold no key either
+            for con in (s.reader(), s.con, s.con.cursor(), s.reader().cursor()):
+                try:
+                    leaks.append(str(con.execute(q).fetchall()))
+                except Exception as exc:
+                    leaks.append(str(exc))
         s.export(tmp_path / "out")
     for f in [*path.rglob("*"), *(tmp_path / "out").rglob("*")]:
         if f.is_file():

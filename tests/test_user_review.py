@@ -73,6 +73,16 @@ def test_the_script_unpickles_a_module_whose_class_is_next_to_the_user(tmp_path:
     assert "Traceback" not in res.stderr
 
 
+def _banner(proc: subprocess.Popen[str], wait: float = 90.0) -> str:
+    """The server's 'serving ...' line (read within ``wait`` s; '' if it never came)."""
+    assert proc.stderr is not None
+    deadline, line = time.monotonic() + wait, ""
+    while "serving" not in line and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "serve exited"
+    return line
+
+
 def _serve(store: Path, port: int) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "geomstore", "serve", str(store), "--port", str(port)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -86,11 +96,7 @@ def test_serve_on_port_0_names_the_port_it_took_and_a_taken_port_is_one_line(
 ) -> None:
     proc = _serve(store, 0)
     try:
-        assert proc.stderr is not None
-        deadline, line = time.monotonic() + 90, ""
-        while "serving" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "serve exited"
+        line = _banner(proc)
         assert "serving" in line, line
         url = line.split(" on ", 1)[1].split()[0]
         port = int(url.rsplit(":", 1)[1].strip("/"))
@@ -170,6 +176,8 @@ def test_an_export_never_mixes_with_other_files(store: Path, tmp_path: Path) -> 
         again = st.export(tmp_path / "exp")  # an earlier export is replaced
     assert first == again and all(p.is_file() for p in again)
     assert "is a file" in fail("export", store, ck / "step-1.pt")
+    assert "is a URL" in fail("export", store, "s3://bucket/out/", cwd=tmp_path)
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_a_duckdb_store_held_elsewhere_says_so_in_geomstores_words(tmp_path: Path) -> None:
@@ -251,3 +259,61 @@ def test_submit_says_how_many_jobs_are_new(tmp_path: Path) -> None:
     assert "1 job(s) in the queue" in first and "(1 new, 0 submitted before)" in first
     again = ok("submit", tmp_path / "q", net, "-m", "m", BOX)
     assert "1 job(s) in the queue" in again and "(0 new, 1 submitted before)" in again
+
+
+def test_a_catalog_password_never_shows_on_the_success_paths(tmp_path: Path) -> None:
+    """init, submit, worker and serve name the store they work on; a PostgreSQL DSN's
+    password (trust auth here: the server ignores it, the DSN still carries it) is masked."""
+    from tests.pgserver import postgres_server
+
+    secret = "Planted-Secret-77"
+    net = _export(tmp_path / "net.pt2")
+    env = {**os.environ, "GEOMSTORE_DATA_PATH": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+    seen: list[str] = []
+
+    def run(*args: object) -> str:
+        cmd = [sys.executable, "-m", "geomstore", *map(str, args)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        seen.append(res.stdout + res.stderr)
+        return res.stdout + res.stderr
+
+    with postgres_server(tmp_path / "pg") as dsn:
+        target = f"postgres:{dsn} password={secret}"
+        assert "password=***" in run("init", target)
+        out = run("submit", target, net, "-m", "m", BOX)
+        assert "run: geomstore worker 'postgres:" in out  # quoted: it has spaces
+        run("worker", target, "--once", "--device", "cpu")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "geomstore", "serve", target, "--port", "0"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        try:
+            line = _banner(proc)
+            seen.append(line)
+            assert "serving postgres:" in line
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert secret not in "".join(seen)
+
+
+def test_a_refused_data_path_leaves_no_folder_behind(tmp_path: Path) -> None:
+    from geomstore.errors import DataPathError
+
+    geomstore.open(tmp_path / "s", data_path=tmp_path / "kept").close()
+    with pytest.raises(DataPathError, match="keeps its data files at"):
+        geomstore.open(tmp_path / "s", data_path=tmp_path / "other" / "deep")
+    assert not (tmp_path / "other").exists()
+    with geomstore.open(tmp_path / "s") as st:  # and the store is as it was
+        assert st.data_path == f"{tmp_path / 'kept'}/"
+
+
+def test_ray_on_a_duckdb_store_is_refused_before_the_file_is_made(tmp_path: Path) -> None:
+    net = _export(tmp_path / "net.pt2")
+    err = fail("compute", tmp_path / "x.duckdb", net, "-m", "m", BOX, "--ray")
+    assert "belongs to one process" in err
+    assert not (tmp_path / "x.duckdb").exists()

@@ -39,7 +39,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, soft_wrap=True)
-out = Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping into pipes
+out = Console() if sys.stdout.isatty() else Console(width=160, soft_wrap=True)  # pipes: no wrap
 
 STORE = typer.Argument(
     ...,
@@ -67,6 +67,20 @@ NAMED = typer.Option(
     [], "--slice", metavar="NAME", help="A slice stored in the store, by name (repeatable)."
 )
 MARGIN = typer.Option(0.2, help="With --through: grow the triangle's bounding box by this.")
+
+
+def shown(target: str) -> str:
+    """A store's target as the CLI prints it: a catalog DSN's password masked."""
+    from geomstore.store.sqlutil import _mask_password
+
+    return _mask_password(str(target))
+
+
+def as_arg(target: str) -> str:
+    """A store's target as a command to paste (quoted when it has spaces, password masked)."""
+    import shlex
+
+    return shlex.quote(shown(target))
 
 
 def require_store(target: str) -> None:

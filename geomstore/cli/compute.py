@@ -19,11 +19,13 @@ from geomstore.cli.common import (
     STORE,
     THROUGH,
     app,
+    as_arg,
     emit,
     err,
     open_store,
     out,
     progress,
+    shown,
     store_with_slices,
 )
 from geomstore.errors import GeomstoreError
@@ -140,6 +142,11 @@ def compute(
     from geomstore.jobs import compute as compute_all
 
     files = _files(checkpoints)
+    if ray is not None and store.endswith(".duckdb"):  # refused before anything is made
+        raise GeomstoreError(
+            "a .duckdb store belongs to one process, so Ray workers cannot write to it; use "
+            "a store directory on a shared file system or a postgres: catalog."
+        )
     with (
         store_with_slices(store, box, through, slice_name, margin) as (st, sls),
         progress() as bar,
@@ -237,8 +244,8 @@ def submit(
                     bar.advance(task)
     new = len(ids - known)
     out.print(
-        f"{len(ids)} job(s) in the queue of {store} ({new} new, {len(ids) - new} submitted "
-        f"before); run: geomstore worker {store}"
+        f"{len(ids)} job(s) in the queue of {shown(store)} ({new} new, {len(ids) - new} "
+        f"submitted before); run: geomstore worker {as_arg(store)}"
     )
 
 
@@ -275,17 +282,17 @@ def worker(
             max_attempts=max_attempts,
             **({"name": name} if name else {}),
         )
-        err.print(f"worker {w.name} on {store} ({device}); Ctrl-C to stop")
+        err.print(f"worker {w.name} on {shown(store)} ({device}); Ctrl-C to stop")
 
         def log(job: Job, outcome: str) -> None:
             what = f": {w.last}" if outcome == "done" else ""
             err.print(f"{outcome:>8}  {job.model} {job.checkpoint}{what}  (job {job.job_id})")
 
-        shown: dict[str, float] = {}
+        told: dict[str, float] = {}
 
         def running(job: Job, p: Any) -> None:  # a long partition is never silent
-            if p.elapsed - shown.get(job.job_id, 0.0) >= 10.0:
-                shown[job.job_id] = p.elapsed
+            if p.elapsed - told.get(job.job_id, 0.0) >= 10.0:
+                told[job.job_id] = p.elapsed
                 err.print(
                     f"{'running':>8}  {job.model} {job.checkpoint}: {p.regions:,} regions, "
                     f"{sum(p.pending):,} cells pending, {p.elapsed:.0f} s  (job {job.job_id})"

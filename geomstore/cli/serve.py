@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from geomstore.cli.common import STORE, app, err, require_store
+from geomstore.cli.common import STORE, app, err, require_store, shown
 
 
 @app.command()
@@ -83,12 +83,11 @@ def serve(
     # listening before the app warms up: early requests wait in the backlog, not refused,
     # and the banner names the port really taken (--port 0) or says why there is none
     sock = _listen(host, port)
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{sock.getsockname()[1]}/"
+    at = f"[{host}]" if ":" in host else host
+    url = f"http://{at}:{sock.getsockname()[1]}/"
     app_ = create_app(config)
-    app_.router.add_event_handler(
-        "startup", lambda: err.print(f"geomstore serving {store} on {url} (docs at /docs{cap})")
-    )
+    banner = f"geomstore serving {shown(store)} on {url} (docs at /docs{cap})"
+    app_.router.add_event_handler("startup", lambda: err.print(banner))
     server = uvicorn.Server(
         uvicorn.Config(
             app_,

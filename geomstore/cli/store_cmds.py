@@ -22,6 +22,7 @@ from geomstore.cli.common import (
     open_store,
     out,
     require_store,
+    shown,
     store_with_slices,
 )
 from geomstore.errors import GeomstoreError
@@ -34,7 +35,7 @@ def init(store: str = NEW_STORE) -> None:
     Example: geomstore init runs/moons
     """
     with open_store(store, create=True) as st:
-        out.print(f"store {store}: {st.kind}, schema version {st.schema_version}")
+        out.print(f"store {shown(store)}: {st.kind}, schema version {st.schema_version}")
 
 
 @app.command()
@@ -55,7 +56,7 @@ def migrate(
     try:
         have = current_version(st.con)
         pending = [m for m in migrations() if m.version > have]
-        out.print(f"store {store}: schema version {have}; {len(pending)} pending")
+        out.print(f"store {shown(store)}: schema version {have}; {len(pending)} pending")
         for m in pending:
             out.print(f"  {m.version:04d} {m.name}")
         if pending and not dry_run:
@@ -118,7 +119,7 @@ def partitions(
 @app.command()
 def export(
     store: str = STORE,
-    target: Path = typer.Argument(..., help="A folder (GeoParquet files) or a .duckdb file."),
+    target: str = typer.Argument(..., help="A folder (GeoParquet files) or a .duckdb file."),
 ) -> None:
     """Export the store as GeoParquet files (one per table) or one .duckdb file.
 

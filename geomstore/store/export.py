@@ -66,6 +66,12 @@ def sqlalchemy_engine(store: Store) -> Any:
 
 
 def export(store: Store, target: str | Path) -> list[Path]:
+    if "://" in str(target):  # Path() would make s3://b/p a local folder named "s3:"
+        raise StoreError(
+            f"export writes local files; {target} is a URL. Export to a local folder or "
+            ".duckdb file and copy it there (the store's own data may live at an s3:// "
+            "data path)."
+        )
     tables = (*DATA_TABLES, "jobs", "job_heartbeats", LEDGER)
     con, fresh = store.con, None
     if store.kind == "duckdb" and store._read is not None:

@@ -76,9 +76,12 @@ class WriteLock:
                 con.execute(f"ATTACH {sql_literal(dsn)} AS gs_lock (TYPE postgres)")
             except duckdb.Error as exc:
                 con.close()
-                detail = _mask_password(str(exc), self.target)
+                detail = " ".join(_mask_password(str(exc), self.target).split())  # one line
                 shown = _mask_password(self.target)
-                raise StoreError(f"cannot take the write lock of {shown}: {detail}") from None
+                raise StoreError(
+                    f"cannot connect to the PostgreSQL catalog {shown} (check its host, port, "
+                    f"user and password): {detail}"
+                ) from None
             self._con = con
         con = self._con
         con.execute("BEGIN TRANSACTION")

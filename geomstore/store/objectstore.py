@@ -229,7 +229,7 @@ def configure(
     # httpfs copies AWS_* variables into settings that any SQL could read back
     # (current_setting, duckdb_settings): blank them, the secret below is what is used
     for name in ("s3_access_key_id", "s3_secret_access_key", "s3_session_token"):
-        con.execute(f"SET {name} = ''")
+        con.execute(f"SET GLOBAL {name} = ''")  # GLOBAL: every cursor, not this session
     s = settings if settings is not None else S3Settings.from_env()
     bucket = url.split("/", 3)[2]
     try:

@@ -260,3 +260,17 @@ def held_elsewhere(detail: str) -> str:
         "at a time: close it there, or use a directory store, which many processes read and "
         "write at once"
     )
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the folders it made, deepest first (for :func:`remove_dirs`)."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_dirs(made: list[Path]) -> None:
+    """Take back what :func:`make_dirs` made, as long as the folders are still empty."""
+    for p in made:
+        with contextlib.suppress(OSError):
+            p.rmdir()

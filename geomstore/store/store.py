@@ -34,7 +34,9 @@ from geomstore.store.sqlutil import (
     _sql_helpers,
     _wal_catalog,
     held_elsewhere,
+    make_dirs,
     path_text,
+    remove_dirs,
     sql_literal,
 )
 from geomstore.store.write import write_partition, write_points
@@ -189,9 +191,8 @@ class Store:
             con.execute(f"USE {ALIAS}")
         except duckdb.Error as exc:
             con.close()
-            detail = _mask_password(str(exc), self.target)
-            if self.kind == "duckdb":
-                detail = held_elsewhere(detail)
+            detail = " ".join(_mask_password(str(exc), self.target).split())  # one line
+            detail = held_elsewhere(detail) if self.kind == "duckdb" else detail
             raise StoreError(f"cannot open the store at {self.shown}: {detail}") from None
         except Exception:
             con.close()
@@ -241,6 +242,7 @@ class Store:
 
         given = self.data_path
         path: str | None = given
+        made: list[Path] = []
         if self.kind == "ducklake":
             root = Path(self.target)
             exists = (root / CATALOG).exists()
@@ -276,7 +278,7 @@ class Store:
                 if given is not None and not read_only:
                     self._probe(con, path)
             elif not read_only:
-                Path(path).mkdir(parents=True, exist_ok=True)
+                made = make_dirs(Path(path))
         opts = [f"DATA_PATH {sql_literal(path)}"] if path is not None else []
         opts += ["READ_ONLY"] if read_only else []
         attach = f"ATTACH {sql_literal(self._attach)} AS {ALIAS}" + (
@@ -286,6 +288,7 @@ class Store:
             _retry(lambda: con.execute(attach))
         except duckdb.Error as exc:
             m = re.search(r'existing data path in the catalog "([^"]*)"', str(exc))
+            remove_dirs(made)  # refused: the folders made for it go
             if m is None:
                 raise
             also = "" if self.kind == "ducklake-postgres" else ", or without data_path="
@@ -293,10 +296,8 @@ class Store:
                 f"the store at {self.shown} keeps its data files at {m.group(1)}, not {given}: "
                 f"open it with data_path={m.group(1)!r}{also}."
             ) from None
-        row = con.execute(
-            f"SELECT value FROM __ducklake_metadata_{ALIAS}.ducklake_metadata "
-            "WHERE key = 'data_path'"
-        ).fetchone()
+        meta = f"__ducklake_metadata_{ALIAS}.ducklake_metadata"
+        row = con.execute(f"SELECT value FROM {meta} WHERE key = 'data_path'").fetchone()
         recorded = str(row[0]) if row and row[0] else path
         if recorded is not None and recorded != path and objectstore.is_url(recorded):
             objectstore.configure(con, recorded)
@@ -532,10 +533,8 @@ class Store:
         Examples
         --------
         >>> import sqlalchemy, tempfile, geomstore
-        >>> with geomstore.open(tempfile.mkdtemp()) as store:
-        ...     eng = store.engine()
-        ...     with eng.connect() as c:
-        ...         c.execute(sqlalchemy.text("SELECT count(*) FROM regions")).scalar()
+        >>> with geomstore.open(tempfile.mkdtemp()) as store, store.engine().connect() as c:
+        ...     c.execute(sqlalchemy.text("SELECT count(*) FROM regions")).scalar()
         0
         """
         from geomstore.store.export import sqlalchemy_engine
