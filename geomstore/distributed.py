@@ -291,7 +291,7 @@ def compute_ray(
 
     >>> # geomstore.compute(store, ckpts, slices, model="resnet", executor="ray")
     """
-    _refuse_duckdb(store)
+    refuse_duckdb(store.target)
     if ship not in ("bytes", "path"):
         raise ExecutorError(f"ship={ship!r} is not one of 'bytes', 'path'; pick one.")
     ray = _ray()
@@ -366,8 +366,9 @@ def _target(store: Store) -> str:
     return store.target if store.kind != "ducklake" else str(Path(store.target).resolve())
 
 
-def _refuse_duckdb(store: Store) -> None:
-    if store.kind == "duckdb":
+def refuse_duckdb(target: str) -> None:
+    """Ray workers write from other processes: a ``.duckdb`` store cannot take them."""
+    if not target.startswith(("postgres:", "postgresql://")) and Path(target).suffix == ".duckdb":
         raise ExecutorError(
             "a .duckdb store belongs to one process, so Ray workers cannot write to it; use "
             "a store directory on a shared file system or a postgres: catalog."
@@ -381,7 +382,7 @@ class _RayRecorder:
     writes that row before the jobs that share it)."""
 
     def __init__(self, rec: Any, *, address: str | None, max_retries: int) -> None:
-        _refuse_duckdb(rec.store)
+        refuse_duckdb(rec.store.target)
         _ray()  # fail at construction, not at the first recorded step
         self.rec, self.address, self.max_retries = rec, address, max_retries
         self._task: Any = None

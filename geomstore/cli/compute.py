@@ -142,11 +142,10 @@ def compute(
     from geomstore.jobs import compute as compute_all
 
     files = _files(checkpoints)
-    if ray is not None and store.endswith(".duckdb"):  # refused before anything is made
-        raise GeomstoreError(
-            "a .duckdb store belongs to one process, so Ray workers cannot write to it; use "
-            "a store directory on a shared file system or a postgres: catalog."
-        )
+    if ray is not None:  # refused before anything is made
+        from geomstore.distributed import refuse_duckdb
+
+        refuse_duckdb(store)
     with (
         store_with_slices(store, box, through, slice_name, margin) as (st, sls),
         progress() as bar,
