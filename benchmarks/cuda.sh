@@ -20,7 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 step() { echo "== $1 ($(date +%T))"; }
-bench="python3 benchmarks/partition.py --repeat 1 --no-ops --no-busy"  # timeout runs no functions
+bench="python3 benchmarks/partition.py --repeat 2 --no-ops --no-busy"  # timeout runs no functions
 
 step gpu
 if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
@@ -37,7 +37,7 @@ timeout "${T_TESTS:-70}" python3 -m pytest -q -x -p no:cacheprovider tests/test_
     tests/test_engine.py::test_cuda_matches_cpu 2>&1 | tail -25 | tee "$out/tests.txt"
 
 step zoo-conv  # the compute-bound conv nets, first run and cached, against this CPU
-timeout "${T_ZOO_CONV:-200}" python3 benchmarks/zoo.py --device cuda --compare-cpu --repeat 2 \
+timeout "${T_ZOO_CONV:-200}" python3 benchmarks/zoo.py --device cuda --compare-cpu --repeat 3 \
     --no-verify --count-under 0 --only lenet5 resnet20 vgg11 2>/dev/null | tee "$out/zoo-conv.jsonl"
 
 step mlps
@@ -45,16 +45,16 @@ timeout "${T_MLP:-45}" python3 benchmarks/partition.py --device cuda --compare-c
     --repeat 2 | tee "$out/partition.jsonl"
 
 step large
-timeout "${T_LARGE:-20}" $bench --device cuda --widths 1024,1024 | tee -a "$out/partition.jsonl"
-timeout "${T_HUGE:-25}" $bench --device cuda --widths 2048,2048 | tee -a "$out/partition.jsonl"
+timeout "${T_LARGE:-30}" $bench --device cuda --widths 1024,1024 | tee -a "$out/partition.jsonl"
+timeout "${T_HUGE:-40}" $bench --device cuda --widths 2048,2048 | tee -a "$out/partition.jsonl"
 
 step cpu-large
-timeout "${T_CPU_LARGE:-30}" $bench --device cpu --widths 1024,1024 | tee -a "$out/partition.jsonl"
+timeout "${T_CPU_LARGE:-45}" $bench --device cpu --widths 1024,1024 | tee -a "$out/partition.jsonl"
 
 step zoo
 timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \
     2>/dev/null | tee "$out/zoo.jsonl"
 
 step cpu-huge
-timeout "${T_CPU_HUGE:-150}" $bench --device cpu --widths 2048,2048 | tee -a "$out/partition.jsonl"
+timeout "${T_CPU_HUGE:-300}" $bench --device cpu --widths 2048,2048 | tee -a "$out/partition.jsonl"
 step done

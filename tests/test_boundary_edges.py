@@ -92,3 +92,98 @@ def test_random_networks_gain_no_edge_boundary(monkeypatch: pytest.MonkeyPatch) 
     part = partition(net, Slice.box((-3.0, -3.0), (3.0, 3.0)), device="cpu")
     assert calls and sum(calls) == 0 and part.boundary.num_rows > 0
     assert part.verify(net, grid=48).ok
+
+
+def _planted_ties(seed: int, n: int = 400, k: int = 5) -> tuple[dict, float]:
+    """Edges between region pairs whose top two classes tie along the edge within a
+    fraction of the tolerance (some just past it), at slopes from 1e-3 to 1e3."""
+    rng = np.random.default_rng(seed)
+    tol = 1e-6
+    amap = np.zeros((2 * n, k, 2))
+    cvec = np.zeros((2 * n, k))
+    a = np.zeros((n, 2))
+    b = np.zeros((n, 2))
+    cen = np.zeros((2 * n, 2))
+    for e in range(n):
+        g = rng.normal(size=(k, 2)) * 10.0 ** rng.uniform(-3, 3)
+        c1, c2 = rng.choice(k, 2, replace=False)
+        grad = g[c1] - g[c2]
+        tau = tol * np.linalg.norm(grad)
+        perp = np.array([-grad[1], grad[0]]) / np.linalg.norm(grad)
+        mid = rng.uniform(-1, 1, 2)
+        half = rng.uniform(0.05, 0.5)
+        # the tie line's value at the ends: within +-0.95 tau (hit), or up to 1.5 tau (miss)
+        along, off = rng.uniform(-0.5, 0.5) * tau, rng.uniform(-1.0, 1.0) * tau
+        d = perp + grad * along / (half * np.dot(grad, grad))
+        d /= np.linalg.norm(d)
+        a[e], b[e] = mid - half * d, mid + half * d
+        c = -(g @ mid)  # every class 0 at the midpoint ...
+        c[c1] += off  # ... the tied pair off by at most tau, the rest up to 8 tau below
+        others = [j for j in range(k) if j not in (c1, c2)]
+        c[others] -= rng.uniform(0.0, 8.0, len(others)) * tau
+        nrm = np.array([-d[1], d[0]])
+        for r, side in ((2 * e, 1.0), (2 * e + 1, -1.0)):
+            amap[r], cvec[r], cen[r] = g, c, mid + side * 0.1 * nrm
+    left, right = np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2)
+    return dict(a=a, b=b, left=left, right=right, cen=cen, amap=amap, cvec=cvec), tol
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_edge_screen_keeps_every_boundary_edge(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """edge_boundary drops edges whose top two outputs are far apart before its full test;
+    planted ties at the tolerance's edge, at slopes over six decades, come out the same as
+    with the screen off."""
+    from geomstore.engine import tables
+
+    case, tol = _planted_ties(seed)
+    screened = tables.edge_boundary(**case, levels=None, output=0, tol=tol)
+    kept = tables._near_tie(case["amap"], case["cvec"], case["left"], case["a"], case["b"], tol)
+    # the screen is tight enough to matter: classes 0.1 apart (over 30 tolerances at the
+    # steepest slopes here) are all dropped
+    far = case["cvec"] - np.arange(case["cvec"].shape[1]) * 0.1
+    assert not tables._near_tie(case["amap"], far, case["left"], case["a"], case["b"], tol).any()
+    monkeypatch.setattr(tables, "_near_tie", lambda amap, cvec, r, *rest: np.ones(len(r), bool))
+    full = tables.edge_boundary(**case, levels=None, output=0, tol=tol)
+    n_hit = len(full["region"])
+    assert 0.2 * len(case["a"]) < n_hit < len(case["a"])  # hits and misses both planted
+    for key in full:
+        np.testing.assert_array_equal(screened[key], full[key])
+    assert kept.all()  # every planted pair is near a tie
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_level_screen_keeps_every_level_set_edge(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Level sets: edges along which one output sits within a fraction of the tolerance of
+    a level (some just past it), at slopes and offsets over six decades, come out the
+    same with edge_boundary's screen on and off."""
+    from geomstore.engine import tables
+
+    rng = np.random.default_rng(seed)
+    tol, n, levels = 1e-6, 400, [0.0, 2.5]
+    amap, cvec = np.zeros((2 * n, 1, 2)), np.zeros((2 * n, 1))
+    a, b, cen = np.zeros((n, 2)), np.zeros((n, 2)), np.zeros((2 * n, 2))
+    for e in range(n):
+        g = rng.normal(size=2) * 10.0 ** rng.uniform(-3, 3)
+        tau = tol * np.linalg.norm(g)
+        perp = np.array([-g[1], g[0]]) / np.linalg.norm(g)
+        mid, half = rng.uniform(-1, 1, 2), rng.uniform(0.05, 0.5)
+        d = perp + g * rng.uniform(-0.5, 0.5) * tau / (half * np.dot(g, g))
+        d /= np.linalg.norm(d)
+        a[e], b[e] = mid - half * d, mid + half * d
+        level = levels[e % 2]
+        c = level - g @ mid + rng.uniform(-1.0, 1.0) * tau
+        nrm = np.array([-d[1], d[0]])
+        for r, side in ((2 * e, 1.0), (2 * e + 1, -1.0)):
+            amap[r, 0], cvec[r, 0], cen[r] = g, c, mid + side * 0.1 * nrm
+    case = dict(a=a, b=b, left=np.arange(0, 2 * n, 2), right=np.arange(1, 2 * n, 2))
+    case |= dict(cen=cen, amap=amap, cvec=cvec, levels=levels, output=0, tol=tol)
+    screened = tables.edge_boundary(**case)
+    monkeypatch.setattr(tables, "_near_level", lambda grad, *rest: np.ones(len(grad), bool))
+    full = tables.edge_boundary(**case)
+    assert 0.2 * n < len(full["region"]) < n  # hits and misses both planted
+    for key in full:
+        np.testing.assert_array_equal(screened[key], full[key])

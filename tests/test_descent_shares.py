@@ -209,3 +209,21 @@ def test_stages_on_the_programs_nodes_run_in_blocks_and_give_the_same_partition(
     assert blocked.edges.num_rows == whole.edges.num_rows
     assert blocked.boundary.num_rows == whole.boundary.num_rows
     assert blocked.verify(net, grid=12, points=1).ok
+
+
+def test_dropping_glued_rows_from_packed_chunks() -> None:
+    """merge's packed patterns lose the glued pieces' rows chunk by chunk: the same rows
+    as indexing the concatenation, and chunks that lose none are not copied."""
+    from geomstore.engine.merge import _drop_rows
+
+    rng = np.random.default_rng(3)
+    chunks = [rng.integers(0, 255, (m, 5), dtype=np.uint8) for m in (7, 0, 12, 3, 9)]
+    whole = np.concatenate(chunks)
+    for gone in ([], [0], [6, 7], [18, 19, 20, 21, 30], list(range(len(whole)))):
+        gone_a = np.array(gone, dtype=np.int64)
+        got = _drop_rows(chunks, gone_a)
+        assert len(got) == len(chunks)
+        np.testing.assert_array_equal(np.concatenate(got), np.delete(whole, gone_a, axis=0))
+        for old, new in zip(chunks, got, strict=True):
+            lost = len(old) - len(new)
+            assert (new is old) == (lost == 0)

@@ -142,7 +142,20 @@ def merge_equal_patterns(raw: dict[str, Any], tol: float) -> dict[str, Any]:
         "hashes": hashes[kept],
     }
     if raw.get("packed") is not None:
-        out["packed"] = [np.concatenate(raw["packed"])[to_host(kept)]]
+        out["packed"] = _drop_rows(raw["packed"], np.sort(rows_h[drop]))
+    return out
+
+
+def _drop_rows(chunks: list[np.ndarray], gone: np.ndarray) -> list[np.ndarray]:
+    """The host chunks without the rows ``gone`` (sorted indices into their concatenation);
+    chunks that lose no row are kept as they are, not copied."""
+    out = []
+    lo = 0
+    for chunk in chunks:
+        hi = lo + len(chunk)
+        local = gone[np.searchsorted(gone, lo) : np.searchsorted(gone, hi)] - lo
+        out.append(np.delete(chunk, local, axis=0) if len(local) else chunk)
+        lo = hi
     return out
 
 

@@ -398,6 +398,7 @@ def edge_boundary(
     levels: list[float] | None,
     output: int,
     tol: float,
+    slopes: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Decision boundary lying on edges between regions, in the shape of
     :func:`boundary_segments`' answer.
@@ -411,9 +412,18 @@ def edge_boundary(
 
     ``a``, ``b`` (E, 2) are the edges' ends, ``left``/``right`` their regions (-1: the
     domain's side), ``cen`` (P, 2) the regions' centroids and ``amap`` (P, K, 2), ``cvec``
-    (P, K) their affine maps, all in the same coordinates.
+    (P, K) their affine maps, all in the same coordinates; ``slopes`` (P,), optional, each
+    region's largest output slope (``|amap|`` over classes), computed when not given.
     """
     inner = (left >= 0) & (right >= 0)
+    lt = left[inner].astype(np.int64)
+    if levels is None and amap.shape[1] >= 2:
+        inner[inner] = _near_tie(amap, cvec, lt, a[inner], b[inner], tol, slopes)
+    elif levels is not None:
+        grad = amap[:, output][lt]
+        inner[inner] = _near_level(grad, cvec[:, output][lt], a[inner], b[inner], levels, tol)
+    else:
+        inner[:] = False
     a, b, lt, rt = a[inner], b[inner], left[inner].astype(np.int64), right[inner].astype(np.int64)
     mid = 0.5 * (a + b)
     seg = b - a
@@ -472,6 +482,54 @@ def edge_boundary(
     }
 
 
+def _near_tie(
+    amap: np.ndarray,
+    cvec: np.ndarray,
+    r: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    tol: float,
+    slopes: np.ndarray | None = None,
+) -> np.ndarray:
+    """Which edges (ends ``a``, ``b``, region ``r`` on one side) can carry boundary: those
+    where region ``r``'s two largest outputs at the edge's midpoint lie within a few
+    tolerances of each other. A screen that never drops a boundary edge.
+
+    :func:`edge_boundary` takes class ``t_l`` tied with ``r``'s top value ``v*`` within
+    ``tol * |grad|`` and a class ``t_r != t_l`` whose output meets ``t_l``'s within
+    ``tol * |grad|`` at both ends, hence at the midpoint; each ``|grad|`` is at most
+    ``2 M`` (``M``: ``r``'s largest output slope), so both lie within ``4 tol M`` of ``v*``
+    and so does the second largest output. The screen keeps twice that and a rounding
+    margin. ``slopes``: each region's ``M``, when the caller has them.
+    """
+    mid = 0.5 * (a + b)
+    g0, g1 = amap[:, :, 0], amap[:, :, 1]
+    v = g0[r] * mid[:, :1] + g1[r] * mid[:, 1:] + cvec[r]
+    top = np.partition(v, -2, axis=1)
+    slope = (np.sqrt((g0 * g0 + g1 * g1).max(1)) if slopes is None else slopes)[r]
+    size = slope * np.abs(mid).sum(1) + np.abs(cvec[r]).max(1)
+    margin = ROUNDING * size
+    return top[:, -1] - top[:, -2] <= 8.0 * tol * slope + margin
+
+
+def _near_level(
+    grad: np.ndarray, c: np.ndarray, a: np.ndarray, b: np.ndarray, levels: list[float], tol: float
+) -> np.ndarray:
+    """Which edges (ends ``a``, ``b``; one region's output ``grad . x + c`` beside each) can
+    carry a level set: those where the output is within twice :func:`edge_boundary`'s
+    tolerance of a level at both ends. A screen that never drops a level-set edge."""
+    ends = np.maximum(np.abs(a), np.abs(b))
+    size = np.abs(grad[:, 0]) * ends[:, 0] + np.abs(grad[:, 1]) * ends[:, 1] + np.abs(c)
+    size += max(abs(v) for v in levels) if levels else 0.0
+    tau = 2.0 * tol * np.sqrt(grad[:, 0] ** 2 + grad[:, 1] ** 2) + ROUNDING * size
+    g_a = grad[:, 0] * a[:, 0] + grad[:, 1] * a[:, 1] + c
+    g_b = grad[:, 0] * b[:, 0] + grad[:, 1] * b[:, 1] + c
+    keep = np.zeros(len(c), dtype=bool)
+    for level in levels:
+        keep |= (np.abs(g_a - level) <= tau) & (np.abs(g_b - level) <= tau)
+    return keep
+
+
 def with_edge_boundary(
     bd: dict[str, np.ndarray],
     edges: pa.Table,
@@ -493,10 +551,23 @@ def with_edge_boundary(
     left, right = np.asarray(edges.column("region_left")), np.asarray(edges.column("region_right"))
     cen = xy(regions, "centroid_u0", "centroid_u1")
     parts = [bd]
+    slopes = None
+    if lv is None and amap.shape[1] >= 2:
+        slopes = np.sqrt((amap[:, :, 0] ** 2 + amap[:, :, 1] ** 2).max(1))
     for lo in range(0, len(a), EDGE_BLOCK):  # (edges, classes, 2) temporaries, bounded
         s = slice(lo, lo + EDGE_BLOCK)
         on = edge_boundary(
-            a[s], b[s], left[s], right[s], cen, amap, c_centre, levels=lv, output=output, tol=tol
+            a[s],
+            b[s],
+            left[s],
+            right[s],
+            cen,
+            amap,
+            c_centre,
+            levels=lv,
+            output=output,
+            tol=tol,
+            slopes=slopes,
         )
         if len(on["region"]):
             parts.append(on)
@@ -507,6 +578,10 @@ def with_edge_boundary(
         for k in bd
     }
 
+
+ROUNDING = 1e-13
+"""The edge screens' allowance for rounding, relative to the sizes of the sums they
+compare (float64 rounds at 1.1e-16 per operation)."""
 
 EDGE_BLOCK = 1 << 16
 """Edges tested at a time for boundary lying on them (:func:`with_edge_boundary`)."""
