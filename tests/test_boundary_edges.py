@@ -74,23 +74,31 @@ def test_three_classes_and_a_level_set_on_a_hinge() -> None:
 
 
 def test_random_networks_gain_no_edge_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On generic weights no tie holds along an edge: the table is the interior pass's."""
-    from geomstore.engine import tables as part_mod
+    """On generic weights no tie holds along an edge: the device screen leaves no edge
+    for the full test, and the table is the interior pass's."""
+    from geomstore.engine import boundary_edges as part_mod
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
     net = net.double().eval()
-    calls: list[int] = []
-    real = part_mod.edge_boundary
+    screened: list[int] = []
+    tested: list[int] = []
+    real_screen, real_test = part_mod.edge_candidates, part_mod.edge_boundary
 
-    def spy(*args: object, **kwargs: object) -> dict[str, np.ndarray]:
-        out = real(*args, **kwargs)  # type: ignore[arg-type]
-        calls.append(len(out["region"]))
+    def screen(*args: object, **kwargs: object) -> torch.Tensor:
+        out = real_screen(*args, **kwargs)  # type: ignore[arg-type]
+        screened.append(len(out))
         return out
 
-    monkeypatch.setattr(part_mod, "edge_boundary", spy)
+    def test(*args: object, **kwargs: object) -> dict[str, np.ndarray]:
+        out = real_test(*args, **kwargs)  # type: ignore[arg-type]
+        tested.append(len(out["region"]))
+        return out
+
+    monkeypatch.setattr(part_mod, "edge_candidates", screen)
+    monkeypatch.setattr(part_mod, "edge_boundary", test)
     part = partition(net, Slice.box((-3.0, -3.0), (3.0, 3.0)), device="cpu")
-    assert calls and sum(calls) == 0 and part.boundary.num_rows > 0
+    assert screened == [0] and sum(tested) == 0 and part.boundary.num_rows > 0
     assert part.verify(net, grid=48).ok
 
 
@@ -135,7 +143,7 @@ def test_the_edge_screen_keeps_every_boundary_edge(
     """edge_boundary drops edges whose top two outputs are far apart before its full test;
     planted ties at the tolerance's edge, at slopes over six decades, come out the same as
     with the screen off."""
-    from geomstore.engine import tables
+    from geomstore.engine import boundary_edges as tables
 
     case, tol = _planted_ties(seed)
     screened = tables.edge_boundary(**case, levels=None, output=0, tol=tol)
@@ -153,17 +161,11 @@ def test_the_edge_screen_keeps_every_boundary_edge(
     assert kept.all()  # every planted pair is near a tie
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_level_screen_keeps_every_level_set_edge(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Level sets: edges along which one output sits within a fraction of the tolerance of
-    a level (some just past it), at slopes and offsets over six decades, come out the
-    same with edge_boundary's screen on and off."""
-    from geomstore.engine import tables
-
+def _planted_levels(seed: int, n: int = 400) -> tuple[dict, float]:
+    """Edges along which one output sits within a fraction of the tolerance of one of two
+    levels (some just past it), at slopes over six decades."""
     rng = np.random.default_rng(seed)
-    tol, n, levels = 1e-6, 400, [0.0, 2.5]
+    tol, levels = 1e-6, [0.0, 2.5]
     amap, cvec = np.zeros((2 * n, 1, 2)), np.zeros((2 * n, 1))
     a, b, cen = np.zeros((n, 2)), np.zeros((n, 2)), np.zeros((2 * n, 2))
     for e in range(n):
@@ -174,16 +176,59 @@ def test_the_level_screen_keeps_every_level_set_edge(
         d = perp + g * rng.uniform(-0.5, 0.5) * tau / (half * np.dot(g, g))
         d /= np.linalg.norm(d)
         a[e], b[e] = mid - half * d, mid + half * d
-        level = levels[e % 2]
-        c = level - g @ mid + rng.uniform(-1.0, 1.0) * tau
+        c = levels[e % 2] - g @ mid + rng.uniform(-1.0, 1.0) * tau
         nrm = np.array([-d[1], d[0]])
         for r, side in ((2 * e, 1.0), (2 * e + 1, -1.0)):
             amap[r, 0], cvec[r, 0], cen[r] = g, c, mid + side * 0.1 * nrm
     case = dict(a=a, b=b, left=np.arange(0, 2 * n, 2), right=np.arange(1, 2 * n, 2))
-    case |= dict(cen=cen, amap=amap, cvec=cvec, levels=levels, output=0, tol=tol)
-    screened = tables.edge_boundary(**case)
+    case |= dict(cen=cen, amap=amap, cvec=cvec, levels=levels, output=0)
+    return case, tol
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_level_screen_keeps_every_level_set_edge(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Level sets: planted edges at the tolerance's edge come out the same with
+    edge_boundary's screen on and off."""
+    from geomstore.engine import boundary_edges as tables
+
+    case, tol = _planted_levels(seed)
+    screened = tables.edge_boundary(**case, tol=tol)
     monkeypatch.setattr(tables, "_near_level", lambda grad, *rest: np.ones(len(grad), bool))
-    full = tables.edge_boundary(**case)
+    full = tables.edge_boundary(**case, tol=tol)
+    n = len(case["a"])
     assert 0.2 * n < len(full["region"]) < n  # hits and misses both planted
     for key in full:
         np.testing.assert_array_equal(screened[key], full[key])
+
+
+@pytest.mark.parametrize("kind", ["ties", "levels"])
+def test_the_device_screen_keeps_every_boundary_edge(kind: str) -> None:
+    """edge_candidates (the screen a GPU runs before the host's full test) keeps every edge
+    that carries boundary: the full test on its candidates alone gives the full answer.
+    Domain sides (region -1) are never candidates."""
+    from geomstore.engine import boundary_edges
+
+    case, tol = _planted_ties(0) if kind == "ties" else _planted_levels(0)
+    levels = case.pop("levels", None)
+    case.pop("output", None)
+    case["right"] = case["right"].copy()
+    case["right"][::7] = -1  # edges on the domain's side
+    full = boundary_edges.edge_boundary(**case, levels=levels, output=0, tol=tol)
+    t = {k: torch.as_tensor(case[k]) for k in ("a", "b", "left", "right", "amap", "cvec")}
+    cand = boundary_edges.edge_candidates(
+        t["a"], t["b"], t["left"], t["right"], t["amap"], t["cvec"], levels, 0, tol
+    ).numpy()
+    assert len(full["region"]) > 50 and not (case["right"][cand] < 0).any()
+    sub = {**case, "a": case["a"][cand], "b": case["b"][cand]}
+    sub |= {"left": case["left"][cand], "right": case["right"][cand]}
+    got = boundary_edges.edge_boundary(**sub, levels=levels, output=0, tol=tol)
+    for key in full:
+        np.testing.assert_array_equal(got[key], full[key])
+    # and it screens: with the outputs pulled apart no edge is left
+    far = case["cvec"] - np.arange(case["cvec"].shape[1]) * 0.1 - 0.1 * (kind == "levels")
+    none = boundary_edges.edge_candidates(
+        t["a"], t["b"], t["left"], t["right"], t["amap"], torch.as_tensor(far), levels, 0, tol
+    )
+    assert len(none) == 0

@@ -165,3 +165,20 @@ def test_the_default_budget_does_not_move_with_what_others_hold() -> None:
     assert a.settings["memory"] == b.settings["memory"] == total // 2
     for table in ("regions", "edges", "boundary"):
         assert getattr(a, table).equals(getattr(b, table))
+
+
+@pytest.mark.parametrize(
+    "out", [([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]], [0.0, 0.0]), ([[1.0, -1.0, 0.0]], [0.0])]
+)
+def test_boundary_on_a_hinge_is_found_on_the_gpu(out: tuple) -> None:
+    """The edge screen runs on the GPU: a tie along a hinge (two classes, or one output's
+    level set) gives the CPU's boundary segments there."""
+    from tests.test_boundary_edges import _net, _segments
+
+    net = _net(*out)
+    cpu = _segments(partition(net, BOX, device="cpu"))
+    gpu = _segments(partition(net, BOX, device="cuda"))
+    assert len(cpu) >= 1 and np.isclose(np.abs(cpu[:, 3] - cpu[:, 1]).sum(), 2.0)
+    np.testing.assert_allclose(
+        gpu[np.lexsort(gpu.T[::-1])], cpu[np.lexsort(cpu.T[::-1])], rtol=0, atol=1e-12
+    )

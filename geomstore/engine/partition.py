@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from geomstore._aliases import renamed_kwargs
+from geomstore.engine.boundary_edges import with_edge_boundary
 from geomstore.engine.budget import default_memory, parse_memory, resolve_device
 from geomstore.engine.descent import Descent, Progress
 from geomstore.engine.graph import Program
@@ -33,7 +34,6 @@ from geomstore.engine.tables import (
     polygon_measures,
     table_regions,
     table_segments,
-    with_edge_boundary,
 )
 from geomstore.engine.wkb import polygons_wkb
 from geomstore.errors import GeomstoreError, ModelShapeError
@@ -353,9 +353,7 @@ def _tables(
     edges = edges.add_column(0, "edge_id", pa.array(np.arange(edges.num_rows, dtype=np.int64)))
 
     bd = boundary_segments(verts_c, n, amap_t, c_centre, levels=lv, output=output, tol=scale_tol)
-    bd = with_edge_boundary(
-        bd, edges, regions, amap, to_host(c_centre), centre, lv, output, scale_tol
-    )
+    bd = with_edge_boundary(bd, ov, ctr, centre, regions, amap_t, c_centre, lv, output, scale_tol)
     reg, ca, cb = bd["region"].astype(np.int64), bd["ca"].astype(np.int64), bd["cb"]
     # towards class_b (top two), towards larger output (levels)
     grad = amap[reg, cb.astype(np.int64)] - amap[reg, ca] if top2 else amap[reg, ca]
