@@ -12,6 +12,17 @@ from geomstore import Slice, partition
 BOX = Slice.box((-1.0, -1.0), (1.0, 1.0))
 
 
+@pytest.fixture(params=["host", "screen"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways to the edge test on the CPU: all edges on the host (small partitions),
+    or screened with tensor operations first (as on a GPU, or past SCREEN_FROM edges)."""
+    from geomstore.engine import boundary_edges
+
+    if request.param == "screen":
+        monkeypatch.setattr(boundary_edges, "SCREEN_FROM", 0)
+    return str(request.param)
+
+
 def _net(out_w: list[list[float]], out_b: list[float]) -> nn.Sequential:
     """Hidden units relu(u0), relu(-u0), relu(u1 + 0.5); outputs given by hand."""
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, len(out_b))).double()
@@ -29,7 +40,7 @@ def _segments(part: object) -> np.ndarray:
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_a_tie_along_a_hinge_is_boundary(sign: float) -> None:
+def test_a_tie_along_a_hinge_is_boundary(sign: float, path: str) -> None:
     # logits +-(relu(u0) - relu(-u0)) = +-u0: the classes swap exactly on the hinge u0 = 0
     net = _net([[sign, -sign, 0.0], [-sign, sign, 0.0]], [0.0, 0.0])
     part = partition(net, BOX, device="cpu")
@@ -48,7 +59,7 @@ def test_a_tie_along_a_hinge_is_boundary(sign: float) -> None:
     assert report.ok and any(c.name == "decision boundary" for c in report.checks), str(report)
 
 
-def test_a_touching_tie_without_a_class_change_is_not_boundary() -> None:
+def test_a_touching_tie_without_a_class_change_is_not_boundary(path: str) -> None:
     # logit0 - logit1 = |u0| >= 0: a tie on the hinge, but class 0 wins on both sides
     net = _net([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], [0.0, 0.0])
     part = partition(net, BOX, device="cpu")
@@ -56,7 +67,7 @@ def test_a_touching_tie_without_a_class_change_is_not_boundary() -> None:
     assert part.verify(net, grid=32).ok
 
 
-def test_three_classes_and_a_level_set_on_a_hinge() -> None:
+def test_three_classes_and_a_level_set_on_a_hinge(path: str) -> None:
     # class 2 is never on top; 0 and 1 swap on u0 = 0, and the hinge u1 = -0.5 is no boundary
     net = _net([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, -0.5]], [0.0, 0.0, -3.0])
     part = partition(net, BOX, device="cpu")
@@ -73,7 +84,7 @@ def test_three_classes_and_a_level_set_on_a_hinge() -> None:
     assert lv.verify(one, grid=32).ok
 
 
-def test_random_networks_gain_no_edge_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_random_networks_gain_no_edge_boundary(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On generic weights no tie holds along an edge: the device screen leaves no edge
     for the full test, and the table is the interior pass's."""
     from geomstore.engine import boundary_edges as part_mod
@@ -98,7 +109,9 @@ def test_random_networks_gain_no_edge_boundary(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(part_mod, "edge_candidates", screen)
     monkeypatch.setattr(part_mod, "edge_boundary", test)
     part = partition(net, Slice.box((-3.0, -3.0), (3.0, 3.0)), device="cpu")
-    assert screened == [0] and sum(tested) == 0 and part.boundary.num_rows > 0
+    # the screen leaves nothing for the full test; the host tests every edge and finds none
+    assert screened == ([0] if path == "screen" else [])
+    assert tested == ([] if path == "screen" else [0]) and part.boundary.num_rows > 0
     assert part.verify(net, grid=48).ok
 
 

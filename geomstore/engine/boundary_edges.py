@@ -221,9 +221,9 @@ def edge_candidates(
 def with_edge_boundary(
     bd: dict[str, np.ndarray],
     ov: dict[str, Tensor],
-    ctr: Tensor,
-    centre: np.ndarray,
+    edges: pa.Table,
     regions: pa.Table,
+    centre: np.ndarray,
     amap_t: Tensor,
     c_centre: Tensor,
     lv: list[float] | None,
@@ -234,27 +234,42 @@ def with_edge_boundary(
     centred coordinates of ``bd``.
 
     ``ov`` is :func:`~geomstore.engine.tables.edge_overlay`'s answer (centred, on the
-    compute device), ``ctr`` the slice's centre there and ``centre`` on the host,
-    ``regions`` the regions table (its centroids are read), ``amap_t`` (P, K, 2) and
-    ``c_centre`` (P, K) the regions' slopes and values at the centre, on the device. The
-    edges' ends and centroids are read as stored, less the centre, as the tables hold them.
+    compute device), ``edges`` and ``regions`` the tables made of it, ``centre`` the
+    slice's centre, ``amap_t`` (P, K, 2) and ``c_centre`` (P, K) the regions' slopes and
+    values at the centre, on the device. The edges' ends and the centroids are read as the
+    tables hold them, less the centre. On a GPU, or past :data:`SCREEN_FROM` edges, the
+    edges are screened where they are (:func:`edge_candidates`) and only the candidates
+    and their regions go to the host; a small partition on the CPU is tested there whole,
+    without dispatching tensor operations.
     """
-    cand = edge_candidates(
-        ov["a"], ov["b"], ov["left"], ov["right"], amap_t, c_centre, lv, output, tol
-    )
-    if len(cand) == 0:
-        return bd
-    a = to_host(ov["a"].index_select(0, cand) + ctr) - centre
-    b = to_host(ov["b"].index_select(0, cand) + ctr) - centre
-    lr = to_host(torch.stack([ov["left"].index_select(0, cand), ov["right"].index_select(0, cand)]))
-    regs, local = np.unique(lr, return_inverse=True)  # the regions beside candidates
-    local = local.reshape(lr.shape)
-    regs_t = torch.as_tensor(regs, device=amap_t.device)
-    amap = to_host(amap_t.index_select(0, regs_t))
-    cvec = to_host(c_centre.index_select(0, regs_t))
-    rows = pa.array(regs)
-    cen = np.stack([regions.column(f"centroid_u{i}").take(rows).to_numpy() for i in (0, 1)], 1)
-    cen -= centre
+
+    def xy(t: pa.Table, u0: str, u1: str, rows: pa.Array | None = None) -> np.ndarray:
+        cols = [t.column(u) if rows is None else t.column(u).take(rows) for u in (u0, u1)]
+        return np.stack([c.to_numpy() for c in cols], 1) - centre
+
+    if ov["a"].device.type == "cpu" and len(ov["a"]) < SCREEN_FROM:
+        a, b = xy(edges, "u0_a", "u1_a"), xy(edges, "u0_b", "u1_b")
+        left = edges.column("region_left").to_numpy()
+        right = edges.column("region_right").to_numpy()
+        cen = xy(regions, "centroid_u0", "centroid_u1")
+        amap, cvec, regs = to_host(amap_t), to_host(c_centre), None
+    else:
+        cand = edge_candidates(
+            ov["a"], ov["b"], ov["left"], ov["right"], amap_t, c_centre, lv, output, tol
+        )
+        if len(cand) == 0:
+            return bd
+        rows = pa.array(to_host(cand))
+        a, b = xy(edges, "u0_a", "u1_a", rows), xy(edges, "u0_b", "u1_b", rows)
+        lr = np.stack(
+            [edges.column(f"region_{k}").take(rows).to_numpy() for k in ("left", "right")]
+        )
+        regs, local = np.unique(lr, return_inverse=True)  # the regions beside candidates
+        left, right = local.reshape(lr.shape)
+        regs_t = torch.as_tensor(regs, device=amap_t.device)
+        amap = to_host(amap_t.index_select(0, regs_t))
+        cvec = to_host(c_centre.index_select(0, regs_t))
+        cen = xy(regions, "centroid_u0", "centroid_u1", pa.array(regs))
     slopes = None
     if lv is None and amap.shape[1] >= 2:
         slopes = np.sqrt((amap[:, :, 0] ** 2 + amap[:, :, 1] ** 2).max(1))
@@ -264,8 +279,8 @@ def with_edge_boundary(
         on = edge_boundary(
             a[s],
             b[s],
-            local[0, s],
-            local[1, s],
+            left[s],
+            right[s],
             cen,
             amap,
             cvec,
@@ -275,7 +290,8 @@ def with_edge_boundary(
             slopes=slopes,
         )
         if len(on["region"]):
-            on["region"] = regs[np.asarray(on["region"], dtype=np.int64)]
+            if regs is not None:
+                on["region"] = regs[np.asarray(on["region"], dtype=np.int64)]
             parts.append(on)
     if len(parts) == 1:
         return bd
@@ -291,6 +307,10 @@ compare (float64 rounds at 1.1e-16 per operation)."""
 
 EDGE_BLOCK = 1 << 16
 """Edges tested at a time for boundary lying on them (:func:`with_edge_boundary`)."""
+
+SCREEN_FROM = 1 << 16
+"""Edges from which a partition on the CPU screens them with tensor operations
+(:func:`edge_candidates`) rather than testing all of them on the host at once."""
 
 DEVICE_BLOCK = 1 << 22
 """Edge x class entries screened at a time on the device (:func:`edge_candidates`)."""
