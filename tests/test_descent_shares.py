@@ -227,3 +227,16 @@ def test_dropping_glued_rows_from_packed_chunks() -> None:
         for old, new in zip(chunks, got, strict=True):
             lost = len(old) - len(new)
             assert (new is old) == (lost == 0)
+
+
+def test_counts_without_a_sync_equal_bincount() -> None:
+    """The GPU's counts (an index_add of ones: CUDA's bincount reads min and max back to
+    the host) are bincount's, empty bins and empty input included."""
+    from geomstore.engine.kernels import _added_counts, bincount
+
+    rng = np.random.default_rng(5)
+    for n, size in ((1, 0), (7, 0), (7, 50), (1000, 3), (300, 20_000)):
+        idx = torch.as_tensor(rng.integers(0, n, size), dtype=torch.int64)
+        want = torch.bincount(idx, minlength=n)
+        for got in (_added_counts(idx, n), bincount(idx, n)):
+            assert got.dtype == torch.int64 and torch.equal(got, want)

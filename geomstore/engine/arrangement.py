@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from geomstore.engine.kernels import bincount
 from geomstore.engine.split import Crossings, CutLog, Polys, pad_polys
 
 __all__ = ["MAX_ELEMENTS", "arrangements"]
@@ -58,7 +59,7 @@ def arrangements(
     dev = state0.device
     p = len(cells)
     t = len(cross)
-    k = torch.bincount(cross.cell, minlength=p)
+    k = bincount(cross.cell, p)
     kmax = int(k.max().item())
     # (point, line) pairs: each cell's points (corners, 2 per line, intersections) x lines
     n_pairs = int((k * (k * (k + 3) // 2 + cells.n)).sum().item())  # k (k - 1) / 2 + 2 k
@@ -89,7 +90,7 @@ def arrangements(
     v0 = verts[cross.cell[bt], bi]
     b_pts = v0 + s[:, None] * (verts[cross.cell[bt], bi + 1] - v0)
     b_lab = torch.stack([first_cut + bt, side[cross.cell[bt], bi]], 1)
-    bad.index_fill_(0, cross.cell[torch.bincount(bt, minlength=t) != 2], True)
+    bad.index_fill_(0, cross.cell[bincount(bt, t) != 2], True)
     # intersections of two lines of the same cell, strictly inside it
     if p == 1:  # the first layer: every pair of lines
         i, j = torch.triu_indices(t, t, 1, device=dev)
@@ -132,14 +133,14 @@ def arrangements(
         pl = torch.arange(pt_of.numel(), device=dev) - (torch.cumsum(per, 0) - per)[pt_of]
         li = start[pcell[pt_of]] + pl
         f = (lines[li, :2] * pts[pt_of]).sum(1) + lines[li, 2]
-        n_zero = torch.bincount(pt_of[f.abs() <= tol], minlength=n_all)
+        n_zero = bincount(pt_of[f.abs() <= tol], n_all)
         up = f > tol
         bits = torch.zeros((n_all, words), dtype=torch.int64, device=dev)
         ui = torch.nonzero(up).squeeze(1)
         pu = pl[ui]
         bits.index_put_((pt_of[ui], pu // _BITS), weight[pu % _BITS], accumulate=True)
     bad.index_fill_(0, pcell[n_zero != expect], True)
-    n_inner = torch.bincount(i_cell, minlength=p)
+    n_inner = bincount(i_cell, p)
 
     # 3. corners: one per (point, choice of sides of its zero lines), keyed by sign vector
     base = torch.cat([pcell[:, None], bits], 1)  # (points, 1 + words): cell, then sign bits
@@ -156,9 +157,9 @@ def arrangements(
     key.index_put_((row, 1 + ln // _BITS), weight[ln % _BITS], accumulate=True)
     faces, face_of = _unique_rows(key)
     fcell = faces[:, 0]
-    cnt = torch.bincount(face_of, minlength=faces.shape[0])
+    cnt = bincount(face_of, int(faces.shape[0]))
     bad.index_fill_(0, fcell[cnt < 3], True)
-    bad |= torch.bincount(fcell, minlength=p) != 1 + k + n_inner  # Euler
+    bad |= bincount(fcell, p) != 1 + k + n_inner  # Euler
     good_face = ~bad[fcell]
     keep = good_face[face_of]
     renum = torch.cumsum(good_face, 0) - 1

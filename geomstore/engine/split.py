@@ -14,6 +14,7 @@ from torch import Tensor
 
 from geomstore.engine.crossings import Crossings, crossings
 from geomstore.engine.graph import Nonlinearity
+from geomstore.engine.kernels import bincount
 
 __all__ = ["Crossings", "CutLog", "Polys", "clip_both", "crossings", "split_layer"]
 
@@ -120,7 +121,7 @@ def split_layer(
         return _split_line_units(spec, cells, state0, cross, tol, cuts)
     if spec.kind == "maxpool" and MAX_TOURNAMENTS_AT_ONCE:
         return _split_max(spec, cells, state0, cross, tol, cuts)
-    per_cell = torch.bincount(cross.cell, minlength=p) * n_steps
+    per_cell = bincount(cross.cell, p) * n_steps
     # test list per cell: (pair, step) in order, padded
     rounds = int(per_cell.max().item())
     start = torch.cumsum(per_cell, 0) - per_cell
@@ -375,7 +376,8 @@ def _split_max(
         # ... and one for what goes on: the live pairs, then again those of a split
         # polygon, for its negative child (new ids m, m + 1, ... in the order of sp)
         alive = step < n_steps
-        sel = torch.nonzero(torch.cat([alive, alive & torch.isin(pp, sp)])).squeeze(1)
+        was_split = torch.zeros(m, dtype=torch.bool, device=dev).index_fill_(0, sp, True)
+        sel = torch.nonzero(torch.cat([alive, alive & was_split[pp]])).squeeze(1)
         again = sel >= t
         src = torch.where(again, sel - t, sel)
         p0 = pp[src]
@@ -454,7 +456,7 @@ class _Grow:
         p = len(cells)
         # k lines make at most 1 + k + k (k - 1) / 2 faces: take that bound when it is
         # modest, so that the buffers never grow (growing costs operations and copies)
-        k = torch.bincount(cross.cell, minlength=p)
+        k = bincount(cross.cell, p)
         bound = int((1 + k * (k + 1) // 2).sum().item())  # 1 + k + k (k - 1) / 2
         cap = p + 2 * len(cross) + 16
         cap = bound if bound <= 4 * cap else cap
