@@ -106,8 +106,12 @@ class _Counter(TorchDispatchMode):
             self.kernels[where] += 1
         name = func.overloadpacket.__name__
         masks = args[1] if name == "index" and len(args) > 1 else ()
-        if name in _SYNCS or any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in masks
+        # repeat_interleave by a tensor of counts sizes its output from their sum
+        counted = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
+        if (
+            name in _SYNCS
+            or counted
+            or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in masks)
         ):
             self.syncs[where] += 1
         return func(*args, **(kwargs or {}))
