@@ -52,7 +52,7 @@ step cpu-large
 timeout "${T_CPU_LARGE:-45}" $bench --device cpu --widths 1024,1024 | tee -a "$out/partition.jsonl"
 
 step zoo
-timeout "${T_ZOO:-45}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \
+timeout "${T_ZOO:-60}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \
     2>/dev/null | tee "$out/zoo.jsonl"
 
 step cpu-huge
