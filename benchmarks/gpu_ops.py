@@ -50,7 +50,10 @@ _SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique
 @contextlib.contextmanager
 def gpu_settings() -> Iterator[None]:
     """The engine's CUDA choices on the CPU, restored on exit."""
+    import geomstore.engine.arrangement as arrangement
+    import geomstore.engine.boundary_edges as boundary_edges
     import geomstore.engine.graph as graph
+    import geomstore.engine.kernels as kernels
     import geomstore.engine.partition as part
     import geomstore.engine.patterns as patterns
     import geomstore.engine.split as split
@@ -80,6 +83,9 @@ def gpu_settings() -> Iterator[None]:
     put(graph, "GEMM_POSITIONS", -1)
     put(patterns.PatternHash, "of", of_gpu)
     put(part, "boundary_segments", boundary_gpu)
+    put(boundary_edges, "SCREEN_FROM", 0)  # edges screened where they are
+    for module in (split, arrangement):  # counts without a sync
+        put(module, "bincount", kernels._added_counts)
     try:
         yield
     finally:

@@ -143,7 +143,8 @@ def _near_tie(
     v = g0[r] * mid[:, :1] + g1[r] * mid[:, 1:] + cvec[r]
     top = np.partition(v, -2, axis=1)
     slope = (np.sqrt((g0 * g0 + g1 * g1).max(1)) if slopes is None else slopes)[r]
-    size = slope * np.abs(mid).sum(1) + np.abs(cvec[r]).max(1)
+    ends = np.maximum(np.abs(a), np.abs(b))  # the full test evaluates at the ends
+    size = slope * ends.sum(1) + np.abs(cvec[r]).max(1)
     margin = ROUNDING * size
     return top[:, -1] - top[:, -2] <= 8.0 * tol * slope + margin
 
@@ -201,7 +202,7 @@ def edge_candidates(
             v = g[:, :, 0] * mid[:, :1] + g[:, :, 1] * mid[:, 1:] + c
             top = v.topk(2, dim=1).values
             slope = slopes.index_select(0, r)
-            size = slope * mid.abs().sum(1) + c.abs().amax(1)
+            size = slope * torch.maximum(ea.abs(), eb.abs()).sum(1) + c.abs().amax(1)
             near = top[:, 0] - top[:, 1] <= 16.0 * tol * slope + 2 * ROUNDING * size
         else:
             grad = amap[:, output].index_select(0, r)  # (E, 2)
