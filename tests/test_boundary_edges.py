@@ -174,27 +174,43 @@ def test_the_edge_screen_keeps_every_boundary_edge(
     assert kept.all()  # every planted pair is near a tie
 
 
-def _planted_levels(seed: int, n: int = 400) -> tuple[dict, float]:
-    """Edges along which one output sits within a fraction of the tolerance of one of two
-    levels (some just past it), at slopes over six decades."""
+def _planted_levels(
+    seed: int,
+    n: int = 400,
+    *,
+    tol: float = 1e-6,
+    levels: tuple[float, ...] = (0.0, 2.5),
+    k: int = 1,
+    spread: tuple[float, float] = (0.5, 1.0),
+    folds: bool = False,
+) -> tuple[dict, float]:
+    """Edges along which output ``k - 1`` sits within ``spread[1]`` tolerances of one of
+    the levels at the midpoint (and drifts by ``spread[0]`` along the edge; some end just
+    past the tolerance), at slopes over six decades; the other outputs random. ``folds``:
+    every other edge's far side has the slope reversed (the output touches the level and
+    turns back: no boundary)."""
     rng = np.random.default_rng(seed)
-    tol, levels = 1e-6, [0.0, 2.5]
-    amap, cvec = np.zeros((2 * n, 1, 2)), np.zeros((2 * n, 1))
+    if k > 1:
+        amap, cvec = rng.normal(size=(2 * n, k, 2)), rng.normal(size=(2 * n, k))
+    else:
+        amap, cvec = np.zeros((2 * n, 1, 2)), np.zeros((2 * n, 1))
     a, b, cen = np.zeros((n, 2)), np.zeros((n, 2)), np.zeros((2 * n, 2))
     for e in range(n):
         g = rng.normal(size=2) * 10.0 ** rng.uniform(-3, 3)
         tau = tol * np.linalg.norm(g)
         perp = np.array([-g[1], g[0]]) / np.linalg.norm(g)
         mid, half = rng.uniform(-1, 1, 2), rng.uniform(0.05, 0.5)
-        d = perp + g * rng.uniform(-0.5, 0.5) * tau / (half * np.dot(g, g))
+        d = perp + g * rng.uniform(-spread[0], spread[0]) * tau / (half * np.dot(g, g))
         d /= np.linalg.norm(d)
         a[e], b[e] = mid - half * d, mid + half * d
-        c = levels[e % 2] - g @ mid + rng.uniform(-1.0, 1.0) * tau
+        c = levels[e % len(levels)] - g @ mid + rng.uniform(-spread[1], spread[1]) * tau
         nrm = np.array([-d[1], d[0]])
         for r, side in ((2 * e, 1.0), (2 * e + 1, -1.0)):
-            amap[r, 0], cvec[r, 0], cen[r] = g, c, mid + side * 0.1 * nrm
+            amap[r, k - 1], cvec[r, k - 1], cen[r] = g, c, mid + side * 0.1 * nrm
+        if folds and e % 2:
+            amap[2 * e + 1, k - 1] *= -1.0
     case = dict(a=a, b=b, left=np.arange(0, 2 * n, 2), right=np.arange(1, 2 * n, 2))
-    case |= dict(cen=cen, amap=amap, cvec=cvec, levels=levels, output=0)
+    case |= dict(cen=cen, amap=amap, cvec=cvec, levels=list(levels), output=k - 1)
     return case, tol
 
 

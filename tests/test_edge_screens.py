@@ -179,25 +179,14 @@ def test_level_screens_with_several_levels_and_large_values(
 ) -> None:
     """PIN. Level sets with three levels up to 1e9 (outputs offset to match): both level
     screens keep exactly the full test's rows, on a 3-output map with output 2 traced."""
-    rng = np.random.default_rng(7)
-    tol, levels, n, k = 1e-9, [-3.0, 0.5, 1e9], 300, 3
-    amap, cvec = rng.normal(size=(2 * n, k, 2)), rng.normal(size=(2 * n, k))
-    a, b, cen = np.zeros((n, 2)), np.zeros((n, 2)), np.zeros((2 * n, 2))
-    for e in range(n):
-        g = rng.normal(size=2) * 10.0 ** rng.uniform(-3, 3)
-        tau = tol * np.linalg.norm(g)
-        d = np.array([-g[1], g[0]]) / np.linalg.norm(g)
-        mid, half = rng.uniform(-1, 1, 2), rng.uniform(0.05, 0.5)
-        d = d + g * rng.uniform(-1.5, 1.5) * tau / (half * np.dot(g, g))
-        d /= np.linalg.norm(d)
-        a[e], b[e] = mid - half * d, mid + half * d
-        c = levels[e % 3] - g @ mid + rng.uniform(-1.5, 1.5) * tau
-        nrm = np.array([-d[1], d[0]])
-        for r, side in ((2 * e, 1.0), (2 * e + 1, -1.0)):
-            amap[r, 2], cvec[r, 2], cen[r] = g, c, mid + side * 0.1 * nrm
-        amap[2 * e + 1, 2] *= -1.0 if e % 2 else 1.0  # folds (boundary) and creases
-    case = dict(a=a, b=b, left=np.arange(0, 2 * n, 2), right=np.arange(1, 2 * n, 2))
-    case |= dict(cen=cen, amap=amap, cvec=cvec)
+    from tests.test_boundary_edges import _planted_levels
+
+    n = 300
+    case, tol = _planted_levels(
+        7, n, tol=1e-9, levels=(-3.0, 0.5, 1e9), k=3, spread=(1.5, 1.5), folds=True
+    )
+    levels = case.pop("levels")
+    case.pop("output")
     t = {q: torch.as_tensor(case[q]) for q in _KEYS}
     cand = be.edge_candidates(
         t["a"], t["b"], t["left"], t["right"], t["amap"], t["cvec"], levels, 2, tol
