@@ -261,3 +261,22 @@ def test_the_device_screen_keeps_every_boundary_edge(kind: str) -> None:
         t["a"], t["b"], t["left"], t["right"], t["amap"], torch.as_tensor(far), levels, 0, tol
     )
     assert len(none) == 0
+
+
+@pytest.mark.parametrize("centre", [0.0, 1e6 + 0.3])
+def test_a_segment_on_an_edge_has_the_edges_coordinates(centre: float, path: str) -> None:
+    """Far from the origin too, a boundary segment that lies on an edge is that edge: the
+    same float64 coordinates as the edges table's row, on both ways to the edge test."""
+    net = _net([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]], [0.0, 0.0])
+    shifted = nn.Sequential(nn.Linear(2, 2), net).double().eval()
+    with torch.no_grad():  # the hinge u0 = 0 of net is x0 = centre here
+        shifted[0].weight.copy_(torch.eye(2))
+        shifted[0].bias.copy_(torch.tensor([-centre, 0.0]))
+    box = Slice.box((centre - 0.7, -1.0), (centre + 1.3, 1.0))
+    part = partition(shifted, box, device="cpu")
+    seg = {tuple(r) for r in _segments(part)}
+    e = part.edges
+    cols = [np.asarray(e.column(c)) for c in ("u0_a", "u1_a", "u0_b", "u1_b")]
+    edges = {tuple(r) for r in np.stack(cols, 1)}
+    assert len(seg) >= 1 and seg <= edges
+    assert np.isclose(sum(abs(s[3] - s[1]) for s in seg), 2.0)

@@ -222,7 +222,6 @@ def edge_candidates(
 def with_edge_boundary(
     bd: dict[str, np.ndarray],
     ov: dict[str, Tensor],
-    edges: pa.Table,
     regions: pa.Table,
     centre: np.ndarray,
     amap_t: Tensor,
@@ -235,24 +234,19 @@ def with_edge_boundary(
     centred coordinates of ``bd``.
 
     ``ov`` is :func:`~geomstore.engine.tables.edge_overlay`'s answer (centred, on the
-    compute device), ``edges`` and ``regions`` the tables made of it, ``centre`` the
-    slice's centre, ``amap_t`` (P, K, 2) and ``c_centre`` (P, K) the regions' slopes and
-    values at the centre, on the device. The edges' ends and the centroids are read as the
-    tables hold them, less the centre. On a GPU, or past :data:`SCREEN_FROM` edges, the
-    edges are screened where they are (:func:`edge_candidates`) and only the candidates
-    and their regions go to the host; a small partition on the CPU is tested there whole,
-    without dispatching tensor operations.
+    compute device), ``regions`` the regions table (its centroids are read), ``centre``
+    the slice's centre, ``amap_t`` (P, K, 2) and ``c_centre`` (P, K) the regions' slopes
+    and values at the centre, on the device. The edges' ends are the overlay's, so that a
+    segment found on an edge has, once the centre is added back, the edge's stored
+    coordinates exactly. On a GPU, or past :data:`SCREEN_FROM` edges, the edges are
+    screened where they are (:func:`edge_candidates`) and only the candidates and their
+    regions go to the host; a small partition on the CPU is tested there whole, without
+    dispatching tensor operations.
     """
-
-    def xy(t: pa.Table, u0: str, u1: str, rows: pa.Array | None = None) -> np.ndarray:
-        cols = [t.column(u) if rows is None else t.column(u).take(rows) for u in (u0, u1)]
-        return np.stack([c.to_numpy() for c in cols], 1) - centre
-
     if ov["a"].device.type == "cpu" and len(ov["a"]) < SCREEN_FROM:
-        a, b = xy(edges, "u0_a", "u1_a"), xy(edges, "u0_b", "u1_b")
-        left = edges.column("region_left").to_numpy()
-        right = edges.column("region_right").to_numpy()
-        cen = xy(regions, "centroid_u0", "centroid_u1")
+        a, b, left, right = (to_host(ov[k]) for k in ("a", "b", "left", "right"))
+        centroids = [regions.column(f"centroid_u{i}") for i in (0, 1)]
+        cen = np.stack([c.to_numpy() for c in centroids], 1) - centre
         amap, cvec, regs = to_host(amap_t), to_host(c_centre), None
     else:
         cand = edge_candidates(
@@ -260,17 +254,16 @@ def with_edge_boundary(
         )
         if len(cand) == 0:
             return bd
-        rows = pa.array(to_host(cand))
-        a, b = xy(edges, "u0_a", "u1_a", rows), xy(edges, "u0_b", "u1_b", rows)
-        lr = np.stack(
-            [edges.column(f"region_{k}").take(rows).to_numpy() for k in ("left", "right")]
-        )
+        a, b = (to_host(ov[k].index_select(0, cand)) for k in ("a", "b"))
+        lr = to_host(torch.stack([ov[k].index_select(0, cand) for k in ("left", "right")]))
         regs, local = np.unique(lr, return_inverse=True)  # the regions beside candidates
         left, right = local.reshape(lr.shape)
         regs_t = torch.as_tensor(regs, device=amap_t.device)
         amap = to_host(amap_t.index_select(0, regs_t))
         cvec = to_host(c_centre.index_select(0, regs_t))
-        cen = xy(regions, "centroid_u0", "centroid_u1", pa.array(regs))
+        rows = pa.array(regs)
+        centroids = [regions.column(f"centroid_u{i}").take(rows) for i in (0, 1)]
+        cen = np.stack([c.to_numpy() for c in centroids], 1) - centre
     slopes = None
     if lv is None and amap.shape[1] >= 2:
         slopes = np.sqrt((amap[:, :, 0] ** 2 + amap[:, :, 1] ** 2).max(1))

@@ -353,7 +353,7 @@ def _tables(
     edges = edges.add_column(0, "edge_id", pa.array(np.arange(edges.num_rows, dtype=np.int64)))
 
     bd = boundary_segments(verts_c, n, amap_t, c_centre, levels=lv, output=output, tol=scale_tol)
-    bd = with_edge_boundary(bd, ov, edges, regions, centre, amap_t, c_centre, lv, output, scale_tol)
+    bd = with_edge_boundary(bd, ov, regions, centre, amap_t, c_centre, lv, output, scale_tol)
     reg, ca, cb = bd["region"].astype(np.int64), bd["ca"].astype(np.int64), bd["cb"]
     # towards class_b (top two), towards larger output (levels)
     grad = amap[reg, cb.astype(np.int64)] - amap[reg, ca] if top2 else amap[reg, ca]
