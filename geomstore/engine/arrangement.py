@@ -60,16 +60,17 @@ def arrangements(
     p = len(cells)
     t = len(cross)
     k = bincount(cross.cell, p)
-    kmax = int(k.max().item())
-    # (point, line) pairs: each cell's points (corners, 2 per line, intersections) x lines
-    n_pairs = int((k * (k * (k + 3) // 2 + cells.n)).sum().item())  # k (k - 1) / 2 + 2 k
+    # (point, line) pairs: each cell's points (corners, 2 per line, intersections) x lines,
+    # the most lines and the most corners of a cell: one sync for the three
+    pairs = (k * (k * (k + 3) // 2 + cells.n)).sum()  # k (k - 1) / 2 + 2 k
+    n_pairs, kmax, nmax = torch.stack([pairs, k.max(), cells.n.max()]).tolist()
     if n_pairs > MAX_ELEMENTS:
         return None
     first_cut = cuts.count
     start = torch.cumsum(k, 0) - k
     raw = cross.vals[:, :, 0]
     lines = raw / torch.linalg.vector_norm(raw[:, :2], dim=1, keepdim=True)
-    verts, side = pad_polys(cells.verts, cells.side, int(cells.n.max().item()) + 1)
+    verts, side = pad_polys(cells.verts, cells.side, nmax + 1)
     w = int(verts.shape[1])
     ar = torch.arange(w, device=dev)
     valid = ar[None, :] < cells.n[:, None]
