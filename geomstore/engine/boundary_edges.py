@@ -142,7 +142,7 @@ def _near_tie(
     g0, g1 = amap[:, :, 0], amap[:, :, 1]
     v = g0[r] * mid[:, :1] + g1[r] * mid[:, 1:] + cvec[r]
     top = np.partition(v, -2, axis=1)
-    slope = (np.sqrt((g0 * g0 + g1 * g1).max(1)) if slopes is None else slopes)[r]
+    slope = (_slopes(amap) if slopes is None else slopes)[r]
     ends = np.maximum(np.abs(a), np.abs(b))  # the full test evaluates at the ends
     size = slope * ends.sum(1) + np.abs(cvec[r]).max(1)
     margin = ROUNDING * size
@@ -219,6 +219,19 @@ def edge_candidates(
     return torch.cat(keep)
 
 
+def _slopes(amap: np.ndarray) -> np.ndarray:
+    """Each region's largest output slope: ``|amap|`` (P, K, 2) over its K outputs."""
+    return np.sqrt((amap[:, :, 0] ** 2 + amap[:, :, 1] ** 2).max(1))
+
+
+def _centroids(regions: pa.Table, rows: np.ndarray | None) -> np.ndarray:
+    """The stored centroids (P, 2) of the regions table, or of its ``rows``."""
+    cols = [regions.column(f"centroid_u{i}") for i in (0, 1)]
+    if rows is not None:
+        cols = [c.take(pa.array(rows)) for c in cols]
+    return np.stack([c.to_numpy() for c in cols], 1)
+
+
 def with_edge_boundary(
     bd: dict[str, np.ndarray],
     ov: dict[str, Tensor],
@@ -245,8 +258,7 @@ def with_edge_boundary(
     """
     if ov["a"].device.type == "cpu" and len(ov["a"]) < SCREEN_FROM:
         a, b, left, right = (to_host(ov[k]) for k in ("a", "b", "left", "right"))
-        centroids = [regions.column(f"centroid_u{i}") for i in (0, 1)]
-        cen = np.stack([c.to_numpy() for c in centroids], 1) - centre
+        cen = _centroids(regions, None) - centre
         amap, cvec, regs = to_host(amap_t), to_host(c_centre), None
     else:
         cand = edge_candidates(
@@ -261,12 +273,8 @@ def with_edge_boundary(
         regs_t = torch.as_tensor(regs, device=amap_t.device)
         amap = to_host(amap_t.index_select(0, regs_t))
         cvec = to_host(c_centre.index_select(0, regs_t))
-        rows = pa.array(regs)
-        centroids = [regions.column(f"centroid_u{i}").take(rows) for i in (0, 1)]
-        cen = np.stack([c.to_numpy() for c in centroids], 1) - centre
-    slopes = None
-    if lv is None and amap.shape[1] >= 2:
-        slopes = np.sqrt((amap[:, :, 0] ** 2 + amap[:, :, 1] ** 2).max(1))
+        cen = _centroids(regions, regs) - centre
+    slopes = _slopes(amap) if lv is None and amap.shape[1] >= 2 else None
     parts = [bd]
     for lo in range(0, len(a), EDGE_BLOCK):  # (edges, classes, 2) temporaries, bounded
         s = slice(lo, lo + EDGE_BLOCK)
