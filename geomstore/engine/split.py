@@ -326,66 +326,69 @@ def _split_max(
     n_units = int(state0.shape[1])
     n_steps = spec.n_steps
     dev = state0.device
+    vals = cross.vals  # (pairs, 3, candidates)
     buf = _Grow(cells, state0, cross)
-    # remaining (polygon, pair, test) triples; polygons stay sorted (children come last)
+    # remaining (polygon, pair, candidate) triples: test j compares candidate j + 1 with
+    # the winner; polygons stay sorted (children come last)
     pp, pt = cross.cell, torch.arange(len(cross), device=dev)
-    ps = torch.zeros_like(pt)
-    split_units: list[Tensor] = []
-    split_lines: list[Tensor] = []
+    pc = torch.ones_like(pt)
+    ar = torch.arange(2 * len(cross), device=dev)  # pair positions in a round (grows)
+    done: list[Tensor] = []  # (polygon, pair, key, candidate, winner) of each split
     first_id = cuts.count
     n_cuts = 0
     while pp.numel():
         key = units.index_select(0, pt).add_(pp, alpha=n_units)  # flat (polygon, unit)
         cur = buf.flat[key]
-        lines = _line_coefficients(spec, cross.vals, pt, ps, cur).unsqueeze(2)
+        win = cur.long()
+        lines = (vals[pt, :, pc] - vals[pt, :, win]).unsqueeze(2)
         va = buf.verts.index_select(0, pp)
         f = torch.baddbmm(lines[:, 2:], va, lines[:, :2]).squeeze(2)
         norm = torch.linalg.vector_norm(lines[:, :2], dim=1)  # (T, 1)
         f.masked_fill_(f.abs() <= tol * norm, 0.0)
         lo, hi = torch.aminmax(f, dim=1)
         pos, neg = hi > 0, lo < 0
-        won = pos & ~neg  # candidate j + 1 beats the winner on the whole polygon
-        buf.flat.index_put_((key,), torch.where(won, (ps + 1).to(torch.uint8), cur))
+        # the candidate beats the winner on the whole polygon where pos and not neg
+        buf.flat.index_put_((key,), torch.where(pos > neg, pc.to(torch.uint8), cur))
         crossing = pos & neg
-        step = ps + ~crossing  # settled tests move on
         # split each polygon by the crossing test nearest its middle (fewest rounds);
-        # the key orders by distance (float bits, top half), then by position
+        # the key orders by distance (float bits, top half), then by position; the
+        # other pairs' keys are _MAX, above the polygons' start (_MAX - 1)
         t = int(pp.shape[0])
+        if t > ar.shape[0]:
+            ar = torch.arange(2 * t, device=dev)
         mid = (hi + lo).abs_().div_(norm.squeeze(1))
-        ckey = (mid.view(torch.int64) & _HIGH) | torch.arange(t, device=dev)
-        ckey.masked_fill_(~crossing, _MAX)
+        ckey = (mid.view(torch.int64) & _HIGH) | ar[:t]
+        ckey = torch.where(crossing, ckey, _MAX)
         m = buf.count
-        best = torch.full((m,), _MAX, dtype=torch.int64, device=dev)
-        best.scatter_reduce_(0, pp, ckey, "amin")
-        chosen = crossing & (ckey == best.index_select(0, pp))
+        best = torch.full((m,), _MAX - 1, dtype=torch.int64, device=dev)
+        bp = best.scatter_reduce_(0, pp, ckey, "amin").index_select(0, pp)
+        chosen = ckey == bp
+        nxt = pc + (chosen >= crossing)  # settled tests and the splits move on
         fi = torch.nonzero(chosen).squeeze(1)  # one sync a round for the splits ...
         k = int(fi.shape[0])
         if k == 0:
-            keep = torch.nonzero(step < n_steps).squeeze(1)
-            pp, pt, ps = pp[keep], pt[keep], step[keep]
+            keep = torch.nonzero(nxt <= n_steps).squeeze(1)
+            pp, pt, pc = pp[keep], pt[keep], nxt[keep]
             continue
-        sp = pp[fi]  # sorted, as pp is
+        split = torch.stack([pp, pt, key, pc, win]).index_select(1, fi)
+        done.append(split)
+        sp = split[0]  # sorted, as pp is
         ids = torch.arange(first_id + n_cuts, first_id + n_cuts + k, device=dev)
         n_cuts += k
-        split_units.append(units[pt[fi]])
-        split_lines.append(lines[fi])
         children = clip_both(va[fi], f[fi], buf.n[sp], buf.side[sp], ids)
-        code = ps[fi] + 1  # the positive child takes candidate j + 1, and moves on
-        buf.split(sp, children, key[fi], code.to(torch.uint8))
-        step.index_copy_(0, fi, code)
+        # the positive child takes the candidate, and both move on
+        buf.split(sp, children, split[2], split[3].to(torch.uint8))
         # ... and one for what goes on: the live pairs, then again those of a split
         # polygon, for its negative child (new ids m, m + 1, ... in the order of sp)
-        alive = step < n_steps
-        was_split = torch.zeros(m, dtype=torch.bool, device=dev).index_fill_(0, sp, True)
-        sel = torch.nonzero(torch.cat([alive, alive & was_split[pp]])).squeeze(1)
-        again = sel >= t
-        src = torch.where(again, sel - t, sel)
-        p0 = pp[src]
-        pp = torch.where(again, torch.searchsorted(sp, p0).add_(m), p0)
-        pt, ps = pt[src], step[src]
-    if split_units:
-        cut = torch.cat(split_lines)  # (cuts, 3, 1)
-        cuts.add(spec.unit_offset + torch.cat(split_units), cut[:, 0, 0], cut[:, 1, 0])
+        alive = nxt <= n_steps
+        sel = torch.nonzero(torch.cat([alive, alive & (bp < _MAX - 1)])).squeeze(1)
+        newp = torch.searchsorted(sp, pp).add_(m)  # used only where pp was split
+        both = torch.stack([pp, newp, pt, pt, nxt, nxt]).view(3, 2 * t)
+        pp, pt, pc = both.index_select(1, sel).unbind()
+    if done:
+        _, pair, _, cand, winner = torch.cat(done, 1)
+        cut = vals[pair, :, cand] - vals[pair, :, winner]  # (cuts, 3)
+        cuts.add(spec.unit_offset + units[pair], cut[:, 0], cut[:, 1])
     m = buf.count
     return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
 
@@ -435,7 +438,7 @@ def clip_both(
     cutc = cut.view(1, s, 1)
     side0 = side[:, :-1]
     # a vertex on the line whose next vertex is on the other side starts the chord
-    lab_v = torch.where((c0 == 0) & (c1 < 0), cutc, side0)
+    lab_v = torch.where(torch.add(c1, c0, alpha=3) == -1, cutc, side0)  # c0 = 0, c1 = -1
     lab_x = torch.where(c0 > 0, cutc, side0)
     lab = torch.stack([lab_v, lab_x], 3).view(2, s, 2 * w - 2)
     cnt = emit.sum(2)
