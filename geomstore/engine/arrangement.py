@@ -74,7 +74,7 @@ def arrangements(
     w = int(verts.shape[1])
     ar = torch.arange(w, device=dev)
     valid = ar[None, :] < cells.n[:, None]
-    bad = torch.zeros(p, dtype=torch.bool, device=dev)
+    bad = torch.zeros(p + 1, dtype=torch.bool, device=dev)  # slot p: a spill (see _mark)
 
     # 1. points with their cell and the two labels of the sides through them
     cc, ci = torch.nonzero(valid, as_tuple=True)  # corners
@@ -91,7 +91,7 @@ def arrangements(
     v0 = verts[cross.cell[bt], bi]
     b_pts = v0 + s[:, None] * (verts[cross.cell[bt], bi + 1] - v0)
     b_lab = torch.stack([first_cut + bt, side[cross.cell[bt], bi]], 1)
-    bad.index_fill_(0, cross.cell[bincount(bt, t) != 2], True)
+    _mark(bad, cross.cell, bincount(bt, t) != 2)
     # intersections of two lines of the same cell, strictly inside it
     if p == 1:  # the first layer: every pair of lines
         i, j = torch.triu_indices(t, t, 1, device=dev)
@@ -109,7 +109,7 @@ def arrangements(
     rel = i_pts[:, None, :] - verts[i_cell, :-1]
     dist = (inward[i_cell] * rel).sum(2)
     dist = torch.where(valid[i_cell, :-1], dist, torch.inf).amin(1)  # NaN: parallel lines
-    bad.index_fill_(0, i_cell[dist.abs() <= tol], True)  # an intersection on the cell's border
+    _mark(bad, i_cell, dist.abs() <= tol)  # an intersection on the cell's border
     inner = torch.nonzero(dist > tol).squeeze(1)  # one sync for the four selections
     i_pts, i_cell = i_pts[inner], i_cell[inner]
     i_lab = torch.stack([first_cut + i[inner], first_cut + j[inner]], 1)
@@ -134,13 +134,14 @@ def arrangements(
         pl = torch.arange(pt_of.numel(), device=dev) - (torch.cumsum(per, 0) - per)[pt_of]
         li = start[pcell[pt_of]] + pl
         f = (lines[li, :2] * pts[pt_of]).sum(1) + lines[li, 2]
-        n_zero = bincount(pt_of[f.abs() <= tol], n_all)
+        n_zero = torch.zeros(n_all, dtype=torch.int64, device=dev)
+        n_zero.index_add_(0, pt_of, (f.abs() <= tol).to(torch.int64))
         up = f > tol
         bits = torch.zeros((n_all, words), dtype=torch.int64, device=dev)
         ui = torch.nonzero(up).squeeze(1)
         pu = pl[ui]
         bits.index_put_((pt_of[ui], pu // _BITS), weight[pu % _BITS], accumulate=True)
-    bad.index_fill_(0, pcell[n_zero != expect], True)
+    _mark(bad, pcell, n_zero != expect)
     n_inner = bincount(i_cell, p)
 
     # 3. corners: one per (point, choice of sides of its zero lines), keyed by sign vector
@@ -159,8 +160,8 @@ def arrangements(
     faces, face_of = _unique_rows(key)
     fcell = faces[:, 0]
     cnt = bincount(face_of, int(faces.shape[0]))
-    bad.index_fill_(0, fcell[cnt < 3], True)
-    bad |= bincount(fcell, p) != 1 + k + n_inner  # Euler
+    _mark(bad, fcell, cnt < 3)
+    bad = bad[:p] | (bincount(fcell, p) != 1 + k + n_inner)  # Euler
     good_face = ~bad[fcell]
     keep = good_face[face_of]
     renum = torch.cumsum(good_face, 0) - 1
@@ -208,6 +209,12 @@ def arrangements(
     states[fr, cross.unit[start[fcell[fr]] + fl]] = bit.to(states.dtype)
     cuts.add(unit_offset + cross.unit, raw[:, 0], raw[:, 1])
     return Polys(out_v, cnt, out_side, fcell), states, bad
+
+
+def _mark(bad: Tensor, cell: Tensor, cond: Tensor) -> None:
+    """Mark ``bad[cell[i]]`` where ``cond[i]``, without a sync: the others go to the spill
+    slot, the last of ``bad``."""
+    bad.index_fill_(0, cell.masked_fill(~cond, bad.shape[0] - 1), True)
 
 
 def _unique_rows(key: Tensor) -> tuple[Tensor, Tensor]:

@@ -65,17 +65,22 @@ def edge_overlay(
     segments shared by exactly two regions.
     """
     dev = verts.device
-    valid, nxt = _sides(n, int(verts.shape[1]))
-    vn = verts.gather(1, nxt)
-    reg = torch.arange(len(n), device=dev)[:, None].expand_as(valid)[valid]
-    a, b, lab = verts[valid], vn[valid], side[valid]
+    width = int(verts.shape[1])
+    valid, nxt = _sides(n, width)
+    # compactions by index (one sync each) rather than by mask (one per tensor on a GPU)
+    vi = torch.nonzero(valid.reshape(-1)).squeeze(1)
+    a = verts.reshape(-1, 2).index_select(0, vi)
+    b = verts.gather(1, nxt).reshape(-1, 2).index_select(0, vi)
+    lab = side.reshape(-1).index_select(0, vi)
+    reg = vi.div(width, rounding_mode="floor")
     border = lab < 0
     nb = int(border.sum())
-    out_a, out_b = [a[border]], [b[border]]
-    left, right = [reg[border]], [torch.full((nb,), -1, device=dev)]
-    unit, bidx = [torch.full((nb,), -1, device=dev)], [-(lab[border] + 1)]
-    m = ~border
-    c, a, b, reg = lab[m], a[m], b[m], reg[m]
+    order = torch.argsort(~border, stable=True)  # the border's sides first, in order
+    bi, mi = order[:nb], order[nb:]
+    out_a, out_b = [a.index_select(0, bi)], [b.index_select(0, bi)]
+    left, right = [reg.index_select(0, bi)], [torch.full((nb,), -1, device=dev)]
+    unit, bidx = [torch.full((nb,), -1, device=dev)], [-(lab.index_select(0, bi) + 1)]
+    c, a, b, reg = (t.index_select(0, mi) for t in (lab, a, b, reg))
     if c.numel():
         d = cut_dirs[c]
         nrm = torch.stack([-d[:, 1], d[:, 0]], 1)
@@ -105,14 +110,14 @@ def edge_overlay(
         nxt_lo[:-1] = slo[1:]
         end = torch.ones(k, dtype=torch.bool, device=dev)
         end[:-1] = new_chord[1:]
-        # the chord's end: the largest end point of its pieces
+        # the chord's end: the largest end point of its pieces (at most k chords)
         chord_id = torch.cumsum(new_chord, 0) - 1
-        chord_hi = torch.full((int(chord_id[-1]) + 1,), -torch.inf, dtype=hi.dtype, device=dev)
+        chord_hi = torch.full((k,), -torch.inf, dtype=hi.dtype, device=dev)
         chord_hi.scatter_reduce_(0, chord_id, hi[o], "amax")
-        nxt_lo[end] = chord_hi[chord_id[end]]
-        keep = nxt_lo - slo > min_length
-        ic, ilo, ihi = sc[keep], slo[keep], nxt_lo[keep]
-        p01 = owner[:, keep]
+        nxt_lo = torch.where(end, chord_hi.index_select(0, chord_id), nxt_lo)
+        ki = torch.nonzero(nxt_lo - slo > min_length).squeeze(1)
+        ic, ilo, ihi = sc[ki], slo[ki], nxt_lo[ki]
+        p01 = owner.index_select(1, ki)
         has, p01 = p01 >= 0, p01.clamp(min=0)
         chord_s = torch.where(has[0], s[p01[0]], s[p01[1]])
         dd = cut_dirs[ic]
