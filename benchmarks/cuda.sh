@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The GPU checks in one prepared run, for a machine with CUDA (CI has none): the
-# CUDA-against-CPU tests, the zoo's conv nets against the same machine's CPU, the MLP
-# benchmark, the 10^6-region MLPs on the device and on the CPU, and the quick zoo.
+# CUDA-against-CPU tests, the zoo's conv nets (ResNet-18 in its own step) against the same
+# machine's CPU, the MLP benchmark, the 10^6-region MLPs on the device and on the CPU, and
+# the quick zoo.
 # Figures go to OUTDIR as JSON lines. Device figures come from their own processes,
 # before the slow CPU ones, so that a step cut off at its limit loses only its own figure.
 #
 #   bash benchmarks/cuda.sh [OUTDIR]            # default: $OUT or /tmp/geomstore-cuda
 #
-# Packages the machine lacks (duckdb, shapely) may travel as wheels in .whl/; they are
-# installed into /tmp/site. Each step has its own time limit (seconds, from the
-# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO, T_ZOO_CONV, T_CPU_LARGE, T_CPU_HUGE).
+# Packages the machine lacks (duckdb, shapely) travel as wheels in .whl/ (git-excluded),
+# installed into /tmp/site; fetch them here first (the machine's Python is 3.12):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       -d .whl duckdb==1.5.5 shapely
+# and name .whl in the run's carry. Each step has its own time limit (seconds, from the
+# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO, T_ZOO_CONV, T_ZOO_R18, T_CPU_LARGE,
+# T_CPU_HUGE).
 set -u
 out=${1:-${OUT:-/tmp/geomstore-cuda}}
 mkdir -p "$out"
@@ -55,6 +61,10 @@ step zoo
 timeout "${T_ZOO:-60}" python3 benchmarks/zoo.py --device cuda --compare-cpu --quick \
     2>/dev/null | tee "$out/zoo.jsonl"
 
-step cpu-huge
-timeout "${T_CPU_HUGE:-300}" $bench --device cpu --widths 2048,2048 | tee -a "$out/partition.jsonl"
+step zoo-r18  # ResNet-18 (never timed on a GPU before): first run and one cached, both devices
+timeout "${T_ZOO_R18:-150}" python3 benchmarks/zoo.py --device cuda --compare-cpu --repeat 1 \
+    --no-verify --count-under 0 --only resnet18 2>/dev/null | tee "$out/zoo-r18.jsonl"
+
+step cpu-huge  # a lower bound is enough: the ratio needs only "CPU s > limit"
+timeout "${T_CPU_HUGE:-120}" $bench --device cpu --widths 2048,2048 | tee -a "$out/partition.jsonl"
 step done

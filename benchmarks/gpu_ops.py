@@ -11,7 +11,8 @@ operations that are not views, which launch nothing) and the syncs (``nonzero``,
 the functions that dispatch the most. Counts are deterministic, so two commits compare
 on a busy machine; the partition is the GPU's (same code, same choices), only the device
 differs. Operations on host tensors (the weights hash of a model kept on the CPU) count
-too, though on a GPU run they launch nothing.
+too, though on a GPU run they launch nothing; those of the max-pool rounds that a GPU
+hands to its CPU (``engine/tournaments.py``) are ``host_ops``, apart.
 
     python benchmarks/gpu_ops.py                           # LeNet-5 at a 39 GiB budget
     python benchmarks/gpu_ops.py --only lenet5 vgg11 --memory 16GiB --top 12
@@ -57,6 +58,7 @@ def gpu_settings() -> Iterator[None]:
     import geomstore.engine.partition as part
     import geomstore.engine.patterns as patterns
     import geomstore.engine.split as split
+    import geomstore.engine.tournaments as tournaments
     from geomstore.engine.descent import Descent
 
     saved: list[tuple[Any, str, Any]] = []
@@ -84,6 +86,7 @@ def gpu_settings() -> Iterator[None]:
     put(patterns.PatternHash, "of", of_gpu)
     put(part, "boundary_segments", boundary_gpu)
     put(boundary_edges, "SCREEN_FROM", 0)  # edges screened where they are
+    put(tournaments, "_tail_to_host", lambda device: True)  # a layer's last rounds on the host
     for module in (split, arrangement):  # counts without a sync
         put(module, "bincount", kernels._added_counts)
     try:
@@ -91,6 +94,16 @@ def gpu_settings() -> Iterator[None]:
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
+
+
+def _on_host(frame: Any) -> bool:
+    """Whether an operation runs in the max-pool rounds' tail that a GPU hands to its CPU."""
+    while frame is not None:
+        caller = frame.f_back
+        if caller is not None and caller.f_code.co_name == "_finish_on_host":
+            return frame.f_code.co_name in ("_rounds", "__init__")
+        frame = caller
+    return False
 
 
 class _Counter(TorchDispatchMode):
@@ -101,12 +114,16 @@ class _Counter(TorchDispatchMode):
         self.ops: collections.Counter[str] = collections.Counter()
         self.kernels: collections.Counter[str] = collections.Counter()  # ops less views
         self.syncs: collections.Counter[str] = collections.Counter()
+        self.host = 0  # operations of the max-pool rounds' tail, which a GPU run does on its CPU
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         frame = sys._getframe(1)
         while frame is not None and "geomstore" not in frame.f_code.co_filename:
             frame = frame.f_back
         where = f"{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}" if frame else "?"
+        if _on_host(frame):
+            self.host += 1
+            return func(*args, **(kwargs or {}))
         self.ops[where] += 1
         if not func.is_view:  # a view launches nothing
             self.kernels[where] += 1
@@ -143,6 +160,7 @@ def count(name: str, scale: float, memory: str, top: int) -> dict[str, Any]:
         "ops_per_1k_regions": round(1000 * ops / part.n_regions, 1),
         "kernels": sum(counter.kernels.values()),
         "syncs": sum(counter.syncs.values()),
+        "host_ops": counter.host,
         "seconds_counted": round(seconds, 1),
         "top_ops": dict(counter.ops.most_common(top)),
         "top_kernels": dict(counter.kernels.most_common(top)),

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from geomstore import Slice, partition
-from geomstore.engine import split
+from geomstore.engine import split, tournaments
 from tests.nets import BOX, ConvKinds, SmallCNN, digits_slice, mlp
 from tests.test_engine import NETWORKS
 from tests.test_reach import AFFINE, PIECEWISE, TinyResNet, Wrap, _plane
@@ -79,6 +79,31 @@ def test_cuda_is_deterministic_with_and_without_arrangements(
     assert a.regions.equals(b.regions)
     assert a.edges.equals(b.edges)
     _same(partition(model, BOX, device="cpu"), a)
+
+
+@pytest.mark.parametrize("tail", [0, 64, 1 << 30])
+def test_max_rounds_handed_to_the_host_or_not_give_the_cpus_patterns(
+    tail: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Max-pool rounds on the GPU (tail 0), their last ones on the host, or all of them
+    there: the CPU's patterns, the same tables on every run, an exact partition."""
+    calls = []
+    finish = tournaments._finish_on_host
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(int(args[3][0].shape[0]))  # the pairs left
+        return finish(*args)
+
+    monkeypatch.setattr(tournaments, "HOST_TAIL_PAIRS", tail)
+    monkeypatch.setattr(tournaments, "_finish_on_host", spy)
+    model, sl = ConvKinds(1).eval(), digits_slice(1)
+    a = partition(model, sl, device="cuda")
+    assert bool(calls) == (tail > 0) and all(t <= tail for t in calls)
+    b = partition(model, sl, device="cuda")
+    assert a.regions.equals(b.regions) and a.edges.equals(b.edges)
+    _same(partition(model, sl, device="cpu"), a)
+    report = a.verify(model, grid=48)
+    assert report.ok, str(report)
 
 
 def test_tables_that_do_not_fit_on_the_gpu_are_built_on_the_cpu(

@@ -120,7 +120,9 @@ def split_layer(
     if n_steps == 1 and spec.kind != "maxpool":
         return _split_line_units(spec, cells, state0, cross, tol, cuts)
     if spec.kind == "maxpool" and MAX_TOURNAMENTS_AT_ONCE:
-        return _split_max(spec, cells, state0, cross, tol, cuts)
+        from geomstore.engine.tournaments import split_max
+
+        return split_max(spec, cells, state0, cross, tol, cuts)
     per_cell = bincount(cross.cell, p) * n_steps
     # test list per cell: (pair, step) in order, padded
     rounds = int(per_cell.max().item())
@@ -301,96 +303,8 @@ def _split_lines(
 
 
 MAX_TOURNAMENTS_AT_ONCE = True
-"""Max units split by :func:`_split_max` (False: one tournament test per polygon per
-round, the earlier way; kept for comparison)."""
-
-
-def _split_max(
-    spec: Nonlinearity, cells: Polys, state0: Tensor, cross: Crossings, tol: float, cuts: CutLog
-) -> tuple[Polys, Tensor]:
-    """:func:`split_layer` for max units: every unit's tournament at once.
-
-    A max unit's state is the winner of a tournament: test ``j`` compares candidate
-    ``j + 1`` with the current winner (its line depends on the state so far). Each round
-    evaluates the current test of every remaining (polygon, unit) pair at once. Where the
-    line misses the polygon the test is settled (candidate ``j + 1`` wins everywhere or
-    nowhere) and the pair moves on to its next test; each polygon that some test crosses
-    is split by the one whose line passes nearest its middle, the positive child taking
-    state ``j + 1``, and both children carry the other pairs. The tests of one unit stay
-    in tournament order, so every piece ends with the states the per-test rounds give;
-    the rounds are the longest chain of tests and splits of one polygon instead of all
-    tests of all its units one after the other (the benchmark CNN: 1,870 operations per
-    1,000 regions before, see ``benchmarks/partition.py``).
-    """
-    units = cross.unit
-    n_units = int(state0.shape[1])
-    n_steps = spec.n_steps
-    dev = state0.device
-    vals = cross.vals  # (pairs, 3, candidates)
-    buf = _Grow(cells, state0, cross)
-    # remaining (polygon, pair, candidate) triples: test j compares candidate j + 1 with
-    # the winner; polygons stay sorted (children come last)
-    pp, pt = cross.cell, torch.arange(len(cross), device=dev)
-    pc = torch.ones_like(pt)
-    ar = torch.arange(2 * len(cross), device=dev)  # pair positions in a round (grows)
-    done: list[Tensor] = []  # (polygon, pair, key, candidate, winner) of each split
-    first_id = cuts.count
-    n_cuts = 0
-    while pp.numel():
-        key = units.index_select(0, pt).add_(pp, alpha=n_units)  # flat (polygon, unit)
-        cur = buf.flat[key]
-        win = cur.long()
-        lines = (vals[pt, :, pc] - vals[pt, :, win]).unsqueeze(2)
-        va = buf.verts.index_select(0, pp)
-        f = torch.baddbmm(lines[:, 2:], va, lines[:, :2]).squeeze(2)
-        norm = torch.linalg.vector_norm(lines[:, :2], dim=1)  # (T, 1)
-        f.masked_fill_(f.abs() <= tol * norm, 0.0)
-        lo, hi = torch.aminmax(f, dim=1)
-        pos, neg = hi > 0, lo < 0
-        # the candidate beats the winner on the whole polygon where pos and not neg
-        buf.flat.index_put_((key,), torch.where(pos > neg, pc.to(torch.uint8), cur))
-        crossing = pos & neg
-        # split each polygon by the crossing test nearest its middle (fewest rounds);
-        # the key orders by distance (float bits, top half), then by position; the
-        # other pairs' keys are _MAX, above the polygons' start (_MAX - 1)
-        t = int(pp.shape[0])
-        if t > ar.shape[0]:
-            ar = torch.arange(2 * t, device=dev)
-        mid = (hi + lo).abs_().div_(norm.squeeze(1))
-        ckey = (mid.view(torch.int64) & _HIGH) | ar[:t]
-        ckey = torch.where(crossing, ckey, _MAX)
-        m = buf.count
-        best = torch.full((m,), _MAX - 1, dtype=torch.int64, device=dev)
-        bp = best.scatter_reduce_(0, pp, ckey, "amin").index_select(0, pp)
-        chosen = ckey == bp
-        nxt = pc + (chosen >= crossing)  # settled tests and the splits move on
-        fi = torch.nonzero(chosen).squeeze(1)  # one sync a round for the splits ...
-        k = int(fi.shape[0])
-        if k == 0:
-            keep = torch.nonzero(nxt <= n_steps).squeeze(1)
-            pp, pt, pc = pp[keep], pt[keep], nxt[keep]
-            continue
-        split = torch.stack([pp, pt, key, pc, win]).index_select(1, fi)
-        done.append(split)
-        sp = split[0]  # sorted, as pp is
-        ids = torch.arange(first_id + n_cuts, first_id + n_cuts + k, device=dev)
-        n_cuts += k
-        children = clip_both(va[fi], f[fi], buf.n[sp], buf.side[sp], ids)
-        # the positive child takes the candidate, and both move on
-        buf.split(sp, children, split[2], split[3].to(torch.uint8))
-        # ... and one for what goes on: the live pairs, then again those of a split
-        # polygon, for its negative child (new ids m, m + 1, ... in the order of sp)
-        alive = nxt <= n_steps
-        sel = torch.nonzero(torch.cat([alive, alive & (bp < _MAX - 1)])).squeeze(1)
-        newp = torch.searchsorted(sp, pp).add_(m)  # used only where pp was split
-        both = torch.stack([pp, newp, pt, pt, nxt, nxt]).view(3, 2 * t)
-        pp, pt, pc = both.index_select(1, sel).unbind()
-    if done:
-        _, pair, _, cand, winner = torch.cat(done, 1)
-        cut = vals[pair, :, cand] - vals[pair, :, winner]  # (cuts, 3)
-        cuts.add(spec.unit_offset + units[pair], cut[:, 0], cut[:, 1])
-    m = buf.count
-    return Polys(buf.verts[:m], buf.n[:m], buf.side[:m], buf.cell[:m]), buf.states[:m]
+"""Max units split by :func:`geomstore.engine.tournaments.split_max` (False: one tournament
+test per polygon per round, the earlier way; kept for comparison)."""
 
 
 def clip_both(
@@ -453,7 +367,8 @@ def clip_both(
 
 
 class _Grow:
-    """Growable polygons, their parent cells and states, for :func:`_split_lines`."""
+    """Growable polygons, their parent cells and states, for :func:`_split_lines` and the
+    max-pool tournaments."""
 
     def __init__(self, cells: Polys, state0: Tensor, cross: Crossings) -> None:
         p = len(cells)
@@ -473,6 +388,16 @@ class _Grow:
         self.flat = self.states.view(-1)
         self.count = p
 
+    def reserve(self, rows: int, width: int) -> None:
+        """Room for ``rows`` polygons of ``width`` slots."""
+        if rows > self.n.shape[0]:
+            cap = max(rows, 2 * self.n.shape[0])
+            for name in ("verts", "side", "n", "cell", "states"):
+                setattr(self, name, _alloc(getattr(self, name), cap))
+            self.flat = self.states.view(-1)
+        if width > self.verts.shape[1]:
+            self.verts, self.side = pad_polys(self.verts, self.side, width)
+
     def split(
         self,
         rows: Tensor,
@@ -486,13 +411,7 @@ class _Grow:
         verts, n, side = children
         k = int(rows.shape[0])
         m = self.count
-        if m + k > self.n.shape[0]:
-            cap = max(m + k, 2 * self.n.shape[0])
-            for name in ("verts", "side", "n", "cell", "states"):
-                setattr(self, name, _alloc(getattr(self, name), cap))
-            self.flat = self.states.view(-1)
-        if verts.shape[1] > self.verts.shape[1]:
-            self.verts, self.side = pad_polys(self.verts, self.side, int(verts.shape[1]))
+        self.reserve(m + k, int(verts.shape[1]))
         new = torch.arange(m, m + k, device=rows.device)
         self.cell.index_copy_(0, new, self.cell[rows])
         self.states.index_copy_(0, new, self.states[rows])
