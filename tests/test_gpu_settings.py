@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from geomstore import partition
-from geomstore.engine import split
+from geomstore.engine import split, tournaments
 from geomstore.engine.descent import Descent
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -57,6 +58,7 @@ def test_the_count_names_the_functions_that_dispatch() -> None:
         k.split(".")[0]
         in {
             "split",
+            "tournaments",
             "arrangement",
             "crossings",
             "descent",
@@ -73,3 +75,6 @@ def test_the_count_names_the_functions_that_dispatch() -> None:
         for k in line["top_ops"]
     )
     assert split.ARRANGEMENT_DEVICES == ("cuda",)  # restored
+    # the max-pool rounds' tail ran on the host, counted apart, and the CPU keeps its own
+    assert 0 < line["host_ops"] < line["ops"]
+    assert not tournaments._tail_to_host(torch.device("cpu"))
