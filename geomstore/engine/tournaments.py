@@ -154,23 +154,27 @@ def _finish_on_host(
     cuts: CutLog,
 ) -> None:
     """The rounds left, on the host: the polygons of the (polygon, pair, candidate)
-    ``pairs`` go over, and their pieces come back in place of them (the first) and after
-    the others."""
+    ``pairs`` go over with the states of the units still in play (a layer's rows can be
+    tens of thousands of units wide), and their pieces come back in place of them (the
+    first) and after the others, each with the rest of its polygon's states."""
     pp, pt, pc = pairs
     dev, host = pp.device, torch.device("cpu")
     rows, cell = torch.unique_consecutive(pp, return_inverse=True)  # pp is sorted
-    sub = Crossings(cell.to(host), cross.unit[pt].to(host), cross.vals[pt].to(host))
+    cols, unit = torch.unique(cross.unit[pt], return_inverse=True)  # units in play
+    sub = Crossings(cell.to(host), unit.to(host), cross.vals[pt].to(host))
     part = Polys(buf.verts[rows], buf.n[rows], buf.side[rows], rows)
     here = Polys(*(t.to(host) for t in (part.verts, part.n, part.side, part.parent)))
-    tail = _Grow(here, buf.states[rows].to(host), sub)
+    tail = _Grow(here, buf.states.index_select(0, rows).index_select(1, cols).to(host), sub)
     logged = len(cuts.units)
     ht = torch.arange(len(sub))
     _rounds(spec, tail, sub, sub.cell, ht, pc.to(host), tol, cuts, host_tail=False)
-    for i in range(logged, len(cuts.units)):
-        cuts.units[i], cuts.dirs[i] = cuts.units[i].to(dev), cuts.dirs[i].to(dev)
+    for i in range(logged, len(cuts.units)):  # units as numbered in play, back to the layer's
+        u = cols.index_select(0, cuts.units[i].to(dev) - spec.unit_offset) + spec.unit_offset
+        cuts.units[i], cuts.dirs[i] = u, cuts.dirs[i].to(dev)
     m, r = tail.count, int(rows.shape[0])
     back = [t[:m].to(dev) for t in (tail.verts, tail.n, tail.side, tail.states, tail.cell)]
-    verts, n, side, states, parent = back
+    verts, n, side, played, parent = back
+    states = buf.states.index_select(0, rows.index_select(0, parent)).index_copy_(1, cols, played)
     width = max(int(verts.shape[1]), int(buf.verts.shape[1]))
     buf.reserve(buf.count + m - r, width)
     verts, side = pad_polys(verts, side, width)
