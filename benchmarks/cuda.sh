@@ -14,8 +14,8 @@
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #       -d .whl duckdb==1.5.5 shapely
 # and name .whl in the run's carry. Each step has its own time limit (seconds, from the
-# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO, T_ZOO_CONV, T_ZOO_R18, T_CPU_LARGE,
-# T_CPU_HUGE).
+# environment: T_TESTS, T_MLP, T_LARGE, T_HUGE, T_ZOO, T_ZOO_CONV, T_PROFILE, T_ZOO_R18,
+# T_CPU_LARGE, T_CPU_HUGE).
 set -u
 out=${1:-${OUT:-/tmp/geomstore-cuda}}
 mkdir -p "$out"
@@ -45,6 +45,10 @@ timeout "${T_TESTS:-70}" python3 -m pytest -q -x -p no:cacheprovider tests/test_
 step zoo-conv  # the compute-bound conv nets, first run and cached, against this CPU
 timeout "${T_ZOO_CONV:-200}" python3 benchmarks/zoo.py --device cuda --compare-cpu --repeat 3 \
     --no-verify --count-under 0 --only lenet5 resnet20 vgg11 2>/dev/null | tee "$out/zoo-conv.jsonl"
+
+step profile  # where LeNet-5's cached GPU partition spends its host time
+timeout "${T_PROFILE:-60}" python3 benchmarks/zoo_profile.py --device cuda --only lenet5 \
+    --table "$out/profile.txt" 2>/dev/null | tee "$out/profile.jsonl"
 
 step mlps
 timeout "${T_MLP:-45}" python3 benchmarks/partition.py --device cuda --compare-cpu \

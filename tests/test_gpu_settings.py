@@ -78,3 +78,15 @@ def test_the_count_names_the_functions_that_dispatch() -> None:
     # the max-pool rounds' tail ran on the host, counted apart, and the CPU keeps its own
     assert 0 < line["host_ops"] < line["ops"]
     assert not tournaments._tail_to_host(torch.device("cpu"))
+
+
+def test_the_profile_names_where_the_host_time_goes(tmp_path: Path) -> None:
+    zoo_profile = pytest.importorskip("zoo_profile")
+    table = tmp_path / "profile.txt"
+    line = zoo_profile.profile_one("resnet-digits", "cpu", 0.05, 4, str(table))
+    assert line["regions"] > 100 and line["gpu_busy_share"] is None
+    # the engine's own calls, not the aten calls nested in them
+    assert line["regions"] < line["aten_ops"] < 20_000 and line["host_us_per_op"] > 0
+    top = line["top_host_ms"]
+    assert len(top) == 4 and all(k.startswith("aten::") for k in top)
+    assert "resnet-digits on cpu" in table.read_text() and "Self CPU" in table.read_text()
