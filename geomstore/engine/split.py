@@ -408,22 +408,28 @@ class _Grow:
         """Positive children replace ``rows``, negative ones are appended; ``key`` is
         row x units + unit of the splitting line, whose state on the positive side is
         ``code`` (1 when None)."""
-        verts, n, side = children
-        k = int(rows.shape[0])
-        m = self.count
-        self.reserve(m + k, int(verts.shape[1]))
-        new = torch.arange(m, m + k, device=rows.device)
+        new, _ = self.put(rows, *children)
         self.cell.index_copy_(0, new, self.cell[rows])
         self.states.index_copy_(0, new, self.states[rows])
         if code is None:
             self.flat.index_fill_(0, key, 1)
         else:
             self.flat.index_put_((key,), code)
+
+    def put(self, rows: Tensor, verts: Tensor, n: Tensor, side: Tensor) -> tuple[Tensor, Tensor]:
+        """The first ``len(rows)`` polygons replace ``rows``, the rest are appended; returns
+        the appended rows and all the rows written. Cells and states are the caller's."""
+        k = int(verts.shape[0]) - int(rows.shape[0])
+        m = self.count
+        self.reserve(m + k, int(verts.shape[1]))
+        verts, side = pad_polys(verts, side, int(self.verts.shape[1]))
+        new = torch.arange(m, m + k, device=rows.device)
         dest = torch.cat([rows, new])
         self.verts.index_copy_(0, dest, verts)
         self.side.index_copy_(0, dest, side)
         self.n.index_copy_(0, dest, n)
         self.count = m + k
+        return new, dest
 
 
 class _Buffers:

@@ -29,7 +29,6 @@ from geomstore.engine.split import (
     Polys,
     _Grow,
     clip_both,
-    pad_polys,
 )
 
 __all__ = ["HOST_TAIL_PAIRS", "split_max"]
@@ -162,8 +161,8 @@ def _finish_on_host(
     rows, cell = torch.unique_consecutive(pp, return_inverse=True)  # pp is sorted
     cols, unit = torch.unique(cross.unit[pt], return_inverse=True)  # units in play
     sub = Crossings(cell.to(host), unit.to(host), cross.vals[pt].to(host))
-    part = Polys(buf.verts[rows], buf.n[rows], buf.side[rows], rows)
-    here = Polys(*(t.to(host) for t in (part.verts, part.n, part.side, part.parent)))
+    verts, n, side = (t[rows].to(host) for t in (buf.verts, buf.n, buf.side))
+    here = Polys(verts, n, side, rows.to(host))
     tail = _Grow(here, buf.states.index_select(0, rows).index_select(1, cols).to(host), sub)
     logged = len(cuts.units)
     ht = torch.arange(len(sub))
@@ -175,14 +174,6 @@ def _finish_on_host(
     back = [t[:m].to(dev) for t in (tail.verts, tail.n, tail.side, tail.states, tail.cell)]
     verts, n, side, played, parent = back
     states = buf.states.index_select(0, rows.index_select(0, parent)).index_copy_(1, cols, played)
-    width = max(int(verts.shape[1]), int(buf.verts.shape[1]))
-    buf.reserve(buf.count + m - r, width)
-    verts, side = pad_polys(verts, side, width)
-    new = torch.arange(buf.count, buf.count + m - r, device=dev)
-    dest = torch.cat([rows, new])
-    buf.verts.index_copy_(0, dest, verts)
-    buf.side.index_copy_(0, dest, side)
-    buf.n.index_copy_(0, dest, n)
+    new, dest = buf.put(rows, verts, n, side)
     buf.states.index_copy_(0, dest, states)
     buf.cell.index_copy_(0, new, buf.cell[rows[parent[r:]]])
-    buf.count += m - r
