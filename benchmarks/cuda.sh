@@ -21,10 +21,6 @@ set -u
 out=${1:-${OUT:-/tmp/geomstore-cuda}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
 export PYTHONUNBUFFERED=1
 step() { echo "== $1 ($(date +%T))"; }
 bench="python3 benchmarks/partition.py --repeat 2 --no-ops --no-busy"  # timeout runs no functions
@@ -76,6 +72,11 @@ for name in $steps; do
         exit 2
     fi
 done
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
 
 step gpu
 if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then

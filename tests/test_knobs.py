@@ -8,6 +8,7 @@ figure.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,23 @@ def test_the_benchmarks_refuse_a_gpu_comparison_without_a_gpu() -> None:
         check=False,
     )
     assert res.returncode == 2 and "no CUDA device here" in res.stderr, res.stderr
+
+
+def test_cuda_sh_names_an_unknown_step_before_any_device_work(tmp_path: Path) -> None:
+    env = {**os.environ, "STEPS": "tests zoo-r18 zoo-cnn"}  # zoo-cnn: the step is zoo-conv
+    res = subprocess.run(
+        ["bash", "benchmarks/cuda.sh", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 2, res
+    assert "no step 'zoo-cnn' in STEPS" in res.stderr and "zoo-conv" in res.stderr, res.stderr
+    assert "== " not in res.stdout and "no CUDA device" not in res.stderr  # nothing ran
+    assert "Traceback" not in res.stderr and "ERROR" not in res.stderr  # nor was installed
 
 
 def test_a_store_opens_from_a_pathlib_path(tmp_path: Path) -> None:
