@@ -9,6 +9,8 @@ gives).
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import re
 import time
@@ -51,7 +53,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 #: A URL's scheme and the rest of it (file:///..., s3://bucket/..., https://host/...).
-_URL = re.compile(r"\b([A-Za-z][\w+.-]*)://[^\s'\"`<>]*")
+_URL = re.compile(r"(?<![\w+.-])([A-Za-z][\w+.-]*)://[^\s'\"`<>]*")
+#: The longest error message an answer carries (messages echo the user's names and values).
+MAX_MESSAGE_CHARS = 1000
 #: An absolute path of two parts or more (``/docs`` and the API's own paths stay).
 _PATH = re.compile(r"(?<![\w<>])/(?!api/|static/)(?:[^\s/'\"`<>]+/)+[^\s/'\"`<>]*")
 
@@ -78,10 +82,12 @@ def scrub(message: str, store: str) -> str:
     "cannot read 'file://<path>' or s3://<path>"
     """
     line = message.strip().splitlines()[0] if message.strip() else "error"
-    line = _URL.sub(lambda m: f"{m.group(1)}://<path>", line)
     for root in {store, str(Path(store).resolve())}:
         if len(root) > 1:
             line = line.replace(root.rstrip("/"), "<store>")
+    if len(line) > MAX_MESSAGE_CHARS:  # before the patterns, which then run on little
+        line = line[:MAX_MESSAGE_CHARS] + "... (cut)"
+    line = _URL.sub(lambda m: f"{m.group(1)}://<path>", line)
     return _PATH.sub("<path>", line)
 
 
@@ -101,6 +107,35 @@ def _error(status: int, error_type: str, message: str, /, **fields: Any) -> JSON
     body = {"error": {"type": error_type, "message": message, "status": status, **fields}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _loopback_host(scope: Scope, host: str | None) -> bool:
+    """Whether a request that reached a loopback address names a host it may (against
+    DNS rebinding: a hostile page's domain resolved to 127.0.0.1): localhost, an address,
+    a bare name. Requests that reached another address (a server bound beyond loopback,
+    with --insecure) pass."""
+    from geomstore.service.auth import is_loopback
+
+    server = scope.get("server")
+    if not server or not is_loopback(str(server[0])):
+        return True
+    if not host:
+        return True  # HTTP/1.0 without Host: no browser sends it
+    if host.startswith("["):  # [::1]:8765
+        name = host[: host.find("]") + 1] if "]" in host else host
+    elif host.count(":") == 1:  # name:port
+        name = host.split(":", 1)[0]
+    else:
+        name = host
+    name = name.strip().rstrip(".").lower()
+    if is_loopback(name) or name.endswith(".localhost"):
+        return True
+    # a rebinding page's name is a domain (dots) that is no address; a bare label or an
+    # address literal cannot be rebound
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    return "." not in name
 
 
 class Gate:
@@ -153,6 +188,14 @@ class Gate:
         if self._preflight(scope, headers):
             return None
         tokens = self.state.config.tokens
+        if tokens is None and not _loopback_host(scope, headers.get("host")):
+            return _error(
+                403,
+                "AccessError",
+                "this server has no tokens and answers requests for localhost or 127.0.0.1 "
+                "only (a page elsewhere could reach it through a DNS name bound to this "
+                "machine); open it at http://127.0.0.1:PORT, or serve with --token-file.",
+            )
         public = path in PUBLIC or path.startswith("/static/")
         access = None
         if tokens is not None and not public:

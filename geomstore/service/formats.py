@@ -17,12 +17,15 @@ import csv
 import io
 import json
 import math
+import time
+from collections.abc import Iterator
 from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
+from shapely.errors import GEOSException
 
-from geomstore.errors import GeomstoreError
+from geomstore.errors import GeomstoreError, QueryTimeoutError
 
 __all__ = [
     "ARROW",
@@ -143,16 +146,42 @@ def _plain_columns(table: pa.Table) -> dict[str, list[Any]]:
     return cols
 
 
-def _rows(table: pa.Table) -> list[dict[str, Any]]:
-    cols = _plain_columns(table)
-    names = list(cols)
-    return [{k: json_ready(cols[k][i]) for k in names} for i in range(table.num_rows)]
+#: Bytes of Arrow data turned into Python values at a time (between two looks at the clock).
+BATCH_BYTES = 1 << 20
 
 
-def _json(table: pa.Table, truncated: bool, extra: dict[str, Any] | None) -> bytes:
+def _batches(table: pa.Table, deadline: float | None) -> Iterator[pa.Table]:
+    """``table`` in slices of about :data:`BATCH_BYTES`; past ``deadline`` (a
+    ``time.monotonic()``), raises :class:`QueryTimeoutError`: writing JSON, CSV or
+    GeoJSON is Python work per cell, and an answer must not take longer than a query."""
+    n = table.num_rows
+    step = max(1, min(n, int(n * BATCH_BYTES / max(1, table.nbytes)))) if n else 1
+    for lo in range(0, n, step):
+        if deadline is not None and time.monotonic() > deadline:
+            raise QueryTimeoutError(
+                f"writing the answer ({n} rows) took longer than this server's timeout; ask "
+                "for format arrow or parquet (written without a row-by-row pass), or for "
+                "fewer rows or columns.",
+                timeout=0.0,
+            )
+        yield table.slice(lo, step)
+
+
+def _rows(table: pa.Table, deadline: float | None = None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for batch in _batches(table, deadline):
+        cols = _plain_columns(batch)
+        names = list(cols)
+        out += [{k: json_ready(cols[k][i]) for k in names} for i in range(batch.num_rows)]
+    return out
+
+
+def _json(
+    table: pa.Table, truncated: bool, extra: dict[str, Any] | None, deadline: float | None = None
+) -> bytes:
     body: dict[str, Any] = {
         "columns": table.column_names,
-        "rows": _rows(table),
+        "rows": _rows(table, deadline),
         "num_rows": table.num_rows,
         "truncated": truncated,
     }
@@ -182,7 +211,7 @@ def _parquet(table: pa.Table) -> bytes:
 
 #: What encoding a value the format cannot hold raises (pyarrow's type errors, Python's
 #: range errors such as an infinite date).
-_UNWRITABLE = (pa.ArrowException, TypeError, ValueError, OverflowError)
+_UNWRITABLE = (pa.ArrowException, TypeError, ValueError, OverflowError, GEOSException)
 
 
 def _unwritable(table: pa.Table, fmt: Format) -> str:
@@ -200,11 +229,11 @@ def _unwritable(table: pa.Table, fmt: Format) -> str:
     return f"this result; ask for format {other}."
 
 
-def _csv(table: pa.Table) -> bytes:
+def _csv(table: pa.Table, deadline: float | None = None) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(table.column_names)
-    for row in _rows(table):
+    for row in _rows(table, deadline):
         writer.writerow(
             json.dumps(v) if isinstance(v, list | dict) else ("" if v is None else v)
             for v in row.values()
@@ -212,27 +241,28 @@ def _csv(table: pa.Table) -> bytes:
     return buf.getvalue().encode()
 
 
-def _geojson(table: pa.Table) -> bytes:
+def _geojson(table: pa.Table, deadline: float | None = None) -> bytes:
     import shapely
 
-    if "geometry" not in table.column_names or not pa.types.is_binary(
+    if table.column_names.count("geometry") != 1 or not pa.types.is_binary(
         table.schema.field("geometry").type
     ):
         raise FormatError(
-            "format geojson needs a WKB geometry column named 'geometry' in the result; "
+            "format geojson needs one WKB geometry column named 'geometry' in the result; "
             "ask for regions, edges or boundary (with the geometry column), or use json."
         )
-    geoms = shapely.from_wkb(np.asarray(table.column("geometry").to_pylist(), dtype=object))
-    props = _plain_columns(table.drop_columns(["geometry"]))
     features = []
-    for i, g in enumerate(geoms):
-        features.append(
+    for batch in _batches(table, deadline):
+        geoms = shapely.from_wkb(np.asarray(batch.column("geometry").to_pylist(), dtype=object))
+        props = _plain_columns(batch.drop_columns(["geometry"]))
+        features += [
             {
                 "type": "Feature",
                 "geometry": None if g is None else json.loads(shapely.to_geojson(g)),
                 "properties": {k: json_ready(v[i]) for k, v in props.items()},
             }
-        )
+            for i, g in enumerate(geoms)
+        ]
     return json.dumps({"type": "FeatureCollection", "features": features}).encode()
 
 
@@ -242,10 +272,13 @@ def encode_table(
     *,
     truncated: bool = False,
     extra: dict[str, Any] | None = None,
+    deadline: float | None = None,
 ) -> tuple[bytes, str]:
     """The body and media type of ``table`` in ``fmt``.
 
     ``extra`` adds top-level keys to JSON and ``geomstore.<key>`` schema metadata to Arrow.
+    Past ``deadline`` (a ``time.monotonic()``), writing JSON, CSV or GeoJSON stops with
+    :class:`~geomstore.errors.QueryTimeoutError`.
 
     Examples
     --------
@@ -254,7 +287,7 @@ def encode_table(
     ('application/json', [{'a': 1}, {'a': 2}])
     """
     try:
-        return _encode(table, fmt, truncated, extra)
+        return _encode(table, fmt, truncated, extra, deadline)
     except _UNWRITABLE as exc:
         if isinstance(exc, GeomstoreError):
             raise
@@ -262,16 +295,20 @@ def encode_table(
 
 
 def _encode(
-    table: pa.Table, fmt: Format, truncated: bool, extra: dict[str, Any] | None
+    table: pa.Table,
+    fmt: Format,
+    truncated: bool,
+    extra: dict[str, Any] | None,
+    deadline: float | None = None,
 ) -> tuple[bytes, str]:
     if fmt == "json":
-        return _json(table, truncated, extra), MEDIA["json"]
+        return _json(table, truncated, extra, deadline), MEDIA["json"]
     if fmt == "arrow":
         return _arrow(table, truncated, extra), MEDIA["arrow"]
     if fmt == "parquet":
         return _parquet(table), MEDIA["parquet"]
     if fmt == "csv":
-        return _csv(table), MEDIA["csv"]
+        return _csv(table, deadline), MEDIA["csv"]
     if fmt == "geojson":
-        return _geojson(table), MEDIA["geojson"]
+        return _geojson(table, deadline), MEDIA["geojson"]
     raise FormatError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}.")

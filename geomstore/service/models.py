@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "Body",
     "CompareRequest",
     "JobRequest",
     "PointsRequest",
@@ -32,20 +33,50 @@ Coordinate = Annotated[float, AfterValidator(_bounded)]
 Distance = Annotated[float, Field(gt=0), AfterValidator(_bounded)]
 
 
-class Selection(BaseModel):
-    """Which partitions: a model by name, a slice (name or id), some checkpoints."""
+def _unicode_only(value: Any) -> None:
+    """Refuse text with a lone surrogate (valid JSON, ``"\\ud800"``, but not Unicode that
+    DuckDB or a file can hold) anywhere in a body."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        "text holds a character that is not valid Unicode (a lone surrogate "
+                        "such as \\ud800); send UTF-8 text"
+                    ) from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+
+
+class Body(BaseModel):
+    """A request body: no keys beyond the model's, text that is Unicode."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        _unicode_only(data)
+        return data
+
+
+class Selection(Body):
+    """Which partitions: a model by name, a slice (name or id), some checkpoints."""
 
     model: str = Field(description="The model's name.", examples=["moons-mlp"])
     slice: str | None = Field(None, description="A slice name or id; default: the only one.")
     checkpoints: list[str] | None = Field(None, description="Checkpoint names; default: all.")
 
 
-class SQLRequest(BaseModel):
+class SQLRequest(Body):
     """One read-only SELECT, run in the store's SQL sandbox."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sql: str = Field(description="One SELECT statement.", examples=["SELECT * FROM gs_partitions"])
     params: list[Any] | dict[str, Any] | None = Field(
@@ -94,10 +125,8 @@ class CompareRequest(Selection):
     dataset: str | None = Field(None, description="Churn: this stored data set.")
 
 
-class JobRequest(BaseModel):
+class JobRequest(Body):
     """A checkpoint file (torch.export ``.pt2`` or TorchScript) queued for the workers."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str
     slice: dict[str, Any] = Field(description="A slice as Slice.to_dict() writes it.")

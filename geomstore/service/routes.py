@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,6 +75,7 @@ def answer(
         choose_format(fmt, request.headers.get("accept")),
         truncated=truncated,
         extra=extra,
+        deadline=time.monotonic() + state(request).config.timeout,
     )
     headers = {"X-Geomstore-Truncated": "true" if truncated else "false"}
     return Response(body, media_type=media, headers=headers)
@@ -196,6 +198,7 @@ def partition_table(
 ) -> Response:
     box = parse_bbox(bbox)
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    cols = list(dict.fromkeys(cols)) if cols else None  # a column named twice: once
     rows, truncated = _run(
         s,
         "/api/partitions/{id}/{table}",

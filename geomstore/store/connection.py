@@ -57,7 +57,12 @@ def _load(con: duckdb.DuckDBPyConnection, name: str, package: str | None = None)
 
 def connect(database: str = ":memory:", *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with spatial, ducklake and sqlite loaded."""
-    con = duckdb.connect(database, read_only=read_only)
+    # no replacement scans (a table name resolving to a Python variable of the caller's
+    # frame): as a connection setting it holds for every cursor of the instance, the SQL
+    # sandbox's included, which cannot set it once the configuration is locked
+    con = duckdb.connect(
+        database, read_only=read_only, config={"python_enable_replacements": False}
+    )
     con.execute("SET enable_progress_bar = false")  # library calls print nothing
     for name in EXTENSIONS:
         _load(con, name)
