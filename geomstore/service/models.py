@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from geomstore.store.sandbox_rules import holds_non_unicode
+
 __all__ = [
     "Body",
     "CompareRequest",
@@ -33,28 +35,6 @@ Coordinate = Annotated[float, AfterValidator(_bounded)]
 Distance = Annotated[float, Field(gt=0), AfterValidator(_bounded)]
 
 
-def _unicode_only(value: Any) -> None:
-    """Refuse text with a lone surrogate (valid JSON, ``"\\ud800"``, but not Unicode that
-    DuckDB or a file can hold) anywhere in a body."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            if not v.isascii():
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(
-                        "text holds a character that is not valid Unicode (a lone surrogate "
-                        "such as \\ud800); send UTF-8 text"
-                    ) from None
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list | tuple):
-            stack.extend(v)
-
-
 class Body(BaseModel):
     """A request body: no keys beyond the model's, text that is Unicode."""
 
@@ -63,7 +43,11 @@ class Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _text_is_unicode(cls, data: Any) -> Any:
-        _unicode_only(data)
+        if holds_non_unicode(data):
+            raise ValueError(
+                "text holds a character that is not valid Unicode (a lone surrogate such as "
+                "\\ud800); send UTF-8 text"
+            )
         return data
 
 

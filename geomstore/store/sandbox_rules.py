@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +112,7 @@ SHIELDED: dict[str, tuple[str, ...]] = {
     "job_heartbeats": ("beat_at",),
 }
 #: Name prefixes of the catalog's system views, which no CTE may shadow.
-_SYSTEM_PREFIXES = ("pg_", "sqlite_", "information_schema", "duckdb_", "pragma_")
+_SYSTEM_PREFIXES = ("pg_", "information_schema")  # duckdb_, pragma_, sqlite_: _denied
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CATALOGS = frozenset({"", ALIAS, "temp"})
 _SCHEMAS = frozenset({"", "main", ALIAS, "temp"})
@@ -203,6 +203,10 @@ def _one_statement(query: str) -> str:
 
 
 def _encodable(text: str) -> bool:
+    """Whether ``text`` is Unicode that can be written (no lone surrogate, ``"\\ud800"``,
+    which JSON and Python allow but UTF-8, DuckDB and files do not)."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -210,14 +214,28 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def nested(value: Any) -> Iterator[tuple[Any, int]]:
+    """``value`` and every value inside it (lists, tuples, mappings' keys and values) with
+    its depth, walked without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        yield v, depth
+        if isinstance(v, Mapping):
+            stack.extend((x, depth + 1) for x in (*v.keys(), *v.values()))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, depth + 1) for x in v)
+
+
+def holds_non_unicode(value: Any) -> bool:
+    """Whether text anywhere in ``value`` is not Unicode (see :func:`nested`)."""
+    return any(isinstance(v, str) and not _encodable(v) for v, _ in nested(value))
+
+
 def check_params(params: Any) -> None:
     """Refuse parameter values DuckDB cannot take: text with lone surrogates, nesting
     deeper than Arrow's 64 levels (clear errors rather than a driver's traceback)."""
-    stack: list[tuple[Any, int]] = [(params, 0)]
-    seen = 0
-    while stack and seen < 1_000_000:
-        value, depth = stack.pop()
-        seen += 1
+    for value, depth in nested(params):
         if depth > 64:
             raise SQLError("a parameter is nested more than 64 levels deep; flatten it.")
         if isinstance(value, str) and not _encodable(value):
@@ -225,10 +243,6 @@ def check_params(params: Any) -> None:
                 "a parameter holds a character that is not valid Unicode (a lone surrogate "
                 "such as \\ud800); send UTF-8 text."
             )
-        if isinstance(value, Mapping):
-            stack.extend((v, depth + 1) for v in (*value.keys(), *value.values()))
-        elif isinstance(value, (list, tuple)):
-            stack.extend((v, depth + 1) for v in value)
 
 
 _PARSERS = threading.local()
